@@ -1,0 +1,54 @@
+# The README's commands. Each sets up .venv itself, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+LAKE   ?= $(CURDIR)/data_lake
+LEAGUE ?= Sanctum
+REPLAY_PORT ?= 8765
+export DAGSTER_HOME ?= $(LAKE)/.dagster
+
+.PHONY: demo test dev e2e bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Re-install only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/poe-pipeline run --history sample_data --league $(LEAGUE) --lake $(LAKE)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check poe_pipeline tests benchmarks
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; exit 1; fi; exit $$rc
+
+# The Dagster UI on this project, with the replay server standing in for poe.watch (LIVE=1: the real API).
+dev: $(VENV)/.installed
+	mkdir -p $(DAGSTER_HOME)
+	test -f $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	@if [ -z "$(LIVE)" ]; then \
+	  $(BIN)/poe-pipeline serve-replay --history sample_data --league $(LEAGUE) --port $(REPLAY_PORT) & \
+	  trap "kill $$! 2>/dev/null" EXIT INT TERM; \
+	  POE_WATCH_URL=http://127.0.0.1:$(REPLAY_PORT) POE_LEAGUE=$(LEAGUE) POE_HISTORY_DIR=$(CURDIR)/sample_data \
+	    POE_DATA_LAKE=$(LAKE) $(BIN)/dagster dev -w workspace.yaml; \
+	else \
+	  POE_HISTORY_DIR=$(CURDIR)/sample_data POE_DATA_LAKE=$(LAKE) $(BIN)/dagster dev -w workspace.yaml; \
+	fi
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check poe_pipeline tests benchmarks
+	$(BIN)/dagster definitions validate -w workspace.yaml
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

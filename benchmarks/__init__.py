@@ -1,0 +1,1 @@
+"""Speed, memory and accuracy benchmarks. ``make bench`` (``python -m benchmarks``) prints JSON."""

@@ -1,0 +1,1 @@
+"""Price sources: the poe.watch live API, poe.ninja dumps and API, and the offline replay server."""

@@ -1,0 +1,70 @@
+"""``poe-pipeline run`` as a user runs it: real dumps in, daily prices in the warehouse out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from conftest import SAMPLE
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "poe_pipeline.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+@pytest.fixture
+def two_leagues(tmp_path) -> Path:
+    history = tmp_path / "history"
+    history.mkdir()
+    for name in ("Kalandra", "Sanctum"):
+        shutil.copy(SAMPLE / f"{name}.currency.csv.gz", history)
+    return history
+
+
+def test_unknown_league_is_one_line_naming_the_fix(two_leagues, tmp_path):
+    result = _cli("run", "--history", str(two_leagues), "--league", "Foo", "--lake", str(tmp_path / "lake"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"poe-pipeline: error: Unknown league 'Foo': known leagues in {two_leagues} are Kalandra, Sanctum"
+    )
+    assert not (tmp_path / "lake").exists()
+
+
+def test_empty_history_dir(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = _cli("run", "--history", str(tmp_path / "empty"), "--league", "Sanctum")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "no poe.ninja dumps" in result.stderr and "--history sample_data" in result.stderr
+
+
+def test_run_materializes_daily_prices_on_the_lake_instance(two_leagues, tmp_path):
+    lake = tmp_path / "lake"
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "POE_DATA_LAKE")}
+    result = _cli("run", "--history", str(two_leagues), "--league", "Sanctum", "--lake", str(lake), env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Divine Orb" in result.stdout and str(lake / "warehouse.duckdb") in result.stdout
+    assert "[1/2] imported Kalandra.currency.csv.gz" in result.stderr  # progress is shown
+
+    with duckdb.connect(str(lake / "warehouse.duckdb"), read_only=True) as con:
+        last = con.execute(
+            "SELECT price_chaos, source FROM daily_prices WHERE currency = 'Divine Orb' AND league = 'Sanctum' "
+            "ORDER BY date DESC LIMIT 1"
+        ).fetchone()
+        currencies = con.execute("SELECT count(DISTINCT currency) FROM daily_prices").fetchone()[0]
+    assert 100 < last[0] < 300 and last[1] == "poe_ninja_dump"
+    assert currencies > 150  # every currency of the history, not just the modelled ones
+    # DAGSTER_HOME defaults to the lake, never a temp dir: the run is recorded there.
+    assert (lake / ".dagster" / "dagster.yaml").exists()
+    assert any((lake / ".dagster").rglob("*.db"))
+
+    again = _cli("run", "--history", str(two_leagues), "--league", "Sanctum", "--lake", str(lake), env=env)
+    assert again.returncode == 0
+    assert "imported" not in again.stderr.split("daily_prices")[0].replace("already_imported", "")
