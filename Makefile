@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 LAKE   ?= $(CURDIR)/data_lake
 LEAGUE ?= Sanctum
+# The demo models a dozen liquid currencies of different kinds and price levels (all ~127 eligible take ~15 min).
+DEMO_CURRENCIES ?= Divine Orb,Exalted Orb,Mirror Shard,Orb of Annulment,Awakened Sextant,Sacred Orb,Ancient Orb,Stacked Deck,Gemcutter's Prism,Awakener's Orb,Orb of Dominance,Maven's Orb
 REPLAY_PORT ?= 8765
 export DAGSTER_HOME ?= $(LAKE)/.dagster
 
@@ -23,7 +25,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/poe-pipeline run --history sample_data --league $(LEAGUE) --lake $(LAKE)
+	$(BIN)/poe-pipeline run --history sample_data --league $(LEAGUE) --lake $(LAKE) --currencies "$(DEMO_CURRENCIES)"
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check poe_pipeline tests benchmarks

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -86,3 +87,33 @@ def write_results(results: dict) -> Path:
     tmp.write_text(json.dumps(existing, indent=2, default=str))
     os.replace(tmp, path)
     return path
+
+
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float, float]:
+    """``fn()``'s result, wall seconds and CPU seconds (``process_time``: every thread of this process)."""
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def check_target(summary: dict, metric: str, op: str, limit: float, source: str = "") -> dict:
+    """Judge the median of ``summary[metric]`` (a ``measure`` result) against ``op limit``."""
+    value = summary[metric]["median"] if isinstance(summary[metric], dict) else summary[metric]
+    return {
+        "metric": f"{summary['name']}.{metric} (median)",
+        "value": value,
+        "target": f"{op} {limit:g}",
+        "met": bool(_OPS[op](value, limit)),
+        **({"source": source} if source else {}),
+    }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from poe_pipeline.jobs import ALL_ASSETS, ingestion_job
+from poe_pipeline.jobs import ALL_ASSETS, ingestion_job, retrain_models_job
 from poe_pipeline.resources import resources_from_env
 
 ingestion_schedule = dg.ScheduleDefinition(
@@ -17,7 +17,7 @@ ingestion_schedule = dg.ScheduleDefinition(
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
-    jobs=[ingestion_job],
+    jobs=[ingestion_job, retrain_models_job],
     schedules=[ingestion_schedule],
     resources=resources_from_env(),
 )

@@ -7,15 +7,17 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from poe_pipeline.assets import ingestion, prices
+from poe_pipeline.assets import features, ingestion, models, prices
 from poe_pipeline.lake import Lake
 from poe_pipeline.markdown import markdown_table
 from poe_pipeline.resources import LakeResource, PoeWatchResource, RunScopeResource
 
-ASSET_MODULES = [ingestion, prices]
+ASSET_MODULES = [ingestion, prices, features, models]
 ALL_ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
-# Everything but the live poll: an offline run works on the history it is given.
-OFFLINE_SELECTION = dg.AssetSelection.all() - dg.AssetSelection.groups("ingestion")
+# The unpartitioned offline graph: no live poll, and models go through retrain_models_job.
+OFFLINE_SELECTION = dg.AssetSelection.assets(prices.historical_prices, prices.daily_prices, features.features,
+                                             features.currency_universe)
+retrain_models_job = models.retrain_models_job
 
 ingestion_job = dg.define_asset_job(
     "ingestion_job",
@@ -36,23 +38,44 @@ def run_pipeline(
             history_dirs=[str(d) for d in history_dirs], league=league, currencies=currencies, profile=profile
         ),
     }
+    tags = {"poe/league": league, "poe/profile": profile, "poe/source": "cli"}
+    logging = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     with dg.DagsterInstance.get() as instance:
-        result = dg.materialize(
-            ALL_ASSETS,
-            selection=OFFLINE_SELECTION,
-            resources=resources,
-            instance=instance,
-            tags={"poe/league": league, "poe/profile": profile, "poe/source": "cli"},
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            raise_on_error=False,
-        )
+        result = dg.materialize(ALL_ASSETS, selection=OFFLINE_SELECTION, resources=resources, instance=instance,
+                                tags=tags, run_config=logging, raise_on_error=False)
+        _check(result)
+        lake = Lake(lake_root)
+        not_eligible = _requested_but_not_eligible(lake, league, currencies)
+        eligible = _eligible(lake, league, currencies)
+        if eligible:
+            result = retrain_models_job.execute_in_process(
+                run_config={**logging, "ops": {"retrain_partitions": {"config": {"currencies": eligible}}}},
+                resources=resources, instance=instance, tags=tags, raise_on_error=False,
+            )
+            _check(result)
+    return summarize(lake, league, not_eligible)
+
+
+def _check(result) -> None:
     if not result.success:
         failures = [e.message for e in result.all_events if e.is_step_failure]
         raise SystemExit("poe-pipeline run failed:\n  " + "\n  ".join(failures or ["see the log above"]))
-    return summarize(Lake(lake_root), league)
 
 
-def summarize(lake: Lake, league: str) -> str:
+def _eligible(lake: Lake, league: str, currencies: list[str]) -> list[str]:
+    from poe_pipeline.universe import read_universe, restrict_universe
+
+    universe, _ = restrict_universe(read_universe(lake, league), currencies or None)
+    return universe.filter(pl.col("eligible"))["currency"].to_list()
+
+
+def _requested_but_not_eligible(lake: Lake, league: str, currencies: list[str]) -> list[str]:
+    from poe_pipeline.universe import read_universe, restrict_universe
+
+    return restrict_universe(read_universe(lake, league), currencies or None)[1] if currencies else []
+
+
+def summarize(lake: Lake, league: str, not_eligible: list[str] | None = None) -> str:
     from poe_pipeline.warehouse import query
 
     per_league = query(
@@ -74,6 +97,19 @@ def summarize(lake: Lake, league: str) -> str:
         """,
         [league, league],
     )
+    models = query(
+        lake,
+        """
+        SELECT currency, horizon_days AS h, round(ensemble_skill, 3) AS skill, round(ensemble_mae_logret, 4) AS mae,
+               round(persistence_mae_logret, 4) AS persistence_mae, model_version AS version, promoted
+        FROM model_metrics WHERE league = ? AND trained
+        QUALIFY row_number() OVER (PARTITION BY currency, horizon_days ORDER BY trained_at DESC) = 1
+        ORDER BY currency, h
+        """,
+        [league],
+    ) if (lake.root / "model_metrics").is_dir() else pl.DataFrame()
+    skipped = [] if not not_eligible else [
+        "", f"Not eligible for a model (see currency_universe for why): {', '.join(not_eligible)}"]
     return "\n".join([
         "",
         "daily_prices per league:",
@@ -82,6 +118,9 @@ def summarize(lake: Lake, league: str) -> str:
         f"Last days of {league}:",
         markdown_table(last_week.with_columns(pl.col("date").cast(pl.Utf8))),
         "",
+        *([f"Models trained for {league} (validation on walk-forward folds; skill > 0 beats 'no change'):",
+           markdown_table(models.head(40)), ""] if models.height else []),
+        *skipped,
         f"Lake:       {lake.root}",
         f"Warehouse:  {lake.warehouse}   (duckdb -readonly {lake.warehouse})",
         f"Dagster UI: make dev   (DAGSTER_HOME={lake.dagster_home})",

@@ -36,6 +36,7 @@ class Profile:
     universe_min_current_days: int = 7
     universe_min_good_confidence_share: float = 0.6
     universe_min_price_chaos: float = 1.0
+    universe_recent_days: int = 14  # the window of the confidence share and the median price
 
     def as_dict(self) -> dict:
         return asdict(self)

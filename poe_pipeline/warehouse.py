@@ -40,6 +40,8 @@ def lake_views(lake: Lake) -> list[ParquetView]:
         ParquetView("daily_prices", lake.daily_prices),
         ParquetView("quarantine", lake.quarantine),
         ParquetView("features", lake.features),
+        ParquetView("currency_universe", lake.root / "currency_universe"),
+        ParquetView("model_metrics", lake.root / "model_metrics"),
     ]
 
 

@@ -59,8 +59,13 @@ def test_run_materializes_daily_prices_on_the_lake_instance(two_leagues, tmp_pat
             "ORDER BY date DESC LIMIT 1"
         ).fetchone()
         currencies = con.execute("SELECT count(DISTINCT currency) FROM daily_prices").fetchone()[0]
+        feature_rows = con.execute("SELECT count(*) FROM features WHERE league = 'Sanctum'").fetchone()[0]
+        universe = con.execute("SELECT count(*), count(*) FILTER (WHERE eligible) FROM currency_universe").fetchone()
     assert 100 < last[0] < 300 and last[1] == "poe_ninja_dump"
     assert currencies > 150  # every currency of the history, not just the modelled ones
+    assert feature_rows > 15_000
+    # Two leagues are not enough history: every currency is excluded, with its reason, and nothing is trained.
+    assert universe[0] > 150 and universe[1] == 0
     # DAGSTER_HOME defaults to the lake, never a temp dir: the run is recorded there.
     assert (lake / ".dagster" / "dagster.yaml").exists()
     assert any((lake / ".dagster").rglob("*.db"))
@@ -68,3 +73,29 @@ def test_run_materializes_daily_prices_on_the_lake_instance(two_leagues, tmp_pat
     again = _cli("run", "--history", str(two_leagues), "--league", "Sanctum", "--lake", str(lake), env=env)
     assert again.returncode == 0
     assert "imported" not in again.stderr.split("daily_prices")[0].replace("already_imported", "")
+
+
+def test_run_trains_registers_and_reports_models(tmp_path):
+    history = tmp_path / "history"
+    history.mkdir()
+    for name in ("Archnemesis", "Sentinel", "Kalandra", "Sanctum"):
+        shutil.copy(SAMPLE / f"{name}.currency.csv.gz", history)
+    lake = tmp_path / "lake"
+    result = _cli("run", "--history", str(history), "--league", "Sanctum", "--lake", str(lake),
+                  "--currencies", "divine orb,Nonsense Orb")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Divine Orb|7d" in result.stderr  # training progress
+    assert "Not eligible for a model (see currency_universe for why): Nonsense Orb" in result.stdout
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{lake / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for h in (1, 3, 7):
+        champion = client.get_model_version_by_alias(f"poe-divine-orb-{h}d", "champion")
+        run = client.get_run(champion.run_id)
+        assert run.data.tags["partition_key"] == f"Divine Orb|{h}d" and run.data.tags["dagster_run_id"]
+        assert run.data.metrics["persistence.mae_logret"] > 0
+    with duckdb.connect(str(lake / "warehouse.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT currency, horizon_days, promoted FROM model_metrics ORDER BY 2").fetchall()
+    assert rows == [("Divine Orb", 1, True), ("Divine Orb", 3, True), ("Divine Orb", 7, True)]

@@ -1,0 +1,603 @@
+"""The feature store: one row per (league, currency, date), built from ``daily_prices`` with Polars.
+
+Rules (each one chosen once, here):
+
+- **Missing days.** Each (league, currency) series is reindexed to a daily calendar from its first observed
+  day to the league's last observed day (the data's "as of" date), not to the series' own last day: that way
+  whether a row exists at day t depends only on data up to t (a row that exists only because the currency
+  comes back later would be a look-ahead). The price is forward-filled; ``is_imputed`` flags filled days and
+  ``days_since_observed`` counts the staleness. Rows staler than ``MAX_STALE_DAYS`` are dropped after all
+  windows are computed, so windows always span calendar days. Market fields of a filled day (confidence,
+  spread, volume) stay null: nothing was observed.
+- **Windows.** All windows are trailing, include day t, count calendar days and restart at the start of each
+  series (group by league, currency). At a series' start they are partial: a statistic needs 1 value (2 for a
+  return dispersion, 3 for a trend fit). Standard deviations of log price are population ones (ddof 0), so
+  window 1 gives 0. Sums over windows are written out over shifted columns, so a row depends on nothing
+  outside its window, bit for bit.
+- **Outliers.** League-start prices jump. The daily log-return r_t is compared to a robust scale: 1.4826 x the
+  median of |r| over the previous 14 days (day t excluded, so a spike cannot hide itself), floored at
+  ``OUTLIER_FLOOR_EARLY`` in the first ``OUTLIER_EARLY_DAYS`` league days and at ``OUTLIER_FLOOR`` later.
+  ``is_outlier`` marks |r_t| > ``OUTLIER_K`` scales (about 1.3% of the dumps' rows); ``logret_1d_winsorized``
+  clips r_t at that bound and feeds momentum and volatility. Prices are never altered and no row is dropped:
+  training may filter on ``is_outlier``, inference keeps the current day. A spike flags its jump and usually
+  its reversal; a real level shift flags only its first day, and the price level features follow it at once.
+- **Targets.** ``target_logret_{h}d`` = log price at t+h minus log price at t, only where day t+h was observed
+  (null when t+h was imputed or lies beyond the data). ``target_price_{h}d`` is that observed price and
+  ``target_direction_{h}d`` its sign (-1, 0, 1). Targets are never features.
+- **No leakage.** A feature at day t uses only rows of its own league with date <= t. EWM and cumulative
+  functions run forward within a series; cross-currency fields (market median return, normalized volatility,
+  price in Divine Orbs) use same-day rows of the same league only, and their medians only observed rows.
+  Calendar fields come from ``league_calendar``: ``league_progress`` and ``days_to_league_end`` need a known
+  end date (null otherwise), and ``league_recency_rank`` is relative to the set of leagues in the calendar.
+- **Phases.** By league day, since the end is often unknown live: early < 14 days, mid < 56 days, late after.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import operator
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+
+from poe_pipeline.lake import Lake, hive_dir, write_parquet_atomic, write_text_atomic
+from poe_pipeline.settings import HORIZONS_DAYS
+
+FEATURES_VERSION = "1"  # bump when a feature's definition changes: every league is rebuilt
+KEYS = ["league", "currency", "date"]
+SERIES = ["league", "currency"]
+DIVINE = "Divine Orb"
+
+LAGS = (1, 2, 3, 5, 7, 14)
+ROLL_WINDOWS = (1, 3, 5, 7, 14)
+ROLL_STATS = ("mean", "std", "min", "max", "median")
+MOMENTUM_WINDOWS = (3, 5, 7)
+TREND_WINDOWS = (7, 14)
+VOL_WINDOWS = (7, 14)
+LIQUIDITY_WINDOW = 7
+MAX_STALE_DAYS = 14
+EARLY_DAYS, MID_DAYS = 14, 56
+OUTLIER_WINDOW, OUTLIER_K = 14, 6.0
+OUTLIER_FLOOR_EARLY, OUTLIER_FLOOR = 0.25, 0.05  # flags ~1.3% of the dumps' rows (1.7% in league week 1)
+OUTLIER_EARLY_DAYS = 7
+MAD_TO_SIGMA = 1.4826
+
+
+def _describe() -> dict[str, str]:
+    d: dict[str, str] = {
+        "league_day": "days since the league started (0 on launch day)",
+        "league_phase_early": f"league day < {EARLY_DAYS}",
+        "league_phase_mid": f"{EARLY_DAYS} <= league day < {MID_DAYS}",
+        "league_phase_late": f"league day >= {MID_DAYS}",
+        "league_progress": "league day / league length in days; null when the end date is unknown",
+        "days_to_league_end": "days until the league's end date; null when unknown",
+        "day_of_week": "ISO weekday of the date (1 = Monday)",
+        "league_recency_rank": "0 for the newest league in the calendar, 1 for the one before, ...",
+        "series_age_days": "days since the currency was first observed in this league",
+        "days_since_observed": "days since the price was last observed (0 on an observed day)",
+        "is_imputed": "the price was forward-filled: no observation that day",
+        "log_price": "ln(price in chaos), forward-filled",
+        "logret_1d": "log price change since the previous day (raw)",
+        "logret_1d_winsorized": "logret_1d clipped at the outlier bound",
+        "logret_1d_robust_z": "logret_1d / robust scale (median |return| of the previous 14 days, floored)",
+    }
+    for k in LAGS:
+        d[f"log_price_lag_{k}"] = f"log price {k} day(s) before"
+    for w in ROLL_WINDOWS:
+        for s in ROLL_STATS:
+            d[f"log_price_roll_{s}_{w}"] = f"rolling {s} of log price over {w} day(s)"
+    for w in MOMENTUM_WINDOWS:
+        d[f"momentum_{w}"] = f"sum of winsorized daily log-returns over {w} days (outlier-robust momentum)"
+        d[f"roc_{w}"] = f"rate of change: price / price {w} days before - 1"
+    for w in TREND_WINDOWS:
+        d[f"trend_slope_{w}"] = f"OLS slope of log price per day over {w} days"
+        d[f"trend_r2_{w}"] = f"R^2 of that fit over {w} days (trend strength); null when flat"
+    d |= {
+        "ema_12": "exponential moving average of log price, span 12",
+        "ema_26": "exponential moving average of log price, span 26",
+        "macd": "ema_12 - ema_26",
+        "macd_signal": "EMA (span 9) of macd",
+        "macd_hist": "macd - macd_signal",
+        "rsi_14": "Wilder RSI over 14 days of log-price changes, 0..100 (50 when flat)",
+        "bollinger_pct_b_14": "(log price - lower band) / (upper - lower), bands = 14-day mean +- 2 std; "
+        "0.5 when flat",
+    }
+    for w in VOL_WINDOWS:
+        d[f"realized_vol_{w}"] = f"std of winsorized daily log-returns over {w} days"
+        d[f"normalized_vol_{w}"] = f"realized_vol_{w} / the league's same-day median realized_vol_{w}"
+    d |= {
+        "vol_of_vol_14": "std of realized_vol_7 over 14 days",
+        "drawdown_from_high": "log price - highest log price so far in this league (<= 0)",
+        "volume": "traded/listed volume where the source has it (null for poe.ninja dumps)",
+        "confidence_level": "source confidence: High 2, Medium 1, Low 0; null when imputed",
+        "good_confidence_share_7": "share of the last 7 days observed with High or Medium confidence",
+        "observed_share_7": "share of the last 7 days with an observation",
+        "has_two_sided": "both sides of the market were quoted (price and reverse price)",
+        "spread_log": "ln(price_chaos / reverse_price_chaos): the gap between the two sides of the market",
+        "spread_log_abs_mean_7": "mean |spread_log| over the last 7 days",
+        "two_sided_share_7": "share of the last 7 days with a two-sided market",
+        "log_price_rel_divine": "ln(price in Divine Orbs) that day (0 for the Divine Orb; null without a "
+        "Divine price)",
+        "market_median_logret_1d": "median logret_1d over the league's observed currencies that day",
+        "excess_logret_1d": "logret_1d - market_median_logret_1d",
+    }
+    return d
+
+
+FEATURE_DESCRIPTIONS: dict[str, str] = _describe()
+FEATURE_COLUMNS: list[str] = list(FEATURE_DESCRIPTIONS)
+TARGET_COLUMNS: list[str] = [
+    f"target_{kind}_{h}d" for h in HORIZONS_DAYS for kind in ("logret", "price", "direction")
+]
+META_COLUMNS: list[str] = [*KEYS, "price_chaos", "is_outlier"]
+OUTPUT_COLUMNS: list[str] = [*META_COLUMNS, *FEATURE_COLUMNS, *TARGET_COLUMNS]
+
+
+PAD = max(max(LAGS), OUTLIER_WINDOW, max(ROLL_WINDOWS), max(HORIZONS_DAYS))  # longest look-back or ahead
+
+
+def _r(expr: pl.Expr) -> pl.Expr:
+    """Null on padding rows, so that no window reads into the previous series."""
+    return pl.when(pl.col("_real")).then(expr)
+
+
+def _s(expr: pl.Expr) -> pl.Expr:
+    """Per series, for what padding cannot isolate (EWM, cumulative max, medians)."""
+    return expr.over("_sid")
+
+
+def _day(expr: pl.Expr) -> pl.Expr:
+    """Over one league's same-day rows (cross-currency context)."""
+    return expr.over("_lid", "date")
+
+
+def _check_inputs(daily_prices: pl.DataFrame, calendar: pl.DataFrame) -> None:
+    needed = {"league", "currency", "date", "price_chaos", "confidence", "volume", "reverse_price_chaos"}
+    if missing := needed - set(daily_prices.columns):
+        raise ValueError(f"daily_prices lacks columns {sorted(missing)}: build it with poe_pipeline.prices")
+    if unknown := set(daily_prices["league"].unique()) - set(calendar["league"]):
+        raise ValueError(
+            f"Leagues {sorted(unknown)} are not in the calendar: pass league_calendar(daily_prices)"
+        )
+
+
+def _sorted_prices(daily_prices: pl.DataFrame) -> pl.DataFrame:
+    rows = daily_prices.select(
+        *KEYS, "price_chaos", "confidence", pl.col("volume").cast(pl.Float64), "reverse_price_chaos"
+    ).sort(KEYS)
+    dup = rows.filter(pl.all_horizontal(pl.col(k) == pl.col(k).shift(1) for k in KEYS))
+    if dup.height:
+        raise ValueError(
+            f"daily_prices has duplicate rows for {dup.row(0)[:3]}: merge sources with merge_daily_prices"
+        )
+    return rows
+
+
+def _padded_grid(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.LazyFrame:
+    """Daily rows per series (``rows`` sorted by key), each series preceded by PAD padding rows.
+
+    Each observed row is repeated until the next observation (or the league's last day): that is the
+    forward fill, and the repeats are the imputed days. The padding lets plain whole-column windows and
+    shifts (much faster than per-group ones) stop at series boundaries: derived columns are null on it.
+    """
+    cal = calendar.lazy().select(
+        "league", "start_date", "end_date", pl.col("recency_rank").cast(pl.Int32).alias("league_recency_rank")
+    )
+    new_league = (pl.col("league") != pl.col("league").shift(1)).fill_null(True)
+    new_series = new_league | (pl.col("currency") != pl.col("currency").shift(1)).fill_null(True)
+    last_of_series = pl.col("_sid") != pl.col("_sid").shift(-1).fill_null(-1)
+    return (
+        rows.lazy()
+        .with_columns(new_series.alias("_new"), new_league.cast(pl.Int32).cum_sum().alias("_lid"))
+        .with_columns(
+            pl.col("_new").cast(pl.Int32).cum_sum().alias("_sid"),
+            pl.col("date").max().over("_lid").alias("_league_last"),
+        )
+        .with_columns(
+            pl.when(last_of_series)
+            .then(pl.col("_league_last") + pl.duration(days=1))
+            .otherwise(pl.col("date").shift(-1))
+            .alias("_until"),
+        )
+        .with_columns(
+            pl.int_ranges(
+                pl.when(pl.col("_new")).then(-PAD).otherwise(0),
+                (pl.col("_until") - pl.col("date")).dt.total_days(),
+                dtype=pl.Int32,
+            ).alias("_j"),
+            pl.when(pl.col("_new")).then(pl.col("date")).forward_fill().alias("_first"),
+        )
+        .explode("_j")
+        .with_columns(
+            (pl.col("_j") >= 0).alias("_real"),
+            (pl.col("_j") == 0).alias("_observed"),
+            (pl.col("date").cast(pl.Int32) + pl.col("_j")).cast(pl.Date).alias("date"),
+        )
+        .join(cal, on="league", how="left", maintain_order="left")
+    )
+
+
+def _features_lazy(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.LazyFrame:
+    lf = _padded_grid(rows, calendar)
+    observed = pl.col("_observed")
+    lp, r = pl.col("log_price"), pl.col("logret_1d")
+
+    # 1. staleness, the filled log price, league time
+    lf = (
+        lf.with_columns(
+            _r(pl.col("price_chaos")).alias("_price"),
+            _r(~observed).alias("is_imputed"),
+            _r(pl.col("_j")).alias("days_since_observed"),
+            _r((pl.col("date") - pl.col("_first")).dt.total_days().cast(pl.Int32)).alias("series_age_days"),
+            (pl.col("date") - pl.col("start_date")).dt.total_days().cast(pl.Int32).alias("league_day"),
+            # market fields exist only on observed days
+            pl.when(observed).then(pl.col("confidence")).alias("confidence"),
+            pl.when(observed).then(pl.col("volume")).alias("volume"),
+            pl.when(observed)
+            .then(pl.col("price_chaos") / pl.col("reverse_price_chaos"))
+            .log()
+            .alias("spread_log"),
+        )
+        .with_columns(pl.col("_price").log().alias("log_price"))
+        .with_columns((lp - lp.shift(1)).alias("logret_1d"))
+    )
+
+    # 2. robust return scale from the previous 14 days, and the outlier rule
+    floor = (
+        pl.when(pl.col("league_day") < OUTLIER_EARLY_DAYS).then(OUTLIER_FLOOR_EARLY).otherwise(OUTLIER_FLOOR)
+    )
+    past_mad = _s(r.abs().shift(1).rolling_median(OUTLIER_WINDOW, min_samples=3)) * MAD_TO_SIGMA
+    bound = OUTLIER_K * pl.col("_scale")
+    lf = lf.with_columns(_r(pl.max_horizontal(past_mad, floor)).alias("_scale")).with_columns(
+        (r / pl.col("_scale")).alias("logret_1d_robust_z"),
+        r.clip(-bound, bound).alias("logret_1d_winsorized"),
+        _r((r.abs() > bound).fill_null(False)).alias("is_outlier"),
+    )
+
+    # 3. recursive indicators per series (EWM, running high). Window expressions (over) run one after
+    # another and make their whole step sequential, so they are kept apart from the wide steps below.
+    gain, loss = pl.col("_avg_gain"), pl.col("_avg_loss")
+    lf = (
+        lf.with_columns(
+            _s(lp.ewm_mean(span=12, adjust=False)).alias("ema_12"),
+            _s(lp.ewm_mean(span=26, adjust=False)).alias("ema_26"),
+            _s(r.clip(lower_bound=0.0).ewm_mean(alpha=1 / 14, adjust=False)).alias("_avg_gain"),
+            _s((-r).clip(lower_bound=0.0).ewm_mean(alpha=1 / 14, adjust=False)).alias("_avg_loss"),
+            (lp - _s(lp.cum_max())).alias("drawdown_from_high"),
+        )
+        .with_columns(
+            (pl.col("ema_12") - pl.col("ema_26")).alias("macd"),
+            # the ratio first, so rounding never lifts RSI above 100
+            pl.when(gain + loss > 0)
+            .then(100.0 * (gain / (gain + loss)))
+            .when(gain.is_not_null())
+            .then(50.0)
+            .alias("rsi_14"),
+        )
+        .with_columns(_s(pl.col("macd").ewm_mean(span=9, adjust=False)).alias("macd_signal"))
+        .with_columns(
+            (pl.col("macd") - pl.col("macd_signal")).alias("macd_hist"),
+        )
+    )
+
+    # 4. per-series history. Padding isolates series, so shifts and windows run on the whole column.
+    # Window sums are written out over shifted columns, in a fixed order, of differences to today's value:
+    # exact (a row never depends on rows outside its window, unlike sliding-sum kernels) and stable.
+    wr = pl.col("logret_1d_winsorized")
+    age = pl.col("series_age_days")
+    two_sided = observed & pl.col("reverse_price_chaos").is_not_null()
+    good = observed & pl.col("confidence").is_in(["High", "Medium"])
+    span = max(max(ROLL_WINDOWS), max(VOL_WINDOWS))
+
+    def share(flag: pl.Expr) -> pl.Expr:  # a mean of 0/1 flags is exact whatever the kernel
+        return _r(_r(flag.cast(pl.Float64)).rolling_mean(LIQUIDITY_WINDOW, min_samples=1))
+
+    lf = lf.with_columns(
+        *[(lp.shift(k) - lp).alias(f"_d{k}") for k in range(1, span)],
+        *[wr.shift(k).alias(f"_wr{k}") for k in range(span)],
+        *[pl.col("spread_log").abs().shift(k).alias(f"_sp{k}") for k in range(LIQUIDITY_WINDOW)],
+        *[lp.shift(k).alias(f"log_price_lag_{k}") for k in LAGS],
+        *[((lp - lp.shift(w)).exp() - 1.0).alias(f"roc_{w}") for w in MOMENTUM_WINDOWS],
+        *[
+            _r(lp.rolling_min(w, min_samples=1)).alias(f"log_price_roll_min_{w}")
+            for w in ROLL_WINDOWS
+            if w > 1
+        ],
+        *[
+            _r(lp.rolling_max(w, min_samples=1)).alias(f"log_price_roll_max_{w}")
+            for w in ROLL_WINDOWS
+            if w > 1
+        ],
+        share(good).alias("good_confidence_share_7"),
+        share(observed).alias("observed_share_7"),
+        share(two_sided).alias("two_sided_share_7"),
+        _r(two_sided).alias("has_two_sided"),
+        pl.col("confidence")
+        .replace_strict({"High": 2, "Medium": 1, "Low": 0}, default=None, return_dtype=pl.Int8)
+        .alias("confidence_level"),
+    )
+
+    def total(name: str, ks: range, square: bool = False, weighted: bool = False) -> pl.Expr:
+        # A left-to-right chain of adds: sum_horizontal's order depends on the data's chunks and nulls.
+        terms = [pl.col(f"{name}{k}").fill_null(0.0) for k in ks]
+        if square:
+            terms = [t * t for t in terms]
+        if weighted:
+            terms = [t * k for t, k in zip(terms, ks, strict=True)]
+        return functools.reduce(operator.add, terms)
+
+    ret_windows = sorted(set(MOMENTUM_WINDOWS) | set(VOL_WINDOWS))
+    lf = lf.with_columns(  # the window sums, once each
+        *[total("_d", range(1, w)).alias(f"_s1_{w}") for w in ROLL_WINDOWS if w > 1],
+        *[total("_d", range(1, w), square=True).alias(f"_s2_{w}") for w in ROLL_WINDOWS if w > 1],
+        *[total("_d", range(1, w), weighted=True).alias(f"_t_{w}") for w in TREND_WINDOWS],
+        *[total("_wr", range(w)).alias(f"_r1_{w}") for w in ret_windows],
+        *[total("_wr", range(w), square=True).alias(f"_r2_{w}") for w in VOL_WINDOWS],
+        total("_sp", range(LIQUIDITY_WINDOW)).alias("_sp_sum"),
+        functools.reduce(
+            operator.add, [pl.col(f"_sp{k}").is_not_null().cast(pl.Int32) for k in range(LIQUIDITY_WINDOW)]
+        ).alias("_sp_n"),
+    )
+
+    history: list[pl.Expr] = []
+    for w in ROLL_WINDOWS:
+        if w == 1:  # a one-day window is the value itself
+            history += [lp.alias(f"log_price_roll_{s}_1") for s in ("mean", "min", "max", "median")]
+            history.append(_r(pl.lit(0.0)).alias("log_price_roll_std_1"))
+            continue
+        n = pl.min_horizontal(age + 1, w).cast(pl.Float64)  # days in the window so far
+        d_mean = pl.col(f"_s1_{w}") / n
+        d_var = (pl.col(f"_s2_{w}") / n - d_mean * d_mean).clip(lower_bound=0.0)
+        history += [
+            (lp + d_mean).alias(f"log_price_roll_mean_{w}"),
+            d_var.sqrt().alias(f"log_price_roll_std_{w}"),
+        ]
+        if w in TREND_WINDOWS:
+            # OLS slope of log price against the day (u = -k for k days ago) over the window, and its R^2
+            var_u = (n * n - 1) / 12
+            cov = -pl.col(f"_t_{w}") / n + (n - 1) / 2 * d_mean
+            history += [
+                pl.when(n >= 3).then(cov / var_u).alias(f"trend_slope_{w}"),
+                pl.when((n >= 3) & (d_var > 1e-18))
+                .then((cov * cov / (var_u * d_var)).clip(0.0, 1.0))
+                .alias(f"trend_r2_{w}"),
+            ]
+    for w in MOMENTUM_WINDOWS:
+        history.append(pl.when(age >= 1).then(pl.col(f"_r1_{w}")).alias(f"momentum_{w}"))
+    for w in VOL_WINDOWS:
+        m = pl.min_horizontal(age, w).cast(pl.Float64)  # returns start on a series' second day
+        s1, s2 = pl.col(f"_r1_{w}"), pl.col(f"_r2_{w}")
+        history.append(
+            pl.when(m >= 2)
+            .then(((s2 - s1 * s1 / m) / (m - 1)).clip(lower_bound=0.0).sqrt())
+            .alias(f"realized_vol_{w}")
+        )
+    history.append(
+        _r(pl.when(pl.col("_sp_n") > 0).then(pl.col("_sp_sum") / pl.col("_sp_n"))).alias(
+            "spread_log_abs_mean_7"
+        )
+    )
+    lf = (
+        lf.with_columns(history)
+        .with_columns(_r(pl.col("realized_vol_7")).shift(k).alias(f"_rv{k}") for k in range(14))
+        .with_columns(
+            total("_rv", range(14)).alias("_rv1"), total("_rv", range(14), square=True).alias("_rv2")
+        )
+    )
+    rv_n = pl.min_horizontal(age - 1, 14).cast(pl.Float64)  # realized_vol_7 starts on a series' third day
+    rv1, rv2 = pl.col("_rv1"), pl.col("_rv2")
+    lf = lf.with_columns(
+        pl.when(rv_n >= 2)
+        .then(((rv2 - rv1 * rv1 / rv_n) / (rv_n - 1)).clip(lower_bound=0.0).sqrt())
+        .alias("vol_of_vol_14"),
+    )
+    mean14, std14 = pl.col("log_price_roll_mean_14"), pl.col("log_price_roll_std_14")
+    lf = lf.with_columns(
+        pl.when(std14 > 1e-12)
+        .then((lp - mean14 + 2 * std14) / (4 * std14))
+        .when(lp.is_not_null())
+        .then(0.5)
+        .alias("bollinger_pct_b_14"),
+    )
+
+    # 5. targets: the future day must exist and be observed (padding ends each series)
+    targets: list[pl.Expr] = []
+    for h in HORIZONS_DAYS:
+        future_seen = observed.shift(-h).fill_null(False)
+        logret = pl.when(future_seen).then(lp.shift(-h) - lp)
+        targets += [
+            logret.alias(f"target_logret_{h}d"),
+            pl.when(future_seen).then(pl.col("_price").shift(-h)).alias(f"target_price_{h}d"),
+            logret.sign().cast(pl.Int8).alias(f"target_direction_{h}d"),
+        ]
+    # drop the window temporaries before the filter copies every column
+    temporaries = r"^_(d|wr|sp|rv)\d+$|^_(s1|s2|t|r1|r2)_\d+$"
+    lf = lf.with_columns(targets).select(pl.exclude(temporaries)).filter(pl.col("_real"))
+
+    # 6. without padding: medians per series; cross-currency context from same-day rows only
+    seen = ~pl.col("is_imputed")
+    lf = lf.with_columns(
+        # median of 3 = sum - min - max once the window is full
+        pl.when(pl.col("series_age_days") >= 2)
+        .then(
+            3 * pl.col("log_price_roll_mean_3")
+            - pl.col("log_price_roll_min_3")
+            - pl.col("log_price_roll_max_3")
+        )
+        .otherwise(pl.col("log_price_roll_mean_3"))
+        .alias("log_price_roll_median_3"),
+        *[
+            _s(lp.rolling_median(w, min_samples=1)).alias(f"log_price_roll_median_{w}")
+            for w in ROLL_WINDOWS
+            if w > 3
+        ],
+        _day(pl.when(seen).then(r).median()).alias("market_median_logret_1d"),
+        _day(pl.when(pl.col("currency") == DIVINE).then(lp).max()).alias("_divine_lp"),
+        *[
+            _day(pl.when(seen).then(pl.col(f"realized_vol_{w}")).median()).alias(f"_market_vol_{w}")
+            for w in VOL_WINDOWS
+        ],
+    )
+    length = (pl.col("end_date") - pl.col("start_date")).dt.total_days()
+    return (
+        lf.with_columns(
+            (r - pl.col("market_median_logret_1d")).alias("excess_logret_1d"),
+            (lp - pl.col("_divine_lp")).alias("log_price_rel_divine"),
+            *[
+                pl.when(pl.col(f"_market_vol_{w}") > 0)
+                .then(pl.col(f"realized_vol_{w}") / pl.col(f"_market_vol_{w}"))
+                .alias(f"normalized_vol_{w}")
+                for w in VOL_WINDOWS
+            ],
+            (pl.col("league_day") < EARLY_DAYS).alias("league_phase_early"),
+            pl.col("league_day").is_between(EARLY_DAYS, MID_DAYS, closed="left").alias("league_phase_mid"),
+            (pl.col("league_day") >= MID_DAYS).alias("league_phase_late"),
+            # times the reciprocal: a constant divisor (one league) takes that path anyway; results never vary
+            pl.when(length > 0).then(pl.col("league_day") * (1.0 / length)).alias("league_progress"),
+            (pl.col("end_date") - pl.col("date")).dt.total_days().cast(pl.Int32).alias("days_to_league_end"),
+            pl.col("date").dt.weekday().alias("day_of_week"),
+            pl.col("_price").alias("price_chaos"),
+        )
+        .filter(pl.col("days_since_observed") <= MAX_STALE_DAYS)
+        .select(OUTPUT_COLUMNS)
+    )
+
+
+def build_features(daily_prices: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
+    """Features, meta columns and targets for every (league, currency, date) of ``daily_prices``.
+
+    ``calendar`` is ``league_calendar(daily_prices)``. Output columns: ``OUTPUT_COLUMNS``, sorted by key.
+    """
+    _check_inputs(daily_prices, calendar)
+    out = _features_lazy(_sorted_prices(daily_prices), calendar).collect(engine="in-memory")
+    # NaN/inf would compare unequal to themselves and poison models: they become nulls.
+    floats = [c for c, t in out.schema.items() if t == pl.Float64]
+    return out.with_columns(pl.when(pl.col(floats).is_finite()).then(pl.col(floats)))
+
+
+def build_league_features(daily_prices: pl.DataFrame, calendar: pl.DataFrame, league: str) -> pl.DataFrame:
+    """Features of one league; they depend only on that league's prices and its calendar row."""
+    rows = daily_prices.filter(pl.col("league") == league)
+    if rows.height == 0:
+        known = ", ".join(sorted(daily_prices["league"].unique()))
+        raise ValueError(f"Unknown league {league!r}: daily_prices has {known}")
+    return build_features(rows, calendar)
+
+
+def feature_path(lake: Lake, league: str) -> Path:
+    return hive_dir(lake.features, league=league) / "part.parquet"
+
+
+def write_features(df: pl.DataFrame, lake: Lake) -> list[Path]:
+    """Write one Parquet file per league atomically, replacing that league's previous file."""
+    paths = []
+    for (league,), part in df.sort(KEYS).partition_by("league", as_dict=True, maintain_order=True).items():
+        paths.append(write_parquet_atomic(part, feature_path(lake, league)))
+    return paths
+
+
+def read_features(lake: Lake, leagues: Iterable[str] | None = None) -> pl.DataFrame:
+    """The stored features (all leagues, or those named)."""
+    paths = (
+        lake.parquet_files(lake.features) if leagues is None else [feature_path(lake, lg) for lg in leagues]
+    )
+    if not paths:
+        return pl.DataFrame()
+    return pl.read_parquet(paths, hive_partitioning=False)
+
+
+def _fingerprints_path(lake: Lake) -> Path:
+    return lake.state / "features_fingerprints.json"
+
+
+def league_fingerprint(daily_prices: pl.DataFrame, calendar: pl.DataFrame, league: str) -> str:
+    """Changes whenever the league's prices, its calendar row, the feature code or Polars change."""
+    rows = (
+        daily_prices.filter(pl.col("league") == league)
+        .select(*KEYS, "price_chaos", "confidence", "volume", "reverse_price_chaos")
+        .sort(KEYS)
+    )
+    cal = calendar.filter(pl.col("league") == league).select("start_date", "end_date", "recency_rank")
+    digest = hashlib.sha256(f"{FEATURES_VERSION}|{pl.__version__}|{cal.rows()}|{rows.height}".encode())
+    digest.update(rows.hash_rows(seed=0).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def update_features(
+    daily_prices: pl.DataFrame, calendar: pl.DataFrame, lake: Lake, leagues: Iterable[str] | None = None
+) -> list[Path]:
+    """Incremental refresh: rebuild only leagues whose inputs changed (or those named); returns files written.
+
+    A new day in the current league rewrites that league's file alone. A new league shifts every
+    ``league_recency_rank``, so it rebuilds all leagues (a full rebuild takes a few seconds).
+    """
+    _check_inputs(daily_prices, calendar)
+    state_path = _fingerprints_path(lake)
+    stored: dict[str, str] = json.loads(state_path.read_text()) if state_path.exists() else {}
+    present = sorted(daily_prices["league"].unique())
+    current = {lg: league_fingerprint(daily_prices, calendar, lg) for lg in present}
+    if leagues is None:
+        todo = [lg for lg in present if stored.get(lg) != current[lg] or not feature_path(lake, lg).exists()]
+    else:
+        todo = list(dict.fromkeys(leagues))
+        unknown = set(todo) - set(present)
+        if unknown:
+            raise ValueError(f"Unknown leagues {sorted(unknown)}: daily_prices has {', '.join(present)}")
+    if not todo:
+        return []
+    paths = write_features(build_features(daily_prices.filter(pl.col("league").is_in(todo)), calendar), lake)
+    # Fingerprints are saved after the files: a crash in between only causes a rebuild next time.
+    write_text_atomic(
+        json.dumps(stored | {lg: current[lg] for lg in todo}, indent=1, sort_keys=True), state_path
+    )
+    return paths
+
+
+def features_markdown() -> str:
+    """docs/features.md: one line per feature, plus the rules of this module."""
+    lines = [
+        "# Features",
+        "",
+        "Generated by `poe_pipeline.features.features_markdown()`.",
+        "",
+        "## Feature columns",
+        "",
+    ]
+    lines += [f"- `{name}` — {text}" for name, text in FEATURE_DESCRIPTIONS.items()]
+    lines += ["", "## Targets (never features)", ""]
+    for h in HORIZONS_DAYS:
+        lines += [
+            f"- `target_logret_{h}d` — log price in {h} day(s) minus today's; null unless that day was seen",
+            f"- `target_price_{h}d` — the observed price in chaos {h} day(s) ahead",
+            f"- `target_direction_{h}d` — sign of target_logret_{h}d (-1, 0, 1)",
+        ]
+    lines += [
+        "",
+        "## Meta columns",
+        "",
+        "- `league`, `currency`, `date` — the key",
+        "- `price_chaos` — the price in chaos (forward-filled on imputed days)",
+        "- `is_outlier` — the day's return breaks the outlier rule (training may filter; inference keeps it)",
+        "",
+        "## Rules",
+        "",
+        __doc__.split("Rules (each one chosen once, here):", 1)[1].strip(),
+        "",
+        "## Constants",
+        "",
+    ]
+    constants = [
+        "MAX_STALE_DAYS",
+        "OUTLIER_WINDOW",
+        "OUTLIER_K",
+        "OUTLIER_FLOOR_EARLY",
+        "OUTLIER_FLOOR",
+        "OUTLIER_EARLY_DAYS",
+        "EARLY_DAYS",
+        "MID_DAYS",
+    ]
+    lines += [f"- `{name}` = {globals()[name]}" for name in constants] + [""]
+    return "\n".join(lines)
