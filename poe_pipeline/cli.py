@@ -1,6 +1,7 @@
 """``poe-pipeline``: run the pipeline in-process, or serve real prices offline.
 
     poe-pipeline run --history DIR --league L [--currencies "A,B"] [--profile test|dev|prod] [--lake DIR]
+    poe-pipeline backtest --history DIR --league L [--refit-every 7] [--profile test] [--currencies "A,B"]
     poe-pipeline serve-replay --history DIR --league L [--speed 288] [--port 8765]
 """
 
@@ -83,6 +84,21 @@ def cmd_serve_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from poe_pipeline.backtest import run_backtest_cli
+
+    history = Path(args.history).expanduser().resolve()
+    check_run_inputs(history, args.league)
+    try:
+        summary = run_backtest_cli(history, args.league, refit_every=args.refit_every, profile=args.profile,
+                                   lake_root=resolve_lake_root(args.lake), currencies=_split_names(args.currencies),
+                                   max_origins=args.max_origins)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poe-pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", choices=sorted(PROFILES), default="test", help="training effort (default: test)")
     run.add_argument("--lake", help="lake root (default: $POE_DATA_LAKE or ./data_lake)")
     run.set_defaults(func=cmd_run)
+
+    backtest = sub.add_parser("backtest", help="replay a league day by day: daily forecasts, weekly refits, scores")
+    backtest.add_argument("--history", required=True, help="folder of poe.ninja dumps")
+    backtest.add_argument("--league", required=True, help="the league to replay")
+    backtest.add_argument("--refit-every", type=int, default=7, help="retrain every N days (default: 7)")
+    backtest.add_argument("--profile", choices=sorted(PROFILES), default="test")
+    backtest.add_argument("--currencies", help="limit to these currencies (default: the league's universe)")
+    backtest.add_argument("--max-origins", type=int, help="replay at most this many days (the last ones)")
+    backtest.add_argument("--lake", help="lake root for the backtest's files (default: $POE_DATA_LAKE or ./data_lake)")
+    backtest.set_defaults(func=cmd_backtest)
 
     replay = sub.add_parser("serve-replay", help="serve a dump's real prices in the poe.watch API shape, offline")
     replay.add_argument("--history", required=True, help="folder of poe.ninja dumps")

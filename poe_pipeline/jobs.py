@@ -7,16 +7,17 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from poe_pipeline.assets import features, ingestion, models, prices
+from poe_pipeline.assets import features, forecasts, ingestion, models, prices
 from poe_pipeline.lake import Lake
 from poe_pipeline.markdown import markdown_table
 from poe_pipeline.resources import LakeResource, PoeWatchResource, RunScopeResource
 
-ASSET_MODULES = [ingestion, prices, features, models]
+ASSET_MODULES = [ingestion, prices, features, models, forecasts]
 ALL_ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 # The unpartitioned offline graph: no live poll, and models go through retrain_models_job.
 OFFLINE_SELECTION = dg.AssetSelection.assets(prices.historical_prices, prices.daily_prices, features.features,
                                              features.currency_universe)
+FORECAST_SELECTION = dg.AssetSelection.assets(forecasts.predictions, forecasts.investment_report)
 retrain_models_job = models.retrain_models_job
 
 ingestion_job = dg.define_asset_job(
@@ -53,6 +54,9 @@ def run_pipeline(
                 resources=resources, instance=instance, tags=tags, raise_on_error=False,
             )
             _check(result)
+        result = dg.materialize(ALL_ASSETS, selection=FORECAST_SELECTION, resources=resources, instance=instance,
+                                tags=tags, run_config=logging, raise_on_error=False)
+        _check(result)
     return summarize(lake, league, not_eligible)
 
 
@@ -76,6 +80,7 @@ def _requested_but_not_eligible(lake: Lake, league: str, currencies: list[str]) 
 
 
 def summarize(lake: Lake, league: str, not_eligible: list[str] | None = None) -> str:
+    from poe_pipeline.reporting import report_summary
     from poe_pipeline.warehouse import query
 
     per_league = query(
@@ -121,6 +126,8 @@ def summarize(lake: Lake, league: str, not_eligible: list[str] | None = None) ->
         *([f"Models trained for {league} (validation on walk-forward folds; skill > 0 beats 'no change'):",
            markdown_table(models.head(40)), ""] if models.height else []),
         *skipped,
+        report_summary(lake, league),
+        "",
         f"Lake:       {lake.root}",
         f"Warehouse:  {lake.warehouse}   (duckdb -readonly {lake.warehouse})",
         f"Dagster UI: make dev   (DAGSTER_HOME={lake.dagster_home})",

@@ -44,6 +44,7 @@ MIN_TRAIN_ROWS = 120  # below this a currency is skipped: a model on a handful o
 MIN_OOF_ROWS = 30  # fewer out-of-fold rows than this: fallback weights
 MIN_CURRENT_FOLD_DAYS = 14  # labelled days the current league needs on each side of its own fold
 MIN_FOLD_TRAIN_ROWS = 60
+POOL_WEIGHT = 0.3  # a pooled row of a similar currency counts this much of one of the partition's own
 DIRECTION_THRESHOLD = math.log(1.01)  # directional accuracy counts only moves of at least 1 %
 SHRINK_GRID = np.linspace(0.0, 1.0, 21)
 ARTIFACT_FILES = {"lightgbm": "lightgbm.txt", "xgboost": "xgboost.ubj", "random_forest": "random_forest.joblib"}
@@ -68,10 +69,16 @@ class TrainingSet:
     leagues: np.ndarray
     dates: np.ndarray  # datetime64[D]
     league_order: list[str]  # chronological
+    is_target: np.ndarray  # rows of the partition's own currency (pooled rows of similar currencies are False)
+    weight: np.ndarray
 
     @property
     def rows(self) -> int:
         return len(self.y)
+
+    @property
+    def target_rows(self) -> int:
+        return int(self.is_target.sum())
 
     def data_hash(self) -> str:
         digest = hashlib.sha256(np.ascontiguousarray(self.X).tobytes())
@@ -122,21 +129,29 @@ def model_inputs(rows: pl.DataFrame, feature_columns: list[str]) -> tuple[pl.Dat
 
 
 def training_set(
-    rows: pl.DataFrame, feature_columns: list[str], currency: str, horizon: int, league_order: list[str]
+    rows: pl.DataFrame,
+    feature_columns: list[str],
+    currency: str,
+    horizon: int,
+    league_order: list[str],
+    pool: list[str] | None = None,
+    pool_weight: float = POOL_WEIGHT,
 ) -> TrainingSet:
-    """The rows of ``currency`` in ``league_order`` (chronological, non-event) with a known target, no outliers."""
+    """Rows of ``currency`` (and of the ``pool`` of similar currencies, down-weighted) in ``league_order``
+    (chronological, non-event) with a known target and no outlier."""
     target = target_column(horizon)
-    rows, feature_names = model_inputs(rows.filter(pl.col("currency") == currency), feature_columns)
+    members = [currency, *(pool or [])]
+    rows, feature_names = model_inputs(rows.filter(pl.col("currency").is_in(members)), feature_columns)
     data = (
         rows.filter(
-            (pl.col("currency") == currency)
-            & pl.col("league").is_in(league_order)
+            pl.col("league").is_in(league_order)
             & pl.col(target).is_not_null()
             & ~pl.col("is_outlier").fill_null(False)
         )
         .with_columns(pl.col("league").replace_strict({lg: i for i, lg in enumerate(league_order)}).alias("_order"))
-        .sort("_order", "date")
+        .sort("_order", "date", "currency")
     )
+    is_target = (data["currency"] == currency).to_numpy()
     return TrainingSet(
         currency=currency,
         horizon=horizon,
@@ -146,6 +161,8 @@ def training_set(
         leagues=data["league"].to_numpy(),
         dates=data["date"].to_numpy().astype("datetime64[D]"),
         league_order=list(league_order),
+        is_target=is_target,
+        weight=np.where(is_target, 1.0, pool_weight),
     )
 
 
@@ -168,19 +185,19 @@ def walk_forward_folds(ts: TrainingSet, current_league: str, n_folds: int) -> li
         if league == current_league:
             continue
         train = idx[np.isin(ts.leagues, ts.league_order[:k])]
-        valid = idx[ts.leagues == league]
-        if len(train) >= MIN_FOLD_TRAIN_ROWS and len(valid) >= 10:
+        valid = idx[(ts.leagues == league) & ts.is_target]
+        if ts.is_target[train].sum() >= MIN_FOLD_TRAIN_ROWS and len(valid) >= 10:
             folds.append(Fold(f"league:{league}", train, valid, *_inner_split(ts, train)))
-    current = idx[ts.leagues == current_league]
+    in_current = ts.leagues == current_league
+    current = idx[in_current & ts.is_target]
     if len(current) >= 2 * MIN_CURRENT_FOLD_DAYS:
         days = np.unique(ts.dates[current])
         cut = days[len(days) // 2]
         valid = current[ts.dates[current] >= cut]
         embargo = cut - np.timedelta64(ts.horizon, "D")
-        earlier = idx[ts.leagues != current_league]
-        earlier = earlier[np.isin(ts.leagues[earlier], ts.league_order[: ts.league_order.index(current_league)])]
-        train = np.concatenate([earlier, current[ts.dates[current] < embargo]])
-        if len(train) >= MIN_FOLD_TRAIN_ROWS:
+        earlier = idx[np.isin(ts.leagues, ts.league_order[: ts.league_order.index(current_league)])]
+        train = np.concatenate([earlier, idx[in_current & (ts.dates < embargo)]])
+        if ts.is_target[train].sum() >= MIN_FOLD_TRAIN_ROWS:
             folds.append(Fold(f"current:{current_league}>={cut}", train, valid, *_inner_split(ts, train)))
     return folds[-n_folds:] if n_folds > 0 else []
 
@@ -255,13 +272,14 @@ class FoldData:
 def _fold_data(ts: TrainingSet, folds: list[Fold]) -> list[FoldData]:
     out = []
     for f in folds:
-        lgb_train = lgb.Dataset(ts.X[f.inner_train], ts.y[f.inner_train], feature_name=ts.feature_names,
+        it, iv = f.inner_train, f.inner_valid
+        lgb_train = lgb.Dataset(ts.X[it], ts.y[it], weight=ts.weight[it], feature_name=ts.feature_names,
                                 free_raw_data=False, params={"verbosity": -1, "max_bin": 63})
-        lgb_valid = lgb.Dataset(ts.X[f.inner_valid], ts.y[f.inner_valid], reference=lgb_train, free_raw_data=False)
+        lgb_valid = lgb.Dataset(ts.X[iv], ts.y[iv], weight=ts.weight[iv], reference=lgb_train, free_raw_data=False)
         out.append(FoldData(
             f, lgb_train.construct(), lgb_valid.construct(),
-            xgb.DMatrix(ts.X[f.inner_train], ts.y[f.inner_train], nthread=1),
-            xgb.DMatrix(ts.X[f.inner_valid], ts.y[f.inner_valid], nthread=1),
+            xgb.DMatrix(ts.X[it], ts.y[it], weight=ts.weight[it], nthread=1),
+            xgb.DMatrix(ts.X[iv], ts.y[iv], weight=ts.weight[iv], nthread=1),
             xgb.DMatrix(ts.X[f.valid], nthread=1),
         ))
     return out
@@ -295,7 +313,8 @@ def _fold_predict(kind: str, params: dict, fd: FoldData, ts: TrainingSet, early:
     if kind == "xgboost":
         model = _fit_xgb(params, fd.xgb_train, fd.xgb_inner_valid, early)
         return _predict_xgb(model, fd.xgb_valid), (model.best_iteration or params["n_estimators"] - 1) + 1
-    rf = RandomForestRegressor(**params).fit(ts.X[f.train], _clip_target(ts.y[f.train]))
+    rf = RandomForestRegressor(**params).fit(ts.X[f.train], _clip_target(ts.y[f.train]),
+                                             sample_weight=ts.weight[f.train])
     return rf.predict(ts.X[f.valid]), params["n_estimators"]
 
 
@@ -431,16 +450,21 @@ def train_partition(
     profile: Profile,
     out_dir: Path,
     seed: int = 42,
+    pool: list[str] | None = None,
 ) -> PartitionResult:
-    """Tune, validate and fit the ensemble of one (currency, horizon); write its artifacts to ``out_dir``."""
+    """Tune, validate and fit the ensemble of one (currency, horizon); write its artifacts to ``out_dir``.
+
+    ``pool``: similar currencies whose rows join the training data at ``POOL_WEIGHT``; validation and metrics
+    use the partition's own currency only.
+    """
     started = time.perf_counter()
-    ts = training_set(rows, feature_names, currency, horizon, league_order)
+    ts = training_set(rows, feature_names, currency, horizon, league_order, pool)
     result = PartitionResult(currency, horizon, trained=False, feature_names=ts.feature_names)
-    if ts.rows < MIN_TRAIN_ROWS:
-        result.reason = (f"only {ts.rows} labelled rows for {currency} at {horizon}d "
+    if ts.target_rows < MIN_TRAIN_ROWS:
+        result.reason = (f"only {ts.target_rows} labelled rows for {currency} at {horizon}d "
                          f"(at least {MIN_TRAIN_ROWS} are needed)")
         return result
-    if current_league not in set(ts.leagues):
+    if current_league not in set(ts.leagues[ts.is_target]):
         result.reason = f"{currency} has no labelled rows in the current league {current_league}"
         return result
 
@@ -488,13 +512,16 @@ def train_partition(
     # Final models on every row, with the rounds that early stopping chose on the folds.
     out_dir.mkdir(parents=True, exist_ok=True)
     lgb_model = lgb.train(_lgb_params(None, tuned["lightgbm"].params),
-                          lgb.Dataset(ts.X, ts.y, feature_name=ts.feature_names, params={"max_bin": 63}),
+                          lgb.Dataset(ts.X, ts.y, weight=ts.weight, feature_name=ts.feature_names,
+                                      params={"max_bin": 63}),
                           num_boost_round=max(tuned["lightgbm"].rounds, 10))
     lgb_model.save_model(str(out_dir / ARTIFACT_FILES["lightgbm"]))
     xgb_params = _xgb_params(None, tuned["xgboost"].params) | {"n_estimators": max(tuned["xgboost"].rounds, 10)}
-    xgb_model = _fit_xgb(xgb_params, xgb.DMatrix(ts.X, ts.y, nthread=1, feature_names=ts.feature_names), None, 0)
+    xgb_model = _fit_xgb(xgb_params, xgb.DMatrix(ts.X, ts.y, weight=ts.weight, nthread=1,
+                                                 feature_names=ts.feature_names), None, 0)
     xgb_model.save_model(str(out_dir / ARTIFACT_FILES["xgboost"]))
-    rf = RandomForestRegressor(**_rf_params(None, tuned["random_forest"].params)).fit(ts.X, _clip_target(ts.y))
+    rf = RandomForestRegressor(**_rf_params(None, tuned["random_forest"].params)).fit(
+        ts.X, _clip_target(ts.y), sample_weight=ts.weight)
     joblib.dump(rf, out_dir / ARTIFACT_FILES["random_forest"], compress=3)
 
     gain = lgb_model.feature_importance(importance_type="gain")
@@ -509,7 +536,8 @@ def train_partition(
     result.metrics = metrics
     result.folds = [f.name for f in folds]
     result.data_window = {
-        "first_date": str(ts.dates.min()), "last_date": str(ts.dates.max()), "rows": ts.rows,
+        "first_date": str(ts.dates.min()), "last_date": str(ts.dates.max()), "rows": ts.target_rows,
+        "pooled_rows": ts.rows - ts.target_rows, "pool": ",".join(pool or []),
         "leagues": sorted(set(ts.leagues.tolist()), key=ts.league_order.index), "data_hash": ts.data_hash(),
         "oof_rows": int(len(y_oof)),
     }
@@ -562,3 +590,26 @@ def limit_threads() -> None:
     """One thread per model: processes, not threads, give the parallelism (never oversubscribe 2 cores)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+
+
+def similar_currencies(rows: pl.DataFrame, currency: str, k: int, min_overlap: int = 60) -> list[str]:
+    """The ``k`` currencies whose daily (winsorized) log-returns correlate most with ``currency``'s.
+
+    Correlation is over the (league, date) days both were observed in ``rows``; pass only data up to the
+    forecast origin and this stays leak-free.
+    """
+    if k <= 0:
+        return []
+    returns = rows.filter(~pl.col("is_imputed")).select("league", "date", "currency", "logret_1d_winsorized")
+    mine = returns.filter(pl.col("currency") == currency).select(
+        "league", "date", pl.col("logret_1d_winsorized").alias("mine"))
+    scored = (
+        returns.filter(pl.col("currency") != currency)
+        .join(mine, on=["league", "date"])
+        .drop_nulls()
+        .group_by("currency")
+        .agg(pl.corr("logret_1d_winsorized", "mine").alias("corr"), pl.len().alias("n"))
+        .filter((pl.col("n") >= min_overlap) & pl.col("corr").is_finite())
+        .sort(["corr", "currency"], descending=[True, False])
+    )
+    return scored.head(k)["currency"].to_list()

@@ -42,7 +42,16 @@ def lake_views(lake: Lake) -> list[ParquetView]:
         ParquetView("features", lake.features),
         ParquetView("currency_universe", lake.root / "currency_universe"),
         ParquetView("model_metrics", lake.root / "model_metrics"),
+        ParquetView("predictions", lake.root / "predictions"),
+        ParquetView("investment_report", lake.root / "investment_report"),
     ]
+
+
+def sql_views() -> dict[str, tuple[str, set[str]]]:
+    """Views defined in SQL over other views: name -> (SELECT, the views it needs)."""
+    from poe_pipeline.forecasting import PREDICTION_ERRORS_SQL
+
+    return {"prediction_errors": (PREDICTION_ERRORS_SQL, {"predictions", "daily_prices"})}
 
 
 def _has_parquet(directory: Path) -> bool:
@@ -68,6 +77,9 @@ def sync_views(lake: Lake, views: Iterable[ParquetView] | None = None) -> list[s
     Raises ``duckdb.IOException`` if another process holds the file read-write.
     """
     wanted = {v.name: _view_sql(v) for v in (views or lake_views(lake)) if _has_parquet(v.directory)}
+    for name, (select, needs) in sql_views().items():
+        if needs <= set(wanted):
+            wanted[name] = f"CREATE OR REPLACE VIEW {name} AS {select}"
     try:
         current = existing_views(lake.warehouse)
     except duckdb.IOException:

@@ -13,7 +13,14 @@ import pytest
 from conftest import SAMPLE
 from poe_pipeline.features import FEATURE_COLUMNS, build_features
 from poe_pipeline.leagues import league_calendar, training_leagues
-from poe_pipeline.modeling import Ensemble, train_partition, training_set, walk_forward_folds
+from poe_pipeline.modeling import (
+    POOL_WEIGHT,
+    Ensemble,
+    similar_currencies,
+    train_partition,
+    training_set,
+    walk_forward_folds,
+)
 from poe_pipeline.prices import daily_from_dump_rows, merge_daily_prices
 from poe_pipeline.settings import get_profile
 from poe_pipeline.sources.poe_ninja import read_dump
@@ -111,3 +118,21 @@ def test_a_broken_model_never_becomes_champion(trained_divine, lake, tmp_path):
     version, path = tracker.champion_dir("Divine Orb", 1)
     assert version == "1"
     Ensemble(Path(path))
+
+
+def test_pooling_similar_currencies_validates_on_the_partition_currency_only(real, tmp_path):
+    features, order = real
+    pool = similar_currencies(features, "Orb of Annulment", k=3)
+    assert len(pool) == 3 and "Orb of Annulment" not in pool
+    ts = training_set(features, FEATURE_COLUMNS, "Orb of Annulment", 3, order, pool)
+    assert 0 < ts.target_rows < ts.rows
+    assert set(ts.weight[~ts.is_target]) == {POOL_WEIGHT} and set(ts.weight[ts.is_target]) == {1.0}
+    for fold in walk_forward_folds(ts, "Sanctum", 2):
+        assert ts.is_target[fold.valid].all()  # metrics are the partition's own
+        assert (~ts.is_target[fold.train]).any()  # pooled rows help training
+    result = train_partition(features, FEATURE_COLUMNS, "Orb of Annulment", 3, order, "Sanctum", PROFILE,
+                             tmp_path / "pooled", pool=pool)
+    alone = train_partition(features, FEATURE_COLUMNS, "Orb of Annulment", 3, order, "Sanctum", PROFILE,
+                            tmp_path / "alone")
+    assert result.data_window["rows"] == alone.data_window["rows"] and result.data_window["pooled_rows"] > 0
+    assert result.metrics["persistence"] == alone.metrics["persistence"]  # the same validation rows

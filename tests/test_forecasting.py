@@ -1,0 +1,253 @@
+"""Predictions on real data: the warehouse contract, calibrated intervals, each fallback, confidence, no champion."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+
+from conftest import SAMPLE
+from poe_pipeline.features import FEATURE_COLUMNS, build_features, write_features
+from poe_pipeline.forecasting import (
+    BOOTSTRAP,
+    CONFORMAL,
+    CONTRACT_COLUMNS,
+    PREDICTION_ERRORS_SQL,
+    VOLATILITY,
+    Calibration,
+    confidence_score,
+    predict_league,
+    prediction_interval,
+    read_predictions,
+    write_predictions,
+)
+from poe_pipeline.lake import Lake, write_parquet_atomic
+from poe_pipeline.leagues import league_calendar, training_leagues
+from poe_pipeline.modeling import Ensemble, train_partition
+from poe_pipeline.prices import daily_from_dump_rows, daily_prices_path, merge_daily_prices
+from poe_pipeline.settings import get_profile
+from poe_pipeline.sources.poe_ninja import read_dump
+from poe_pipeline.tracking import ModelTracker
+from poe_pipeline.warehouse import sync_views
+
+LEAGUES = ("Sentinel", "Kalandra", "Sanctum")
+MODELLED = "Awakened Sextant"  # a model with real skill (its forecasts are not all "no change")
+UNTRAINED = "Exalted Orb"
+CONTRACT_TYPES = {
+    "league": "VARCHAR", "currency": "VARCHAR", "origin_date": "DATE", "horizon_days": "INTEGER",
+    "current_price": "DOUBLE", "predicted_price": "DOUBLE", "pred_lower": "DOUBLE", "pred_upper": "DOUBLE",
+    "interval_level": "DOUBLE", "confidence": "DOUBLE", "model_version": "VARCHAR",
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A lake with three real leagues' prices and features, and a registered champion per horizon for MODELLED."""
+    lake = Lake(tmp_path_factory.mktemp("forecast") / "lake")
+    prices = merge_daily_prices(daily_from_dump_rows(
+        pl.concat([read_dump(SAMPLE / f"{lg}.currency.csv.gz") for lg in LEAGUES])))
+    for (league,), rows in prices.partition_by("league", as_dict=True).items():
+        write_parquet_atomic(rows, daily_prices_path(lake, league))
+    calendar = league_calendar(prices)
+    features = build_features(prices, calendar)
+    write_features(features, lake)
+    tracker = ModelTracker(lake)
+    staging = tmp_path_factory.mktemp("staging")
+    for h in (1, 3, 7):
+        result = train_partition(features.filter(pl.col("currency") == MODELLED), FEATURE_COLUMNS, MODELLED, h,
+                                 training_leagues(calendar, "Sanctum"), "Sanctum", get_profile("test"),
+                                 staging / f"{h}d")
+        assert result.trained, result.reason
+        assert tracker.log_training(result, {"dagster_run_id": "test"}).promoted
+    return lake, prices, features, tracker
+
+
+def _views(lake: Lake) -> None:
+    sync_views(lake)
+
+
+def test_predictions_contract_in_duckdb_and_no_champion_means_no_row(world):
+    lake, prices, _, tracker = world
+    run = predict_league(lake, "Sanctum", [MODELLED, UNTRAINED], champion=tracker.champion_dir)
+    assert run.origin_date.isoformat() == "2023-04-04"  # the last day of Sanctum in the dump
+    assert sorted(run.predictions["horizon_days"].to_list()) == [1, 3, 7]
+    assert set(run.predictions["currency"]) == {MODELLED}
+    assert [(s.currency, s.horizon) for s in run.skipped] == [(UNTRAINED, 1), (UNTRAINED, 3), (UNTRAINED, 7)]
+    assert all("no champion model poe-exalted-orb-" in s.reason for s in run.skipped)
+
+    write_predictions(lake, run.predictions)
+    _views(lake)
+    with duckdb.connect(str(lake.warehouse), read_only=True) as con:
+        described = con.execute("DESCRIBE predictions").fetchall()
+        rows = con.execute("SELECT currency, horizon_days, current_price, model_version FROM predictions "
+                           "ORDER BY horizon_days").fetchall()
+        close = con.execute("SELECT price_chaos FROM daily_prices WHERE league = 'Sanctum' AND currency = ? "
+                            "AND date = DATE '2023-04-04'", [MODELLED]).fetchone()[0]
+    assert [(name, kind) for name, kind, *_ in described][: len(CONTRACT_COLUMNS)] == list(CONTRACT_TYPES.items())
+    assert [r[1] for r in rows] == [1, 3, 7]
+    assert all(r[2] == pytest.approx(close) for r in rows)  # the current price is the origin's real close
+    assert all(r[3] == "1" for r in rows)
+
+
+def test_rerunning_an_origin_replaces_its_file_and_keeps_other_currencies(world, tmp_path):
+    lake, _, features, _ = world
+    run = predict_league(lake, "Sanctum", [MODELLED], champion=world[3].champion_dir)
+    other = run.predictions.with_columns(pl.lit("Divine Orb").alias("currency"))  # a row set of another currency
+    write_predictions(lake, pl.concat([run.predictions, other]))
+    write_predictions(lake, run.predictions)  # a rerun restricted to one currency
+    stored = read_predictions(lake, "Sanctum", run.origin_date)
+    files = list((lake.root / "predictions" / "league=Sanctum").rglob("*.parquet"))
+    assert len([f for f in files if "origin_date=2023-04-04" in str(f)]) == 1
+    assert stored.height == 6 and set(stored["currency"]) == {MODELLED, "Divine Orb"}
+
+
+def test_prediction_errors_view_joins_realised_prices(world):
+    lake, prices, _, tracker = world
+    run = predict_league(lake, "Sanctum", [MODELLED], origin=prices["date"].max() - timedelta(days=15),
+                         champion=tracker.champion_dir)
+    write_predictions(lake, run.predictions)
+    _views(lake)
+    with duckdb.connect(str(lake.warehouse)) as con:
+        con.execute(f"CREATE OR REPLACE TEMP VIEW prediction_errors AS {PREDICTION_ERRORS_SQL}")
+        errors = con.sql("SELECT * FROM prediction_errors WHERE origin_date = ? ORDER BY horizon_days",
+                         params=[run.origin_date]).pl()
+    assert errors["horizon_days"].to_list() == [1, 3, 7]
+    real = prices.filter((pl.col("league") == "Sanctum") & (pl.col("currency") == MODELLED))
+    for r in errors.iter_rows(named=True):
+        realised = real.filter(pl.col("date") == r["origin_date"] + timedelta(days=r["horizon_days"]))
+        assert r["realized_price"] == pytest.approx(realised["price_chaos"].item())
+        assert r["abs_log_error"] == pytest.approx(abs(math.log(r["realized_price"] / r["predicted_price"])))
+        assert r["inside_interval"] == (r["pred_lower"] <= r["realized_price"] <= r["pred_upper"])
+
+
+def test_intervals_contain_the_forecast_and_widen_with_the_horizon(world):
+    lake, prices, _, tracker = world
+    last = prices["date"].max()
+    for days_back in (0, 9, 23, 41):
+        run = predict_league(lake, "Sanctum", [MODELLED], origin=last - timedelta(days=days_back),
+                             champion=tracker.champion_dir)
+        p = run.predictions.sort("horizon_days")
+        assert p.height == 3
+        assert (p["pred_lower"] < p["predicted_price"]).all() and (p["predicted_price"] < p["pred_upper"]).all()
+        half = ((p["pred_upper"] / p["pred_lower"]).log() / 2).to_list()
+        assert half[0] < half[1] < half[2], (run.origin_date, half)
+        assert set(p["interval_method"]) == {CONFORMAL}
+        assert (p["residual_count"] >= 100).all()  # out-of-fold residuals of two validation folds
+        assert ((p["confidence"] > 0) & (p["confidence"] < 1)).all()
+
+
+@pytest.fixture(scope="module")
+def real_residuals(world):
+    """The 1-day champion's real out-of-fold residuals with the volatility of each residual's day."""
+    lake, _, features, tracker = world
+    _, directory = tracker.champion_dir(MODELLED, 1)
+    residuals = Ensemble(directory).residuals()
+    vols = features.filter(pl.col("currency") == MODELLED).select(
+        "league", "date", pl.col("realized_vol_14").pow(2).add(pl.col("trend_slope_14").fill_null(0).pow(2))
+        .sqrt().alias("vol"))
+    joined = residuals.join(vols, on=["league", "date"], how="left")
+    return joined["residual"].to_numpy(), joined["vol"].to_numpy()
+
+
+@pytest.mark.parametrize(("size", "method"), [(20, CONFORMAL), (8, BOOTSTRAP), (2, VOLATILITY)])
+def test_each_fallback_path(real_residuals, size, method):
+    residuals, vols = real_residuals
+    rng = np.random.default_rng(size)
+    pick = rng.choice(len(residuals), size=size, replace=False)
+    calibration = Calibration.from_arrays(residuals[pick], vols[pick])
+    point = 0.013
+    estimates = [prediction_interval(point, calibration, current_vol=0.02, horizon=h) for h in (1, 3, 7)]
+    for e in estimates:
+        assert e.method == method and e.residual_count == size
+        assert e.lower < point < e.upper and math.isfinite(e.half_width)
+    again = prediction_interval(point, calibration, current_vol=0.02, horizon=1)
+    assert again == estimates[0]  # the bootstrap is seeded: reruns agree
+    if method == VOLATILITY:
+        # no residuals to learn from: a normal interval, 1.5x inflated, growing with sqrt(horizon)
+        assert estimates[0].half_width == pytest.approx(1.5 * 1.2815516 * 0.02, rel=1e-6)
+        assert estimates[2].half_width / estimates[0].half_width == pytest.approx(math.sqrt(7))
+    else:
+        # residual-based widths come from the residuals alone; they lie within the scaled residuals' range
+        scaled = np.abs(calibration.scores) * 0.02
+        assert scaled.min() <= estimates[0].half_width <= scaled.max()
+    if method == CONFORMAL:  # the split-conformal rank: ceil(21 x 0.8) = 17th smallest of 20
+        assert estimates[0].half_width == pytest.approx(np.sort(np.abs(calibration.scores))[16] * 0.02)
+
+
+def test_conformal_intervals_cover_held_out_real_residuals_at_their_level(real_residuals):
+    residuals, vols = real_residuals
+    rng = np.random.default_rng(7)
+    order = rng.permutation(len(residuals))
+    calib, held = order[: len(order) // 2], order[len(order) // 2:]
+    calibration = Calibration.from_arrays(residuals[calib], vols[calib])
+    inside = []
+    for i in held:
+        e = prediction_interval(0.0, calibration, current_vol=vols[i], horizon=1, level=0.8)
+        inside.append(e.lower <= residuals[i] <= e.upper)
+    assert 0.7 <= np.mean(inside) <= 0.92, np.mean(inside)
+    # and an 80 % interval is narrower than a 95 % one
+    e80 = prediction_interval(0.0, calibration, 0.02, 1, 0.8)
+    e95 = prediction_interval(0.0, calibration, 0.02, 1, 0.95)
+    assert e80.half_width < e95.half_width
+
+
+def test_a_wild_currency_gets_a_wider_interval_than_a_calm_one(real_residuals, world):
+    residuals, vols = real_residuals
+    features = world[2]
+    last = features.filter((pl.col("league") == "Sanctum") & (pl.col("date") == pl.col("date").max()))
+    vol = dict(zip(last["currency"], last["realized_vol_14"], strict=True))
+    calm, wild = vol["Divine Orb"], vol["Orb of Annulment"]
+    assert wild > 3 * calm  # real volatilities on Sanctum's last day
+    calibration = Calibration.from_arrays(residuals, vols)
+    a = prediction_interval(0.0, calibration, calm, 1)
+    b = prediction_interval(0.0, calibration, wild, 1)
+    assert b.half_width > 2 * a.half_width
+    # above the floors, the width is proportional to the volatility
+    lo, hi = np.nanquantile(vols, [0.4, 0.95])
+    ratio = prediction_interval(0.0, calibration, hi, 1).half_width / prediction_interval(0.0, calibration, lo, 1)\
+        .half_width
+    assert ratio == pytest.approx(hi / lo)
+    # and a flat series (no volatility at all) still gets an interval of a quarter of its usual width or more
+    flat = prediction_interval(0.0, calibration, 0.0, 1)
+    typical = prediction_interval(0.0, calibration, calibration.reference_vol, 1)
+    assert flat.half_width == pytest.approx(typical.half_width / 4)
+
+
+def test_confidence_penalties():
+    base = dict(skill=0.1, r2=0.2, half_width=0.03)
+    by_n = [confidence_score(**base, sample_size=n) for n in (3, 7, 20, 60, 500)]
+    assert by_n == sorted(by_n) and len(set(by_n)) == 5
+    assert by_n[0] / by_n[-1] == pytest.approx(0.3) and by_n[3] / by_n[-1] == pytest.approx(0.9)
+    full = confidence_score(**base, sample_size=500)
+    assert confidence_score(**base, sample_size=500, n_features=80, n_train_rows=40) == pytest.approx(full / 2)
+    assert confidence_score(**base, sample_size=500, days_since_observed=7) == pytest.approx(full / math.e)
+    assert confidence_score(0.3, 0.3, 0.03, 500) > full > confidence_score(-0.3, -0.3, 0.03, 500)
+    assert confidence_score(0.1, 0.2, 0.30, 500) < full  # a wide interval is less useful
+    assert 0.0 <= confidence_score(None, None, 5.0, 0, days_since_observed=14) <= confidence_score(**base,
+                                                                                                 sample_size=0)
+
+
+def test_a_broken_champion_is_skipped_with_its_reason(world, tmp_path):
+    lake, _, _, tracker = world
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "ensemble.json").write_text("{not json")
+
+    def lookup(currency: str, horizon: int):
+        return ("9", broken) if horizon == 3 else tracker.champion_dir(currency, horizon)
+
+    run = predict_league(lake, "Sanctum", [MODELLED], champion=lookup)
+    assert sorted(run.predictions["horizon_days"].to_list()) == [1, 7]
+    assert len(run.skipped) == 1 and "failed to load" in run.skipped[0].reason and str(broken) in run.skipped[0].reason
+
+
+def test_unknown_league_names_the_fix(world):
+    lake = world[0]
+    with pytest.raises(ValueError, match="Unknown league 'Foo'"):
+        predict_league(lake, "Foo", [MODELLED], champion=lambda c, h: None)
+    assert Path(lake.features).is_dir()
