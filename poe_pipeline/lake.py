@@ -63,12 +63,16 @@ def write_parquet_once(df: pl.DataFrame, path: Path) -> bool:
     return True
 
 
-def write_text_atomic(text: str, path: Path) -> Path:
+def write_bytes_atomic(data: bytes, path: Path) -> Path:
     with _temp_beside(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         _fsync(tmp)
         os.replace(tmp, path)
     return path
+
+
+def write_text_atomic(text: str, path: Path) -> Path:
+    return write_bytes_atomic(text.encode("utf-8"), path)
 
 
 def hive_dir(root: Path, **parts: str) -> Path:

@@ -29,8 +29,6 @@ import base64
 import html
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -40,7 +38,7 @@ import numpy as np
 import polars as pl
 
 from poe_pipeline.forecasting import FALLBACK_DAILY_VOL, VOL_FLOOR
-from poe_pipeline.lake import Lake, hive_dir, write_parquet_atomic, write_text_atomic
+from poe_pipeline.lake import Lake, hive_dir, write_bytes_atomic, write_parquet_atomic, write_text_atomic
 from poe_pipeline.markdown import markdown_table
 from poe_pipeline.names import slug
 
@@ -630,20 +628,6 @@ def render_markdown(report: InvestmentReport, chart_files: dict[str, str]) -> st
     return "\n".join(lines)
 
 
-def _write_bytes_atomic(data: bytes, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
-
-
 def write_report(lake: Lake, report: InvestmentReport, features: pl.DataFrame) -> ReportFiles:
     """The HTML and Markdown reports with their charts, and the Parquet table, each written atomically."""
     directory = report_dir(lake, report.origin_date)
@@ -653,7 +637,7 @@ def write_report(lake: Lake, report: InvestmentReport, features: pl.DataFrame) -
         "forecast fan": fan_chart(report, features, names, are_picks),
         "risk and return": risk_return_chart(report),
     }
-    chart_paths = {name: _write_bytes_atomic(data, directory / f"{stem}_{slug(name)}.png")
+    chart_paths = {name: write_bytes_atomic(data, directory / f"{stem}_{slug(name)}.png")
                    for name, data in charts.items()}
     html_path = write_text_atomic(render_html(report, charts), directory / f"{stem}.html")
     md_path = write_text_atomic(render_markdown(report, {k: p.name for k, p in chart_paths.items()}),
