@@ -45,11 +45,20 @@ dev: $(VENV)/.installed
 	  POE_HISTORY_DIR=$(CURDIR)/sample_data POE_DATA_LAKE=$(LAKE) $(BIN)/dagster dev -w workspace.yaml; \
 	fi
 
+# End to end: the real daemon and `dagster dev` in headless Chromium (apt-get install chromium chromium-driver
+# postgresql; .ci/run installs them). `make test` runs these too.
+e2e: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q tests/test_daemon.py tests/test_ui_e2e.py
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check poe_pipeline tests benchmarks
 	$(BIN)/dagster definitions validate -w workspace.yaml
 
-bench: $(VENV)/.installed-dev
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@ $(VENV)/.installed-dev $(VENV)/.installed
+
+bench: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks
 
 clean:

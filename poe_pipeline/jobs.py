@@ -24,6 +24,7 @@ ingestion_job = dg.define_asset_job(
     "ingestion_job",
     selection=dg.AssetSelection.assets(ingestion.price_snapshots),
     tags={"poe/queue": "ingestion"},
+    executor_def=dg.in_process_executor,  # one step: a subprocess per poll would cost seconds
     description="One poll of the live API into the lake.",
 )
 

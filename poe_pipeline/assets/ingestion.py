@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from poe_pipeline.ingestion import ingest_poll, poll_slot
+from poe_pipeline.monitoring import read_active_league
 from poe_pipeline.resources import LakeResource, PoeWatchResource
 from poe_pipeline.sources.poe_watch import PoeWatchError
 
@@ -14,7 +15,7 @@ INGESTION_TAGS = {"poe/queue": "ingestion"}
 
 def _poll_time(context: dg.AssetExecutionContext) -> datetime:
     """The scheduled tick time when a schedule launched the run, else now; floored to the 5-minute slot."""
-    scheduled = context.run.tags.get("dagster/scheduled_execution_time")
+    scheduled = context.run.tags.get("poe/scheduled_execution_time")  # set by the ingestion schedule
     now = datetime.fromisoformat(scheduled) if scheduled else datetime.now(UTC)
     return poll_slot(now)
 
@@ -32,7 +33,7 @@ def price_snapshots(
     store = lake.lake
     client = poe_watch.client(store)
     try:
-        league = poe_watch.league or client.active_challenge_league()
+        league = poe_watch.league or read_active_league(store) or client.active_challenge_league()
         result = ingest_poll(store, client, league, _poll_time(context))
     except PoeWatchError as exc:
         breaker = client.breaker_status()
