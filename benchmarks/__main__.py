@@ -23,6 +23,9 @@ BENCHES: dict[str, str] = {
     "ingestion": "benchmarks.bench_ingestion",
     "history": "benchmarks.bench_history",
     "features": "benchmarks.bench_features",
+    "accuracy": "benchmarks.bench_accuracy",
+    "training": "benchmarks.bench_training",
+    "predictions": "benchmarks.bench_predictions",
 }
 
 

@@ -1,0 +1,419 @@
+"""Accuracy against peers, on one walk-forward backtest (issue 7, section 2).
+
+Every method forecasts the same (league, currency, origin, horizon) rows and is scored on the same rows: those
+where this project's backtest made a forecast and the price on ``origin + horizon`` was observed. Log-returns are
+relative to the backtest's ``current_price`` (the feature store's forward-filled price at the origin).
+
+- **Data.** All development dumps (``../shared/data/poe-ninja-dumps``). A forecast for league L may use every
+  non-event league that started before L plus L itself up to the origin, nothing later.
+- **Test leagues and origins.** ``POE_BENCH_LEAGUES`` (default Sentinel, Kalandra, Sanctum), each origin of
+  ``backtest.backtest_origins`` (every day from league day 14 to the second-to-last day), or only the last
+  ``POE_BENCH_MAX_ORIGINS`` of them (default 0: all). Refits every ``POE_BENCH_REFIT_EVERY`` origins (default 7),
+  horizons 1, 3 and 7 days.
+- **Universe.** ``POE_BENCH_CURRENCIES`` (default 30) most liquid currencies, fixed before the first test league:
+  among currencies observed in every test league, the most days with a High-confidence price in the three
+  non-event leagues before the first test league (ties by name). Only the data before the first test league
+  ranks them; being present in the test leagues is the only later fact used (so every method has rows).
+- **Methods.**
+  - ``project-<profile>``: ``backtest.run_backtest`` with that profile (``POE_BENCH_PROFILES``, default ``test``;
+    ``test,dev`` adds the dev profile, ~15x slower): per (currency, horizon) ensembles refitted on schedule,
+    features rebuilt as of each origin, intervals as live.
+  - ``persistence``: log-return 0.
+  - ``drift``: league-phase drift, the median h-day log-return of that currency in past non-event leagues at
+    league days within +-3 of the origin's league day; fewer than 5 such returns: the all-currency median.
+  - ``mlforecast``: Nixtla mlforecast, one global LightGBM (``num_threads`` 1) over the universe's series of
+    log price (differenced once, so it learns log-returns), lags 1, 2, 3, 5, 7, 14, rolling mean/std/min/max
+    over 3, 7 and 14 days of lag 1, weekday; direct horizons (``fit(max_horizon=7)``: one model per step; 1, 3 and
+    7 are scored; ``fit(horizons=[1, 3, 7])`` breaks its conformal intervals in mlforecast 1.1.0); conformal
+    intervals (``PredictionIntervals``, 2 windows) at 80 %. Refitted on the project's schedule; between refits
+    ``update`` appends each day's prices and ``predict`` forecasts from them.
+- **Scores.** Per method and horizon: log-MAE, MAPE, skill (1 - log-MAE / persistence's), Diebold-Mariano
+  p-value against persistence (absolute-error loss, averaged over currencies per origin so that same-day errors
+  are one observation; Newey-West variance with h-1 lags; Harvey-Leybourne-Newbold correction; one-sided,
+  "better than persistence"), directional accuracy on moves of at least 1 % (persistence makes no call: null),
+  80 % coverage and mean Winkler score in log-price (methods with intervals), and each method's wall time for
+  the whole backtest.
+
+``repeats`` is ignored: the backtest is deterministic and runs once, in this process. Targets (from the issue),
+judged on ``project-test``: skill > 0 with p < 0.05 at 3 and 7 days; log-MAE no worse than mlforecast's at every
+horizon; coverage within +-5 pp of 80 %; faster end to end than mlforecast's backtest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from scipy import stats
+
+from benchmarks.harness import development_dumps_dir
+from poe_pipeline.backtest import backtest_origins, calendar_as_of, load_history_prices, run_backtest, winkler_score
+from poe_pipeline.forecasting import INTERVAL_LEVEL
+from poe_pipeline.leagues import is_event_league, league_calendar, training_leagues
+from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
+from poe_pipeline.settings import HORIZONS_DAYS
+
+DEFAULT_LEAGUES = ("Sentinel", "Kalandra", "Sanctum")
+LIQUIDITY_LEAGUES = 3  # non-event leagues before the first test league that rank liquidity
+DRIFT_WINDOW = 3  # league days either side of the origin's
+DRIFT_MIN_RETURNS = 5
+MLF_LAGS = (1, 2, 3, 5, 7, 14)
+MLF_WINDOWS = (3, 7, 14)
+MLF_THREADS = 1  # OpenMP threads spin: on a busy 2-core machine 2 threads made a fit ~50x slower
+MLF_CONFORMAL_WINDOWS = 2
+KEYS = ["league", "currency", "origin_date", "horizon_days"]
+
+
+# --- configuration ----------------------------------------------------------------------------------------------
+
+
+def config_from_env() -> dict:
+    """The run's size; the defaults are the issue's full setting."""
+    env = os.environ.get
+    return {
+        "leagues": [x.strip() for x in env("POE_BENCH_LEAGUES", ",".join(DEFAULT_LEAGUES)).split(",") if x.strip()],
+        "currencies": int(env("POE_BENCH_CURRENCIES", "30")),
+        "refit_every": int(env("POE_BENCH_REFIT_EVERY", "7")),
+        "max_origins": int(env("POE_BENCH_MAX_ORIGINS", "0")),  # 0: every origin; N: the last N of each league
+        "profiles": [x.strip() for x in env("POE_BENCH_PROFILES", "test").split(",") if x.strip()],
+        "workers": int(env("POE_BENCH_WORKERS", "0")) or (os.cpu_count() or 1),
+        "horizons": list(HORIZONS_DAYS),
+        "level": INTERVAL_LEVEL,
+    }
+
+
+def _say(msg: str) -> None:
+    print(f"  [accuracy] {msg}", file=sys.stderr, flush=True)
+
+
+# --- universe and origins ---------------------------------------------------------------------------------------
+
+
+def liquid_universe(prices: pl.DataFrame, test_leagues: list[str], n: int) -> tuple[list[str], list[str]]:
+    """(the ``n`` most liquid currencies, the leagues that ranked them); see the module docstring."""
+    calendar = league_calendar(prices)
+    first_start = calendar.filter(pl.col("league").is_in(test_leagues))["start_date"].min()
+    before = (calendar.filter(~pl.col("is_event") & (pl.col("start_date") < first_start))
+              .sort("start_date")["league"].to_list()[-LIQUIDITY_LEAGUES:])
+    present = set.intersection(*(set(prices.filter(pl.col("league") == lg)["currency"].unique())
+                                 for lg in test_leagues))
+    ranked = (
+        prices.filter(pl.col("league").is_in(before) & (pl.col("confidence") == "High")
+                      & pl.col("currency").is_in(sorted(present)))
+        .group_by("currency").agg(pl.col("date").n_unique().alias("high_days"))
+        .sort(["high_days", "currency"], descending=[True, False])
+    )
+    return ranked["currency"].head(n).to_list(), before
+
+
+def league_origins(prices: pl.DataFrame, league: str, max_origins: int) -> list[date]:
+    origins = backtest_origins(prices, league)
+    return origins[-max_origins:] if max_origins else origins
+
+
+# --- this project -----------------------------------------------------------------------------------------------
+
+
+def project_predictions(prices: pl.DataFrame, cfg: dict, universe: list[str], profile: str) -> tuple[pl.DataFrame,
+                                                                                                     float, int]:
+    """(predictions of every test league, wall seconds, refits)."""
+    limit_threads()
+    frames, refits, t0 = [], 0, time.perf_counter()
+    for league in cfg["leagues"]:
+        origins = league_origins(prices, league, cfg["max_origins"])
+        run = run_backtest(prices, league, origins, universe, cfg["refit_every"], profile, cfg["horizons"],
+                           cfg["level"], workers=cfg["workers"], progress=lambda m, lg=league: _say(f"{lg} {m}"))
+        refits += len(run.refits)
+        frames.append(run.predictions.select(*KEYS, "current_price", "predicted_price", "pred_lower", "pred_upper",
+                                             "actual_price"))
+    return pl.concat(frames), time.perf_counter() - t0, refits
+
+
+# --- league-phase drift -----------------------------------------------------------------------------------------
+
+
+def _league_day_returns(prices: pl.DataFrame, leagues: list[str], horizons: list[int]) -> pl.DataFrame:
+    """(currency, league_day, horizon_days, logret) over observed days of ``leagues``."""
+    calendar = league_calendar(prices).select("league", "start_date")
+    obs = (prices.filter(pl.col("league").is_in(leagues)).join(calendar, on="league")
+           .select("league", "currency", "date", (pl.col("date") - pl.col("start_date")).dt.total_days()
+                   .alias("league_day"), pl.col("price_chaos").log().alias("lp")))
+    parts = []
+    for h in horizons:
+        later = obs.select("league", "currency", (pl.col("date") - timedelta(days=h)).alias("date"),
+                           pl.col("lp").alias("lp_h"))
+        parts.append(obs.join(later, on=["league", "currency", "date"])
+                     .select("currency", "league_day", pl.lit(h).alias("horizon_days"),
+                             (pl.col("lp_h") - pl.col("lp")).alias("logret")))
+    return pl.concat(parts)
+
+
+def drift_predictions(prices: pl.DataFrame, base: pl.DataFrame, cfg: dict) -> tuple[pl.DataFrame, float]:
+    """Median past-league log-return per (currency, league day, horizon) for each row of ``base``."""
+    t0 = time.perf_counter()
+    calendar = league_calendar(prices)
+    out = []
+    for league in cfg["leagues"]:
+        rows = base.filter(pl.col("league") == league)
+        start = calendar.filter(pl.col("league") == league)["start_date"].item()
+        past = [lg for lg in training_leagues(calendar, league) if lg != league and not is_event_league(lg)]
+        returns = _league_day_returns(prices, past, cfg["horizons"])
+        # a return at league day d counts for origins at league days d-3 .. d+3
+        shifted = pl.concat([returns.with_columns((pl.col("league_day") + k).alias("league_day"))
+                             for k in range(-DRIFT_WINDOW, DRIFT_WINDOW + 1)])
+        own = shifted.group_by("currency", "league_day", "horizon_days").agg(
+            pl.col("logret").median().alias("own"), pl.len().alias("n_own"))
+        pooled = shifted.group_by("league_day", "horizon_days").agg(pl.col("logret").median().alias("pooled"))
+        rows = (rows.with_columns((pl.col("origin_date") - start).dt.total_days().alias("league_day"))
+                .join(own, on=["currency", "league_day", "horizon_days"], how="left")
+                .join(pooled, on=["league_day", "horizon_days"], how="left")
+                .with_columns(pl.when(pl.col("n_own") >= DRIFT_MIN_RETURNS).then(pl.col("own"))
+                              .otherwise(pl.col("pooled")).fill_null(0.0).alias("pred_logret")))
+        out.append(rows.select(*KEYS, "pred_logret"))
+    return pl.concat(out), time.perf_counter() - t0
+
+
+# --- mlforecast -------------------------------------------------------------------------------------------------
+
+
+def _daily_log_series(prices: pl.DataFrame, leagues: list[str], currencies: list[str]) -> pl.DataFrame:
+    """(unique_id, league, ds, y): log price on a daily grid from each series' first observation to its league's
+    last observed day, forward-filled (a fill uses only earlier days, so cutting at an origin later is exact)."""
+    rows = prices.filter(pl.col("league").is_in(leagues) & pl.col("currency").is_in(currencies))
+    last = rows.group_by("league").agg(pl.col("date").max().alias("last"))
+    first = rows.group_by("league", "currency").agg(pl.col("date").min().alias("first")).join(last, on="league")
+    grid = (first.with_columns(pl.date_ranges("first", "last", "1d").alias("date")).explode("date")
+            .select("league", "currency", "date"))
+    return (grid.join(rows.select("league", "currency", "date", "price_chaos"), on=["league", "currency", "date"],
+                      how="left")
+            .sort("league", "currency", "date")
+            .with_columns(pl.col("price_chaos").forward_fill().over("league", "currency"))
+            .select((pl.col("league") + "|" + pl.col("currency")).alias("unique_id"), "league", "currency",
+                    pl.col("date").alias("ds"), pl.col("price_chaos").log().alias("y")))
+
+
+def _mlforecast_model():
+    import lightgbm as lgb
+    from mlforecast import MLForecast
+    from mlforecast.lag_transforms import RollingMax, RollingMean, RollingMin, RollingStd
+    from mlforecast.target_transforms import Differences
+
+    windows = [t(w) for w in MLF_WINDOWS for t in (RollingMean, RollingStd, RollingMin, RollingMax)]
+    model = lgb.LGBMRegressor(n_estimators=300, learning_rate=0.05, num_leaves=31, min_child_samples=50,
+                              subsample=0.8, subsample_freq=1, colsample_bytree=0.8, num_threads=MLF_THREADS,
+                              verbosity=-1, random_state=42)
+    return MLForecast(models={"lgbm": model}, freq="1d", lags=list(MLF_LAGS), lag_transforms={1: windows},
+                      date_features=["dayofweek"], target_transforms=[Differences([1])], num_threads=MLF_THREADS)
+
+
+def mlforecast_predictions(prices: pl.DataFrame, base: pl.DataFrame, cfg: dict,
+                           universe: list[str]) -> tuple[pl.DataFrame, float, int]:
+    """Walk-forward mlforecast on the project's schedule: (pred_logret, lo, hi per base row, wall s, refits)."""
+    from mlforecast.utils import PredictionIntervals
+
+    t0 = time.perf_counter()
+    level = round(cfg["level"] * 100)
+    horizons = cfg["horizons"]
+    out, refits = [], 0
+    for league in cfg["leagues"]:
+        origins = league_origins(prices, league, cfg["max_origins"])
+        order = training_leagues(calendar_as_of(prices.filter(pl.col("date") <= origins[0]), origins[0]), league)
+        series = _daily_log_series(prices, order, universe).to_pandas()
+        current = series[series["league"] == league]
+        fcst = None
+        for i, origin in enumerate(origins):
+            ts = np.datetime64(origin)
+            if i % cfg["refit_every"] == 0:
+                train = series[(series["league"] != league) | (series["ds"] <= ts)][["unique_id", "ds", "y"]]
+                fcst = _mlforecast_model()
+                fcst.fit(train, max_horizon=max(horizons),
+                         prediction_intervals=PredictionIntervals(n_windows=MLF_CONFORMAL_WINDOWS, h=max(horizons)))
+                refits += 1
+            # each origin forecasts from the current league's series up to it (the model stays the last refit's);
+            # with new_df, mlforecast recalibrates the conformal scores on those series' last windows
+            new = current[current["ds"] <= ts][["unique_id", "ds", "y"]]
+            pred = pl.from_pandas(fcst.predict(h=max(horizons), level=[level], new_df=new))
+            last = pl.from_pandas(current[current["ds"] == ts][["unique_id", "y"]])
+            pred = (pred.with_columns(pl.col("ds").cast(pl.Date))
+                    .with_columns((pl.col("ds") - origin).dt.total_days().cast(pl.Int32).alias("horizon_days"))
+                    .filter(pl.col("horizon_days").is_in(horizons))
+                    .join(last, on="unique_id")
+                    .select(pl.lit(league).alias("league"), pl.col("unique_id").str.split("|").list.get(1)
+                            .alias("currency"), pl.lit(origin).alias("origin_date"), "horizon_days",
+                            (pl.col("lgbm") - pl.col("y")).alias("pred_logret"),
+                            (pl.col(f"lgbm-lo-{level}") - pl.col("y")).alias("lo_logret"),
+                            (pl.col(f"lgbm-hi-{level}") - pl.col("y")).alias("hi_logret")))
+            out.append(pred)
+        _say(f"{league}: mlforecast {len(origins)} origins in {time.perf_counter() - t0:.1f}s so far")
+    frame = pl.concat(out).cast({"horizon_days": pl.Int32})
+    keys = base.select(KEYS).cast({"horizon_days": pl.Int32})
+    return keys.join(frame, on=KEYS, how="left"), time.perf_counter() - t0, refits
+
+
+# --- scoring ----------------------------------------------------------------------------------------------------
+
+
+def diebold_mariano(loss_diff: np.ndarray, horizon: int) -> tuple[float, float]:
+    """(statistic, one-sided p) for "the method's loss is lower": ``loss_diff`` = method loss - reference loss,
+    in time order. Newey-West (Bartlett) long-run variance with ``horizon - 1`` lags, Harvey-Leybourne-Newbold
+    small-sample correction, Student t with n - 1 degrees of freedom."""
+    d = np.asarray(loss_diff, dtype=float)
+    n = d.size
+    if n < 3:
+        return float("nan"), float("nan")
+    mean = d.mean()
+    dc = d - mean
+    lags = max(0, horizon - 1)
+    var = dc @ dc / n
+    for k in range(1, min(lags, n - 1) + 1):
+        var += 2 * (1 - k / (lags + 1)) * (dc[k:] @ dc[:-k]) / n
+    if var <= 0:
+        return float("nan"), float("nan")
+    stat = mean / math.sqrt(var / n)
+    stat *= math.sqrt((n + 1 - 2 * horizon + horizon * (horizon - 1) / n) / n)
+    return float(stat), float(stats.t.cdf(stat, df=n - 1))
+
+
+def score(frame: pl.DataFrame, level: float, has_intervals: bool, makes_calls: bool = True) -> list[dict]:
+    """``frame``: KEYS, current_price, actual_price, pred_logret[, lo_logret, hi_logret]; one dict per horizon."""
+    rows = []
+    for (h,), g in sorted(frame.partition_by("horizon_days", as_dict=True).items()):
+        g = g.sort("league", "origin_date", "currency")
+        actual = np.log(g["actual_price"].to_numpy() / g["current_price"].to_numpy())
+        pred = g["pred_logret"].to_numpy()
+        err = np.abs(actual - pred)
+        base = np.abs(actual)
+        mae, pmae = float(err.mean()), float(base.mean())
+        # one loss differential per origin (mean over currencies), leagues one after the other in time order
+        per_origin = (g.with_columns(pl.Series("_d", err - base))
+                      .group_by("league", "origin_date", maintain_order=True).agg(pl.col("_d").mean()))
+        stat, p = diebold_mariano(per_origin["_d"].to_numpy(), int(h))
+        moved = np.abs(actual) >= DIRECTION_THRESHOLD
+        row = {
+            "horizon_days": int(h), "n": g.height, "origins": per_origin.height,
+            "log_mae": mae, "persistence_log_mae": pmae,
+            "skill": 1 - mae / pmae if pmae > 0 else None,
+            "mape": float(np.mean(np.abs(np.exp(pred - actual) - 1))),
+            "dm_stat": stat, "dm_p": p,
+            "directional_accuracy": float(np.mean(np.sign(pred[moved]) == np.sign(actual[moved])))
+            if makes_calls and moved.any() else None,
+            "moves": int(moved.sum()),
+            "coverage": None, "mean_winkler": None,
+        }
+        if has_intervals:
+            lo, hi = g["lo_logret"].to_numpy(), g["hi_logret"].to_numpy()
+            row["coverage"] = float(np.mean((actual >= lo) & (actual <= hi)))
+            row["mean_winkler"] = float(np.mean(winkler_score(lo, hi, actual, level)))
+        rows.append(row)
+    return rows
+
+
+# --- the bench --------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def markdown(results: dict) -> str:
+    lines = ["| method | h | n | log-MAE | MAPE | skill | DM p | direction | coverage 80% | Winkler | wall s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for method, m in results["methods"].items():
+        for r in m["scores"]:
+            lines.append(
+                f"| {method} | {r['horizon_days']}d | {r['n']} | {_fmt(r['log_mae'], '.4f')} | "
+                f"{_fmt(r['mape'], '.2%')} | {_fmt(r['skill'], '+.3f')} | {_fmt(r['dm_p'], '.3g')} | "
+                f"{_fmt(r['directional_accuracy'], '.1%')} | {_fmt(r['coverage'], '.1%')} | "
+                f"{_fmt(r['mean_winkler'], '.4f')} | {m['wall_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def _targets(results: dict, horizons: list[int]) -> dict:
+    methods = results["methods"]
+    ours = methods.get("project-test") or next(v for k, v in methods.items() if k.startswith("project-"))
+    by_h = {r["horizon_days"]: r for r in ours["scores"]}
+    targets: dict = {}
+    for h in (3, 7):
+        if h in by_h:
+            r = by_h[h]
+            targets[f"skill_{h}d_significant"] = {
+                "metric": f"project skill vs persistence at {h}d (DM p = {r['dm_p']:.3g})", "value": r["skill"],
+                "target": "> 0 with DM p < 0.05",
+                "met": bool(r["skill"] is not None and r["skill"] > 0 and r["dm_p"] < 0.05)}
+    if "mlforecast" in methods:
+        mlf = {r["horizon_days"]: r for r in methods["mlforecast"]["scores"]}
+        for h in horizons:
+            if h in by_h and h in mlf:
+                ratio = by_h[h]["log_mae"] / mlf[h]["log_mae"]
+                targets[f"log_mae_vs_mlforecast_{h}d"] = {
+                    "metric": f"project log-MAE / mlforecast log-MAE at {h}d", "value": ratio,
+                    "target": "<= 1", "met": bool(ratio <= 1)}
+        ratio = ours["wall_s"] / methods["mlforecast"]["wall_s"]
+        targets["wall_vs_mlforecast"] = {"metric": "project backtest wall / mlforecast backtest wall",
+                                         "value": ratio, "target": "< 1", "met": bool(ratio < 1)}
+    for h in horizons:
+        if h in by_h and by_h[h]["coverage"] is not None:
+            gap = abs(by_h[h]["coverage"] - results["config"]["level"])
+            targets[f"coverage_{h}d"] = {
+                "metric": f"|project 80% coverage - 0.80| at {h}d (coverage {by_h[h]['coverage']:.3f})",
+                "value": gap, "target": "<= 0.05", "met": bool(gap <= 0.05)}
+    return targets
+
+
+def run(repeats: int = 1, **overrides) -> dict:
+    """The whole comparison, once (``repeats`` is ignored). Keyword overrides beat the environment."""
+    del repeats
+    cfg = {**config_from_env(), **overrides}
+    directory, source = development_dumps_dir()
+    prices = load_history_prices(Path(directory))
+    universe, ranked_on = liquid_universe(prices, cfg["leagues"], cfg["currencies"])
+    _say(f"universe ({len(universe)}, ranked on {', '.join(ranked_on)}): {', '.join(universe)}")
+    methods: dict[str, dict] = {}
+    project: dict[str, tuple[pl.DataFrame, float, int]] = {}
+    for profile in cfg["profiles"]:
+        _say(f"project, profile {profile}")
+        project[profile] = project_predictions(prices, cfg, universe, profile)
+    first = cfg["profiles"][0]
+    # the scored rows: the first profile's forecasts whose realised price is known
+    base = project[first][0].filter(pl.col("actual_price").is_not_null()).select(
+        *KEYS, "current_price", "actual_price").cast({"horizon_days": pl.Int32})
+    for profile, (pred, wall, refits) in project.items():
+        frame = base.join(pred.cast({"horizon_days": pl.Int32}).select(
+            *KEYS, (pl.col("predicted_price") / pl.col("current_price")).log().alias("pred_logret"),
+            (pl.col("pred_lower") / pl.col("current_price")).log().alias("lo_logret"),
+            (pl.col("pred_upper") / pl.col("current_price")).log().alias("hi_logret")), on=KEYS, how="inner")
+        methods[f"project-{profile}"] = {"frame": frame, "wall_s": wall, "refits": refits, "intervals": True}
+    t0 = time.perf_counter()
+    methods["persistence"] = {"frame": base.with_columns(pl.lit(0.0).alias("pred_logret")), "intervals": False,
+                              "calls": False}
+    methods["persistence"]["wall_s"] = time.perf_counter() - t0
+    drift, wall = drift_predictions(prices, base, cfg)
+    methods["drift"] = {"frame": base.join(drift, on=KEYS), "wall_s": wall, "intervals": False}
+    _say(f"drift in {wall:.1f}s; mlforecast")
+    mlf, wall, refits = mlforecast_predictions(prices, base, cfg, universe)
+    methods["mlforecast"] = {"frame": base.join(mlf, on=KEYS), "wall_s": wall, "refits": refits, "intervals": True}
+    # every method is scored on the rows every method forecast
+    common = base.select(KEYS)
+    for m in methods.values():
+        common = common.join(m["frame"].filter(pl.col("pred_logret").is_not_null()).select(KEYS), on=KEYS)
+    results: dict = {
+        "config": {**cfg, "universe": universe, "liquidity_ranked_on": ranked_on, "data": source,
+                   "origins_per_league": {lg: len(league_origins(prices, lg, cfg["max_origins"]))
+                                          for lg in cfg["leagues"]},
+                   "scored_rows": common.height, "rows_dropped_not_common": base.height - common.height},
+        "methods": {},
+    }
+    for name, m in methods.items():
+        frame = m["frame"].join(common, on=KEYS)
+        results["methods"][name] = {
+            "wall_s": m["wall_s"], **({"refits": m["refits"]} if "refits" in m else {}),
+            "scores": score(frame, cfg["level"], m["intervals"], m.get("calls", True)),
+        }
+    print(markdown(results), file=sys.stderr)
+    return {"results": results, "targets": _targets(results, cfg["horizons"])}
