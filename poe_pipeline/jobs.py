@@ -47,8 +47,7 @@ def run_pipeline(
                                 tags=tags, run_config=logging, raise_on_error=False)
         _check(result)
         lake = Lake(lake_root)
-        not_eligible = _requested_but_not_eligible(lake, league, currencies)
-        eligible = _eligible(lake, league, currencies)
+        eligible, not_eligible = _eligible(lake, league, currencies)
         if eligible:
             result = retrain_models_job.execute_in_process(
                 run_config={**logging, "ops": {"retrain_partitions": {"config": {"currencies": eligible}}}},
@@ -67,17 +66,12 @@ def _check(result) -> None:
         raise SystemExit("poe-pipeline run failed:\n  " + "\n  ".join(failures or ["see the log above"]))
 
 
-def _eligible(lake: Lake, league: str, currencies: list[str]) -> list[str]:
+def _eligible(lake: Lake, league: str, currencies: list[str]) -> tuple[list[str], list[str]]:
+    """The eligible currencies within ``--currencies`` (all when empty), and the requested ones that are not."""
     from poe_pipeline.universe import read_universe, restrict_universe
 
-    universe, _ = restrict_universe(read_universe(lake, league), currencies or None)
-    return universe.filter(pl.col("eligible"))["currency"].to_list()
-
-
-def _requested_but_not_eligible(lake: Lake, league: str, currencies: list[str]) -> list[str]:
-    from poe_pipeline.universe import read_universe, restrict_universe
-
-    return restrict_universe(read_universe(lake, league), currencies or None)[1] if currencies else []
+    universe, not_eligible = restrict_universe(read_universe(lake, league), currencies or None)
+    return universe.filter(pl.col("eligible"))["currency"].to_list(), not_eligible
 
 
 def summarize(lake: Lake, league: str, not_eligible: list[str] | None = None) -> str:
