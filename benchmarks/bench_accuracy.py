@@ -11,13 +11,17 @@ relative to the backtest's ``current_price`` (the feature store's forward-filled
   ``POE_BENCH_MAX_ORIGINS`` of them (default 0: all). Refits every ``POE_BENCH_REFIT_EVERY`` origins (default 7),
   horizons 1, 3 and 7 days.
 - **Universe.** ``POE_BENCH_CURRENCIES`` (default 30) most liquid currencies, fixed before the first test league:
-  among currencies observed in every test league, the most days with a High-confidence price in the three
-  non-event leagues before the first test league (ties by name). Only the data before the first test league
-  ranks them; being present in the test leagues is the only later fact used (so every method has rows).
+  among currencies observed in every test league whose median price in the three non-event leagues before the
+  first test league is at least the project's universe floor (1 chaos: the project does not model cheaper ones),
+  the most days with a High-confidence price in those leagues, then the most days quoted both ways (a two-sided
+  market: poe.ninja's Get and Pay), then by name. Only the data before the first test league ranks them; being
+  present in the test leagues is the only later fact used (so every method has rows).
 - **Methods.**
   - ``project-<profile>``: ``backtest.run_backtest`` with that profile (``POE_BENCH_PROFILES``, default ``test``;
     ``test,dev`` adds the dev profile, ~15x slower): per (currency, horizon) ensembles refitted on schedule,
-    features rebuilt as of each origin, intervals as live.
+    features rebuilt as of each origin, intervals as live. Every ``POE_BENCH_RETUNE_EVERY`` refits (default 4,
+    the first refit of each league included) the refit re-tunes with Optuna and re-validates; the refits between
+    keep that tuning and refit the final models on the new data (mlforecast never tunes).
   - ``persistence``: log-return 0.
   - ``drift``: league-phase drift, the median h-day log-return of that currency in past non-event leagues at
     league days within +-3 of the origin's league day; fewer than 5 such returns: the all-currency median.
@@ -57,7 +61,7 @@ from poe_pipeline.backtest import backtest_origins, calendar_as_of, load_history
 from poe_pipeline.forecasting import INTERVAL_LEVEL
 from poe_pipeline.leagues import is_event_league, league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
-from poe_pipeline.settings import HORIZONS_DAYS
+from poe_pipeline.settings import HORIZONS_DAYS, get_profile
 
 DEFAULT_LEAGUES = ("Sentinel", "Kalandra", "Sanctum")
 LIQUIDITY_LEAGUES = 3  # non-event leagues before the first test league that rank liquidity
@@ -80,6 +84,7 @@ def config_from_env() -> dict:
         "leagues": [x.strip() for x in env("POE_BENCH_LEAGUES", ",".join(DEFAULT_LEAGUES)).split(",") if x.strip()],
         "currencies": int(env("POE_BENCH_CURRENCIES", "30")),
         "refit_every": int(env("POE_BENCH_REFIT_EVERY", "7")),
+        "retune_every": int(env("POE_BENCH_RETUNE_EVERY", "4")),  # in refits: a re-tune every 4 weeks
         "max_origins": int(env("POE_BENCH_MAX_ORIGINS", "0")),  # 0: every origin; N: the last N of each league
         "profiles": [x.strip() for x in env("POE_BENCH_PROFILES", "test").split(",") if x.strip()],
         "workers": int(env("POE_BENCH_WORKERS", "0")) or (os.cpu_count() or 1),
@@ -103,11 +108,15 @@ def liquid_universe(prices: pl.DataFrame, test_leagues: list[str], n: int) -> tu
               .sort("start_date")["league"].to_list()[-LIQUIDITY_LEAGUES:])
     present = set.intersection(*(set(prices.filter(pl.col("league") == lg)["currency"].unique())
                                  for lg in test_leagues))
+    floor = get_profile("test").universe_min_price_chaos
     ranked = (
-        prices.filter(pl.col("league").is_in(before) & (pl.col("confidence") == "High")
-                      & pl.col("currency").is_in(sorted(present)))
-        .group_by("currency").agg(pl.col("date").n_unique().alias("high_days"))
-        .sort(["high_days", "currency"], descending=[True, False])
+        prices.filter(pl.col("league").is_in(before) & pl.col("currency").is_in(sorted(present)))
+        .group_by("currency")
+        .agg((pl.col("confidence") == "High").sum().alias("high_days"),
+             pl.col("reverse_price_chaos").is_not_null().sum().alias("two_sided_days"),
+             pl.col("price_chaos").median().alias("median_price"))
+        .filter(pl.col("median_price") >= floor)
+        .sort(["high_days", "two_sided_days", "currency"], descending=[True, True, False])
     )
     return ranked["currency"].head(n).to_list(), before
 
@@ -128,7 +137,8 @@ def project_predictions(prices: pl.DataFrame, cfg: dict, universe: list[str], pr
     for league in cfg["leagues"]:
         origins = league_origins(prices, league, cfg["max_origins"])
         run = run_backtest(prices, league, origins, universe, cfg["refit_every"], profile, cfg["horizons"],
-                           cfg["level"], workers=cfg["workers"], progress=lambda m, lg=league: _say(f"{lg} {m}"))
+                           cfg["level"], workers=cfg["workers"], progress=lambda m, lg=league: _say(f"{lg} {m}"),
+                           retune_every=cfg["retune_every"])
         refits += len(run.refits)
         frames.append(run.predictions.select(*KEYS, "current_price", "predicted_price", "pred_lower", "pred_upper",
                                              "actual_price"))

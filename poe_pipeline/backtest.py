@@ -1,6 +1,6 @@
 """The backtest: replay a league day by day, as if live, and score the forecasts and the report's advice.
 
-``poe-pipeline backtest --history DIR --league L [--refit-every 7] [--profile test]``
+``poe-pipeline backtest --history DIR --league L [--refit-every 7] [--retune-every 1] [--profile test]``
 
 - **Only the past.** For each origin day, every league's daily prices are cut to ``date <= origin`` and the
   features are rebuilt from that cut (a league whose data ended earlier is built once and reused). The league
@@ -10,7 +10,8 @@
 - **Refits.** Every ``refit_every`` origins, each (currency, horizon) is retrained with
   ``modeling.train_partition`` (no MLflow; artifacts in a temporary folder, loaded and then deleted); between
   refits the latest models predict from each day's fresh features. Intervals and confidence are computed exactly as
-  live (``forecasting.forecast``).
+  live (``forecasting.forecast``). With ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates;
+  the refits between keep that tuning (hyperparameters, weights, shrink, residuals) and refit the final models.
 - **Outputs.** A predictions file with the live columns plus ``actual_price`` (the price observed on
   ``origin + horizon``; null when that day was not observed) and, per horizon: log-MAE, MAPE, directional accuracy
   on moves of at least 1 %, skill against persistence, interval coverage against nominal, the mean Winkler score
@@ -50,7 +51,7 @@ from poe_pipeline.forecasting import (
 from poe_pipeline.lake import Lake, write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import league_calendar, training_leagues
 from poe_pipeline.markdown import markdown_table
-from poe_pipeline.modeling import DIRECTION_THRESHOLD, PartitionResult, limit_threads, train_partition
+from poe_pipeline.modeling import DIRECTION_THRESHOLD, PartitionResult, Validation, limit_threads, train_partition
 from poe_pipeline.names import canonical_currency_name, slug
 from poe_pipeline.reporting import REPORT_FEATURE_COLUMNS
 from poe_pipeline.settings import HORIZONS_DAYS, Profile, get_profile, resolve_lake_root
@@ -147,20 +148,27 @@ def _universe_at(prices: pl.DataFrame, league: str, origin: date, profile: Profi
 
 
 def _train_job(job: tuple) -> PartitionResult:
-    rows, currency, horizon, order, league, profile, out_dir, seed = job
-    return train_partition(rows, FEATURE_COLUMNS, currency, horizon, order, league, profile, out_dir, seed)
+    rows, currency, horizon, order, league, profile, out_dir, seed, warm = job
+    return train_partition(rows, FEATURE_COLUMNS, currency, horizon, order, league, profile, out_dir, seed,
+                           warm=warm)
 
 
 def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currencies: list[str],
            horizons: list[int], profile: Profile, workdir: Path, pool: Executor | None, seed: int,
-           version: str) -> tuple[dict[tuple[str, int], ForecastModel], list[Skip]]:
-    """Train every (currency, horizon) on the features known at the origin; load them and delete the artifacts."""
+           version: str, validations: dict[tuple[str, int], Validation] | None = None,
+           ) -> tuple[dict[tuple[str, int], ForecastModel], list[Skip]]:
+    """Train every (currency, horizon) on the features known at the origin; load them and delete the artifacts.
+
+    ``validations``: None re-tunes every partition; a dict is used warm (a partition found there keeps its
+    hyperparameters, weights, shrink and residuals) and receives the validation of every partition trained now.
+    """
     order = training_leagues(calendar, league)
     by_currency = {c: g for (c,), g in features.filter(pl.col("currency").is_in(currencies))
                    .partition_by("currency", as_dict=True).items()}
     empty = features.head(0)
-    jobs = [(by_currency.get(c, empty), c, h, order, league, profile, workdir / f"{slug(c)}-{h}d", seed)
-            for c in currencies for h in horizons]
+    warm = validations or {}
+    jobs = [(by_currency.get(c, empty), c, h, order, league, profile, workdir / f"{slug(c)}-{h}d", seed,
+             warm.get((c, h))) for c in currencies for h in horizons]
     results = pool.map(_train_job, jobs) if pool is not None else map(_train_job, jobs)
     models: dict[tuple[str, int], ForecastModel] = {}
     skipped: list[Skip] = []
@@ -171,6 +179,8 @@ def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currenci
         models[(result.currency, result.horizon)] = ForecastModel.load(
             result.currency, result.horizon, version, Path(result.artifact_dir),
             by_currency.get(result.currency, empty), name=f"backtest-{slug(result.currency)}-{result.horizon}d")
+        if validations is not None:
+            validations[(result.currency, result.horizon)] = Validation.of(result)
         shutil.rmtree(result.artifact_dir, ignore_errors=True)  # loaded in memory
     return models, skipped
 
@@ -209,12 +219,19 @@ def run_backtest(
     workers: int = 1,
     seed: int = 42,
     progress: Callable[[str], None] | None = None,
+    retune_every: int = 1,
 ) -> BacktestRun:
-    """Replay ``league`` over ``origins`` (ascending), refitting every ``refit_every`` origins."""
+    """Replay ``league`` over ``origins`` (ascending), refitting every ``refit_every`` origins.
+
+    ``retune_every``: every that many refits, the refit re-tunes and re-validates each partition (as the weekly
+    retrain does); the refits between keep the last tuning and only refit the final models on the new data.
+    """
     started = time.perf_counter()
     profile = get_profile(profile) if isinstance(profile, str) else profile
     if refit_every < 1:
         raise ValueError(f"--refit-every {refit_every}: must be at least 1 (days between refits)")
+    if retune_every < 1:
+        raise ValueError(f"--retune-every {retune_every}: must be at least 1 (refits between re-tunes)")
     if not origins:
         raise ValueError("No origins to backtest")
     origins = sorted(origins)
@@ -236,6 +253,7 @@ def run_backtest(
     run = BacktestRun(league, pl.DataFrame(schema=BACKTEST_SCHEMA), currencies=list(currencies))
     models: dict[tuple[str, int], ForecastModel] = {}
     refit_date: date | None = None
+    validations: dict[tuple[str, int], Validation] = {}
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poe-backtest-"))
         pool = None
@@ -246,12 +264,17 @@ def run_backtest(
             features, calendar = builder.at(origin)
             if i % refit_every == 0:
                 t = time.perf_counter()
+                tuned_now = len(run.refits) % retune_every == 0
+                if tuned_now:
+                    validations.clear()  # a full re-tune
                 models, skipped = _refit(features, calendar, league, currencies, horizons, profile,
-                                         Path(tmp) / origin.isoformat(), pool, seed, f"backtest-{origin}")
+                                         Path(tmp) / origin.isoformat(), pool, seed, f"backtest-{origin}",
+                                         validations)
                 refit_date = origin
                 run.refits.append(origin)
                 run.skipped += [(origin, s) for s in skipped]
-                say(f"[{i + 1}/{len(origins)}] {origin}: refit {len(models)} models "
+                verb = "re-tuned" if tuned_now else "refitted"
+                say(f"[{i + 1}/{len(origins)}] {origin}: {verb} {len(models)} models "
                     f"({len(skipped)} skipped) in {time.perf_counter() - t:.1f}s")
             rows = features.filter((pl.col("league") == league) & (pl.col("date") == origin)
                                    & pl.col("currency").is_in(currencies))
@@ -443,6 +466,7 @@ def run_backtest_cli(
     currencies: Iterable[str] | str | None = None,
     max_origins: int | None = None,
     workers: int | None = None,
+    retune_every: int = 1,
 ) -> str:
     """``poe-pipeline backtest``: replay, score, write under ``<lake>/backtests/league=<L>/``; returns the summary.
 
@@ -461,6 +485,6 @@ def run_backtest_cli(
 
     limit_threads()
     run = run_backtest(prices, league, origins, currencies or None, refit_every, profile,
-                       workers=workers or default_workers(), progress=print)
+                       workers=workers or default_workers(), progress=print, retune_every=retune_every)
     output = write_backtest(Lake(resolve_lake_root(lake_root)), run, prices)
     return output.summary_text()

@@ -1,7 +1,8 @@
 """``poe-pipeline``: run the pipeline in-process, or serve real prices offline.
 
     poe-pipeline run --history DIR --league L [--currencies "A,B"] [--profile test|dev|prod] [--lake DIR]
-    poe-pipeline backtest --history DIR --league L [--refit-every 7] [--profile test] [--currencies "A,B"]
+    poe-pipeline backtest --history DIR --league L [--refit-every 7] [--retune-every 1] [--profile test]
+        [--currencies "A,B"]
     poe-pipeline serve-replay --history DIR --league L [--speed 288] [--port 8765]
 """
 
@@ -92,7 +93,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     try:
         summary = run_backtest_cli(history, args.league, refit_every=args.refit_every, profile=args.profile,
                                    lake_root=resolve_lake_root(args.lake), currencies=_split_names(args.currencies),
-                                   max_origins=args.max_origins)
+                                   max_origins=args.max_origins, retune_every=args.retune_every)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(summary)
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     backtest.add_argument("--history", required=True, help="folder of poe.ninja dumps")
     backtest.add_argument("--league", required=True, help="the league to replay")
     backtest.add_argument("--refit-every", type=int, default=7, help="retrain every N days (default: 7)")
+    backtest.add_argument("--retune-every", type=int, default=1,
+                          help="re-tune hyperparameters every N refits; the refits between only refit the final "
+                               "models (default: 1, every refit re-tunes, as the weekly retrain does)")
     backtest.add_argument("--profile", choices=sorted(PROFILES), default="test")
     backtest.add_argument("--currencies", help="limit to these currencies (default: the league's universe)")
     backtest.add_argument("--max-origins", type=int, help="replay at most this many days (the last ones)")

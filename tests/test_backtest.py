@@ -66,6 +66,27 @@ def test_the_backtest_never_reads_a_date_after_its_origin(monkeypatch):
     assert not _forecast_part(leaky).equals(_forecast_part(clean))
 
 
+def test_refits_between_re_tunes_keep_the_tuning(monkeypatch):
+    import poe_pipeline.backtest as backtest
+
+    calls = []
+    real_train = backtest.train_partition
+
+    def spy(*args, warm=None, **kwargs):
+        calls.append(warm is not None)
+        return real_train(*args, warm=warm, **kwargs)
+
+    monkeypatch.setattr(backtest, "train_partition", spy)
+    prices = real_prices()
+    origins = backtest_origins(prices, "Sanctum")[:5]
+    run = run_backtest(prices, "Sanctum", origins, ["Divine Orb"], refit_every=1, horizons=(1,), retune_every=2)
+    assert run.refits == origins
+    assert calls == [False, True, False, True, False]  # re-tune, refit, re-tune, ...
+    assert run.predictions.height == 5
+    with pytest.raises(ValueError, match="--retune-every 0: must be at least 1"):
+        run_backtest(prices, "Sanctum", origins, ["Divine Orb"], retune_every=0)
+
+
 def test_features_as_of_an_origin_end_on_it():
     prices = real_prices()
     builder = FeaturesAsOf(prices)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from poe_pipeline.leagues import league_calendar, training_leagues
 from poe_pipeline.modeling import (
     POOL_WEIGHT,
     Ensemble,
+    Validation,
     similar_currencies,
     train_partition,
     training_set,
@@ -85,6 +87,27 @@ def trained_divine(real, tmp_path_factory):
     features, order = real
     out = tmp_path_factory.mktemp("divine")
     return train_partition(features, FEATURE_COLUMNS, "Divine Orb", 1, order, "Sanctum", PROFILE, out)
+
+
+def test_a_warm_refit_keeps_the_validation_and_refits_on_new_rows(real, trained_divine, tmp_path):
+    features, order = real
+    validation = Validation.of(trained_divine)
+    earlier = features.filter(pl.col("date") <= features["date"].max() - timedelta(days=7))
+    warm = train_partition(earlier, FEATURE_COLUMNS, "Divine Orb", 1, order, "Sanctum", PROFILE, tmp_path / "w",
+                           warm=validation)
+    assert warm.trained and warm.data_window["warm_refit"]
+    # tuning and validation are reused as they were ...
+    assert (warm.params, warm.rounds, warm.weights, warm.shrink, warm.metrics, warm.folds) == (
+        trained_divine.params, trained_divine.rounds, trained_divine.weights, trained_divine.shrink,
+        trained_divine.metrics, trained_divine.folds)
+    assert pl.read_parquet(tmp_path / "w" / "residuals.parquet").equals(validation.residuals)
+    # ... while the models are fitted again, on the rows given (a week fewer than the cold fit saw)
+    assert warm.data_window["rows"] < trained_divine.data_window["rows"]
+    assert warm.data_window["data_hash"] != trained_divine.data_window["data_hash"]
+    rows = features.filter(pl.col("currency") == "Divine Orb").tail(3)
+    refitted, cold = Ensemble(tmp_path / "w"), Ensemble(trained_divine.artifact_dir)
+    refitted.shrink = cold.shrink = 1.0  # compare the models, not a shrink that may be 0
+    assert not np.allclose(refitted.predict(rows), cold.predict(rows))
 
 
 def test_promotion_refused_for_a_worse_model(trained_divine, lake):
