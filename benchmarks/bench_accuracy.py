@@ -54,7 +54,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from scipy import stats
 
 from benchmarks.harness import development_dumps_dir
 from poe_pipeline.backtest import backtest_origins, calendar_as_of, load_history_prices, run_backtest, winkler_score
@@ -62,6 +61,7 @@ from poe_pipeline.forecasting import INTERVAL_LEVEL
 from poe_pipeline.leagues import is_event_league, league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
 from poe_pipeline.settings import HORIZONS_DAYS, get_profile
+from poe_pipeline.significance import diebold_mariano
 
 DEFAULT_LEAGUES = ("Sentinel", "Kalandra", "Sanctum")
 LIQUIDITY_LEAGUES = 3  # non-event leagues before the first test league that rank liquidity
@@ -267,27 +267,6 @@ def mlforecast_predictions(prices: pl.DataFrame, base: pl.DataFrame, cfg: dict,
 
 
 # --- scoring ----------------------------------------------------------------------------------------------------
-
-
-def diebold_mariano(loss_diff: np.ndarray, horizon: int) -> tuple[float, float]:
-    """(statistic, one-sided p) for "the method's loss is lower": ``loss_diff`` = method loss - reference loss,
-    in time order. Newey-West (Bartlett) long-run variance with ``horizon - 1`` lags, Harvey-Leybourne-Newbold
-    small-sample correction, Student t with n - 1 degrees of freedom."""
-    d = np.asarray(loss_diff, dtype=float)
-    n = d.size
-    if n < 3:
-        return float("nan"), float("nan")
-    mean = d.mean()
-    dc = d - mean
-    lags = max(0, horizon - 1)
-    var = dc @ dc / n
-    for k in range(1, min(lags, n - 1) + 1):
-        var += 2 * (1 - k / (lags + 1)) * (dc[k:] @ dc[:-k]) / n
-    if var <= 0:
-        return float("nan"), float("nan")
-    stat = mean / math.sqrt(var / n)
-    stat *= math.sqrt((n + 1 - 2 * horizon + horizon * (horizon - 1) / n) / n)
-    return float(stat), float(stats.t.cdf(stat, df=n - 1))
 
 
 def score(frame: pl.DataFrame, level: float, has_intervals: bool, makes_calls: bool = True) -> list[dict]:
