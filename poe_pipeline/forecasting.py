@@ -326,6 +326,8 @@ def forecast(
 
     ``origin_rows`` holds one feature row per currency (all of the same league and date).
     """
+    from poe_pipeline.modeling import model_inputs
+
     created_at = created_at or datetime.now(UTC)
     out: list[dict] = []
     vols = _current_vols(origin_rows)
@@ -339,10 +341,11 @@ def forecast(
         if rows.height > 1:
             raise ValueError(f"{rows.height} feature rows for {currency} at one origin: pass one row per currency")
         row = rows.row(0, named=True)
+        inputs, _ = model_inputs(rows, [])
         vol = vols.get(currency)
         previous_half = 0.0
         for m in sorted(ms, key=lambda m: m.horizon):
-            point = float(m.ensemble.predict(rows)[0])
+            point = float(m.ensemble.predict_inputs(inputs)[0])
             estimate = prediction_interval(point, m.calibration, vol, m.horizon, level,
                                            seed=m.horizon)
             half = max(estimate.half_width, previous_half)  # never narrower than a shorter horizon

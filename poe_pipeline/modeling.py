@@ -609,14 +609,24 @@ class Ensemble:
 
     def predict(self, rows: pl.DataFrame) -> np.ndarray:
         """Predicted log-returns for feature rows (columns ``feature_names``)."""
-        rows, _ = model_inputs(rows, [])
-        X = rows.select(self.feature_names).cast(pl.Float32).to_numpy()
+        return self.predict_inputs(model_inputs(rows, [])[0])
+
+    def predict_inputs(self, inputs: pl.DataFrame) -> np.ndarray:
+        """``predict`` for rows that already went through ``model_inputs`` (once for every horizon)."""
+        X = inputs.select(self.feature_names).cast(pl.Float32).to_numpy()
         parts = {
             "lightgbm": self.lightgbm.predict(X),
             "xgboost": self.xgboost.predict(xgb.DMatrix(X, nthread=1, feature_names=self.feature_names)),
-            "random_forest": self.random_forest.predict(X),
+            "random_forest": forest_predict(self.random_forest, X),
         }
         return self.shrink * sum(self.weights[k] * parts[k] for k in MODEL_KINDS)
+
+
+def forest_predict(forest: RandomForestRegressor, X: np.ndarray) -> np.ndarray:
+    """The forest's prediction, the mean of its trees', without the per-tree joblib dispatch of
+    ``forest.predict`` (about 0.7 ms a tree: 35 ms for one row, most of a forecast's time)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    return np.mean([tree.predict(X, check_input=False) for tree in forest.estimators_], axis=0)
 
 
 def limit_threads() -> None:

@@ -159,3 +159,16 @@ def test_pooling_similar_currencies_validates_on_the_partition_currency_only(rea
                             tmp_path / "alone")
     assert result.data_window["rows"] == alone.data_window["rows"] and result.data_window["pooled_rows"] > 0
     assert result.metrics["persistence"] == alone.metrics["persistence"]  # the same validation rows
+
+
+def test_the_fast_forest_prediction_is_the_forests_own(trained_divine, real):
+    from poe_pipeline.modeling import forest_predict, model_inputs
+
+    features, _ = real
+    ens = Ensemble(trained_divine.artifact_dir)
+    inputs, _ = model_inputs(features.filter(pl.col("currency") == "Divine Orb").tail(40), [])
+    X = inputs.select(ens.feature_names).cast(pl.Float32).to_numpy()
+    np.testing.assert_allclose(forest_predict(ens.random_forest, X), ens.random_forest.predict(X), rtol=1e-6,
+                               atol=1e-9)
+    assert np.allclose(ens.predict(features.filter(pl.col("currency") == "Divine Orb").tail(40)),
+                       ens.predict_inputs(inputs))
