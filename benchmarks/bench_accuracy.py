@@ -8,7 +8,8 @@ relative to the backtest's ``current_price`` (the feature store's forward-filled
   non-event league that started before L plus L itself up to the origin, nothing later.
 - **Test leagues and origins.** ``POE_BENCH_LEAGUES`` (default Sentinel, Kalandra, Sanctum), each origin of
   ``backtest.backtest_origins`` (every day from league day 14 to the second-to-last day), or only the last
-  ``POE_BENCH_MAX_ORIGINS`` of them (default 0: all). Refits every ``POE_BENCH_REFIT_EVERY`` origins (default 7),
+  ``POE_BENCH_MAX_ORIGINS`` of them (default 0: all; ``POE_BENCH_ORIGIN_SLICE=first``: the first ones).
+  Refits every ``POE_BENCH_REFIT_EVERY`` origins (default 7),
   horizons 1, 3 and 7 days.
 - **Universe.** ``POE_BENCH_CURRENCIES`` (default 30) most liquid currencies, fixed before the first test league:
   among currencies observed in every test league whose median price in the three non-event leagues before the
@@ -91,6 +92,7 @@ def config_from_env() -> dict:
         "refit_every": int(env("POE_BENCH_REFIT_EVERY", "7")),
         "retune_every": int(env("POE_BENCH_RETUNE_EVERY", "4")),  # in refits: a re-tune every 4 weeks
         "max_origins": int(env("POE_BENCH_MAX_ORIGINS", "0")),  # 0: every origin; N: the last N of each league
+        "origin_slice": env("POE_BENCH_ORIGIN_SLICE", "last"),  # with max_origins: the "last" or "first" N
         "profiles": [x.strip() for x in env("POE_BENCH_PROFILES", "test").split(",") if x.strip()],
         "workers": int(env("POE_BENCH_WORKERS", "0")) or (os.cpu_count() or 1),
         "horizons": list(HORIZONS_DAYS),
@@ -126,9 +128,13 @@ def liquid_universe(prices: pl.DataFrame, test_leagues: list[str], n: int) -> tu
     return ranked["currency"].head(n).to_list(), before
 
 
-def league_origins(prices: pl.DataFrame, league: str, max_origins: int) -> list[date]:
+def league_origins(prices: pl.DataFrame, league: str, max_origins: int, origin_slice: str = "last") -> list[date]:
+    if origin_slice not in ("first", "last"):
+        raise ValueError(f"POE_BENCH_ORIGIN_SLICE={origin_slice!r}: use 'first' or 'last'")
     origins = backtest_origins(prices, league)
-    return origins[-max_origins:] if max_origins else origins
+    if not max_origins:
+        return origins
+    return origins[:max_origins] if origin_slice == "first" else origins[-max_origins:]
 
 
 # --- this project -----------------------------------------------------------------------------------------------
@@ -140,7 +146,7 @@ def project_predictions(prices: pl.DataFrame, cfg: dict, universe: list[str], pr
     limit_threads()
     frames, refits, t0 = [], 0, time.perf_counter()
     for league in cfg["leagues"]:
-        origins = league_origins(prices, league, cfg["max_origins"])
+        origins = league_origins(prices, league, cfg["max_origins"], cfg["origin_slice"])
         run = run_backtest(prices, league, origins, universe, cfg["refit_every"], profile, cfg["horizons"],
                            cfg["level"], workers=cfg["workers"], progress=lambda m, lg=league: _say(f"{lg} {m}"),
                            retune_every=cfg["retune_every"])
@@ -155,6 +161,7 @@ def _kept_project_predictions(prices: pl.DataFrame, cfg: dict, universe: list[st
     """``project_predictions``, kept on disk as soon as they exist, so that a peer failing later loses nothing.
     ``POE_BENCH_REUSE_PROJECT=1`` reads them back for the same configuration (only valid for unchanged code)."""
     key = json.dumps({k: cfg[k] for k in ("leagues", "currencies", "refit_every", "retune_every", "max_origins",
+                                          "origin_slice",
                                           "horizons", "level")} | {"universe": universe, "profile": profile},
                      sort_keys=True)
     path = RESULTS_DIR / "cache" / f"accuracy-project-{hashlib.sha256(key.encode()).hexdigest()[:12]}.parquet"
@@ -257,7 +264,7 @@ def mlforecast_predictions(prices: pl.DataFrame, base: pl.DataFrame, cfg: dict,
     horizons = cfg["horizons"]
     out, refits = [], 0
     for league in cfg["leagues"]:
-        origins = league_origins(prices, league, cfg["max_origins"])
+        origins = league_origins(prices, league, cfg["max_origins"], cfg["origin_slice"])
         order = training_leagues(calendar_as_of(prices.filter(pl.col("date") <= origins[0]), origins[0]), league)
         series = _daily_log_series(prices, order, universe).to_pandas()
         current = series[series["league"] == league]
@@ -437,7 +444,7 @@ def run(repeats: int = 1, **overrides) -> dict:
         common = common.join(m["frame"].filter(pl.col("pred_logret").is_not_null()).select(KEYS), on=KEYS)
     results: dict = {
         "config": {**cfg, "universe": universe, "liquidity_ranked_on": ranked_on, "data": source,
-                   "origins_per_league": {lg: len(league_origins(prices, lg, cfg["max_origins"]))
+                   "origins_per_league": {lg: len(league_origins(prices, lg, cfg["max_origins"], cfg["origin_slice"]))
                                           for lg in cfg["leagues"]},
                    "scored_rows": common.height, "rows_dropped_not_common": base.height - common.height},
         "methods": {},
