@@ -32,7 +32,7 @@ relative to the backtest's ``current_price`` (the feature store's forward-filled
     7 are scored; ``fit(horizons=[1, 3, 7])`` breaks its conformal intervals in mlforecast 1.1.0); conformal
     intervals (``PredictionIntervals``, 2 windows) at 80 %. Refitted on the project's schedule (series too short
     for its conformal windows are left out of a fit); each origin forecasts with ``predict(new_df=...)`` from the
-    current league's prices up to it, recalibrating the intervals there; a series with fewer than 22 days (a
+    current league's prices up to it, recalibrating the intervals there; a series with fewer than 23 days (a
     league's first days) gets a point forecast and no interval, and coverage counts only rows with one.
 - **Scores.** Per method and horizon: log-MAE, MAPE, skill (1 - log-MAE / persistence's), Diebold-Mariano
   p-value against persistence (absolute-error loss, averaged over currencies per origin so that same-day errors

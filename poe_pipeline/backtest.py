@@ -269,7 +269,7 @@ def run_backtest(
                     validations.clear()  # a full re-tune
                 models, skipped = _refit(features, calendar, league, currencies, horizons, profile,
                                          Path(tmp) / origin.isoformat(), pool, seed, f"backtest-{origin}",
-                                         validations)
+                                         validations if retune_every > 1 else None)  # kept only if reused
                 refit_date = origin
                 run.refits.append(origin)
                 run.skipped += [(origin, s) for s in skipped]
