@@ -101,6 +101,11 @@ class Lake:
         return self.root / "raw" / "poe_ninja"
 
     @property
+    def poe_ninja_superseded(self) -> Path:
+        """Dumps replaced by a later import of the same league: kept, never read as history."""
+        return self.root / "raw" / "poe_ninja_superseded"
+
+    @property
     def quarantine(self) -> Path:
         return self.root / "quarantine"
 

@@ -112,10 +112,11 @@ def test_checks_pass_on_real_prices_and_flag_real_jumps(prepared):
 
 
 def test_jump_rule_on_a_known_glitch():
-    # Kalandra, 2022-11-18: poe.ninja's Prime Regrading Lens close fell from about 70 chaos to 0.013 for a day
+    # Kalandra, 2022-11-17: poe.ninja's Eldritch Chaos Orb close fell from 29 chaos to 0.036 (its inverse) for a
+    # day. (Prime Regrading Lens at 0.013 on 2022-11-18, 5,000x off, is quarantined at import and never gets here.)
     rows = quality.day_over_day_jumps(read_daily_prices_of("Kalandra"), factor=3.0)
-    glitch = rows.filter((pl.col("currency") == "Prime Regrading Lens") & (pl.col("date") == date(2022, 11, 18)))
-    assert glitch.height == 1 and glitch["ratio"].item() < 0.001
+    glitch = rows.filter((pl.col("currency") == "Eldritch Chaos Orb") & (pl.col("date") == date(2022, 11, 17)))
+    assert glitch.height == 1 and glitch["ratio"].item() < 0.002
     assert quality.day_over_day_jumps(read_daily_prices_of("Kalandra"), factor=1e6).height == 0
     with pytest.raises(ValueError, match="above 1"):
         quality.day_over_day_jumps(rows, factor=1.0)

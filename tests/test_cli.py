@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import subprocess
@@ -78,8 +79,15 @@ def test_run_materializes_daily_prices_on_the_lake_instance(two_leagues, tmp_pat
 def test_run_trains_registers_and_reports_models(tmp_path):
     history = tmp_path / "history"
     history.mkdir()
-    for name in ("Archnemesis", "Sentinel", "Kalandra", "Sanctum"):
+    for name in ("Archnemesis", "Sentinel", "Kalandra"):
         shutil.copy(SAMPLE / f"{name}.currency.csv.gz", history)
+    # Newer poe.ninja dumps round the inverse side of a very expensive currency to 0: such rows once rejected the
+    # whole dump and stopped the run. Here every Chaos Orb -> Mirror of Kalandra row of Sanctum says 0.
+    lines = gzip.decompress((SAMPLE / "Sanctum.currency.csv.gz").read_bytes()).decode().splitlines()
+    zeroed = [line.rsplit(";", 2)[0] + ";0;High" if ";Chaos Orb;Mirror of Kalandra;" in line else line
+              for line in lines]
+    assert sum(a != b for a, b in zip(lines, zeroed, strict=True)) > 50
+    (history / "Sanctum.currency.csv").write_text("\n".join(zeroed) + "\n")
     lake = tmp_path / "lake"
     result = _cli("run", "--history", str(history), "--league", "Sanctum", "--lake", str(lake),
                   "--currencies", "divine orb,Nonsense Orb")
@@ -99,3 +107,10 @@ def test_run_trains_registers_and_reports_models(tmp_path):
     with duckdb.connect(str(lake / "warehouse.duckdb"), read_only=True) as con:
         rows = con.execute("SELECT currency, horizon_days, promoted FROM model_metrics ORDER BY 2").fetchall()
     assert rows == [("Divine Orb", 1, True), ("Divine Orb", 3, True), ("Divine Orb", 7, True)]
+    with duckdb.connect(str(lake / "warehouse.duckdb"), read_only=True) as con:
+        forecasts = con.execute("SELECT horizon_days, current_price FROM predictions WHERE currency = 'Divine Orb' "
+                                "ORDER BY 1").fetchall()
+        zeros = con.execute("SELECT count(*) FROM quarantine WHERE source = 'poe_ninja_dump' "
+                            "AND reason LIKE 'Sanctum.currency.csv:%: Value is zero%'").fetchone()[0]
+    assert [h for h, _ in forecasts] == [1, 3, 7] and all(100 < p < 300 for _, p in forecasts)
+    assert zeros > 50

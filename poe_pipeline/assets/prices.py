@@ -15,32 +15,43 @@ from poe_pipeline.resources import LakeResource, RunScopeResource
 @dg.asset(
     group_name="history",
     kinds={"parquet", "python"},
-    description="Imports every poe.ninja dump (<League>.currency.csv[.gz]) from the lake's inbox and the "
-    "configured history directories. Idempotent: a file already imported is skipped by its hash.",
+    description="Imports every poe.ninja dump (<League>.currency.csv[.gz]) from the configured history directories "
+    "and the lake's inbox (a dump in the inbox wins over one of the same league elsewhere). Idempotent: a file "
+    "already imported is skipped by its hash; a different dump of a league replaces the earlier import. Quirky "
+    "rows (a Value of 0, an absurd value, a duplicate, a future date) are quarantined and the rest imported; a "
+    "structurally bad file is rejected by file and line, the others still import, and the run fails.",
 )
 def historical_prices(
     context: dg.AssetExecutionContext, lake: LakeResource, run_scope: RunScopeResource
 ) -> dg.MaterializeResult:
     store = lake.lake
-    dirs = [store.inbox, *(Path(d) for d in run_scope.history_dirs)]
+    dirs = [*(Path(d) for d in run_scope.history_dirs), store.inbox]
     dumps = find_dumps(dirs)
     report = import_dumps(store, dumps, progress=context.log.info)
     lake.publish_views(context.log)
+    if report.quarantined:
+        context.log.warning(
+            f"Quarantined {report.quarantined_rows} quirky dump row(s) with their reasons (the warehouse's "
+            f"`quarantine` view, source 'poe_ninja_dump'): "
+            + ", ".join(f"{name}: {n}" for name, n in report.quarantined.items())
+        )
+    metadata = {
+        "searched": [str(d) for d in dirs],
+        "imported": report.imported,
+        "already_imported": len(report.already_imported),
+        "replaced": dg.MetadataValue.json(report.replaced),
+        "rows_imported": report.rows_imported,
+        "rows_quarantined": report.quarantined_rows,
+        "quarantined_per_file": dg.MetadataValue.json(report.quarantined),
+        "leagues": sorted(report.leagues),
+    }
     if report.rejected:
         raise dg.Failure(
-            description="Rejected malformed dumps (nothing already stored was changed): "
-            + "; ".join(report.rejected.values()),
-            metadata={"rejected": dg.MetadataValue.json(report.rejected), "imported": report.imported},
+            description="Rejected malformed dumps (the other files were imported; nothing already stored was "
+            "changed): " + "; ".join(report.rejected.values()),
+            metadata={**metadata, "rejected": dg.MetadataValue.json(report.rejected)},
         )
-    return dg.MaterializeResult(
-        metadata={
-            "searched": [str(d) for d in dirs],
-            "imported": report.imported,
-            "already_imported": len(report.already_imported),
-            "rows_imported": report.rows_imported,
-            "leagues": sorted(report.leagues),
-        }
-    )
+    return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(

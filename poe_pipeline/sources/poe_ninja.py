@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import math
+import zlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -65,60 +68,133 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_dump(path: Path) -> pl.DataFrame:
-    """Parse and validate one dump. Raises ``DumpFormatError`` naming the first bad line.
+DUMP_QUIRK_SCHEMA = {"line": pl.Int64, "reason": pl.Utf8, "record_json": pl.Utf8}
+ABSURD_FACTOR = 1000.0  # a value this far from its pair's median in the league is a typo or an overflow, not a price
 
-    Returns the raw rows with canonical currency names (``RAW_DUMP_SCHEMA``).
+
+@dataclass
+class ParsedDump:
+    """A dump's usable rows (``RAW_DUMP_SCHEMA``) and its quirky rows, each with its line and reason."""
+
+    rows: pl.DataFrame
+    quirks: pl.DataFrame  # DUMP_QUIRK_SCHEMA
+
+
+def _open_text(path: Path):
+    opener = gzip.open if path.name.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8", newline="")
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as text; a corrupt gzip or a binary file is a ``DumpFormatError``, never a raw traceback."""
+    try:
+        with _open_text(path) as fh:
+            return fh.read()
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+        what = "a corrupt or truncated gzip file" if path.name.endswith(".gz") else "not UTF-8 text"
+        raise DumpFormatError(path, None, f"{what} ({type(exc).__name__}: {exc})") from None
+
+
+def _first_ragged_line(text: str) -> tuple[int, str] | None:
+    for number, line in enumerate(text.splitlines(), 1):
+        if line and line.count(";") != len(DUMP_HEADER) - 1:
+            return number, line
+    return None
+
+
+def parse_dump(path: Path, now: datetime | None = None) -> ParsedDump:
+    """Parse and validate one dump.
+
+    A structural problem (header or delimiter, a ragged line, a non-numeric Value, a bad date or confidence, a
+    corrupt file) raises ``DumpFormatError`` naming ``file:line``. A row that is well formed but not a usable
+    price is a quirk: a zero or negative Value (poe.ninja rounds the inverse side of a very expensive currency to
+    0), a non-finite Value, one more than ``ABSURD_FACTOR`` times away from its pair's median in the league, a
+    duplicate row, a date after ``now``. Quirks are returned apart, and the rest of the file is kept.
     """
     path = Path(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as fh:
-        header = fh.readline().rstrip("\r\n").split(";")
+    text = _read_text(path)
+    header = text.split("\n", 1)[0].rstrip("\r").split(";")
     if header != DUMP_HEADER:
         raise DumpFormatError(path, 1, f"header is {';'.join(header)!r}, expected {';'.join(DUMP_HEADER)!r}")
+    ragged = _first_ragged_line(text)
+    if ragged:
+        raise DumpFormatError(path, ragged[0], f"expected {len(DUMP_HEADER)} ';'-separated fields: {ragged[1]!r}")
     try:
-        raw = pl.read_csv(
-            path, separator=";", infer_schema=False, has_header=True, quote_char=None,
-            truncate_ragged_lines=False,
-        )
-    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError, OSError) as exc:
+        raw = pl.read_csv(io.StringIO(text), separator=";", infer_schema=False, has_header=True, quote_char=None)
+    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as exc:
         raise DumpFormatError(path, None, f"not a ';'-separated CSV ({exc})") from None
     if raw.height == 0:
         raise DumpFormatError(path, None, "no rows")
 
     parsed = raw.with_row_index("line", offset=2).with_columns(
+        pl.col("line").cast(pl.Int64),
         pl.col("Date").str.strptime(pl.Date, "%Y-%m-%d", strict=False).alias("date"),
         pl.col("Value").str.strip_chars().cast(pl.Float64, strict=False).alias("value"),
     )
-    checks = [
+    structural = [
         (pl.col("League").is_null() | (pl.col("League").str.strip_chars() == ""), "empty League"),
         (pl.col("date").is_null() | ~pl.col("Date").str.contains(r"^\d{4}-\d{2}-\d{2}$"),
          "bad Date (expected YYYY-MM-DD)"),
         (pl.col("Get").is_null() | (pl.col("Get").str.strip_chars() == ""), "empty Get"),
         (pl.col("Pay").is_null() | (pl.col("Pay").str.strip_chars() == ""), "empty Pay"),
-        (pl.col("value").is_null() | ~pl.col("value").is_finite() | (pl.col("value") <= 0),
-         "bad Value (expected a positive number)"),
+        (pl.col("value").is_null(), "bad Value (expected a number)"),
         (~pl.col("Confidence").is_in(CONFIDENCE_LEVELS) | pl.col("Confidence").is_null(),
          f"unknown Confidence (expected one of {', '.join(CONFIDENCE_LEVELS)})"),
-        ((pl.col("Get") != CHAOS) & (pl.col("Pay") != CHAOS), "neither Get nor Pay is Chaos Orb"),
     ]
-    for condition, reason in checks:
+    for condition, reason in structural:
         bad = parsed.filter(condition)
         if bad.height:
             row = bad.row(0, named=True)
-            shown = ";".join("" if row[c] is None else str(row[c]) for c in DUMP_HEADER)
-            raise DumpFormatError(path, row["line"], f"{reason}: {shown!r}")
+            raise DumpFormatError(path, row["line"], f"{reason}: {_shown(row)!r}")
 
-    names = pl.concat([parsed["Get"], parsed["Pay"]]).unique()
+    today = (now or datetime.now(UTC)).astimezone(UTC).date()
+    value = pl.col("value")
+    usable = value.is_finite() & (value > 0)
+    pair = ["League", "Get", "Pay"]
+    median = value.filter(usable).median().over(pair)
+    quirks = [
+        (value.is_nan(), pl.lit("Value is not a number (NaN)")),
+        (value.is_infinite(), pl.lit("Value is infinite")),
+        (value <= 0, pl.lit("Value is zero or negative (poe.ninja rounds a tiny inverse price to 0)")),
+        (usable & ((value / median).log().abs() > math.log(ABSURD_FACTOR)),
+         pl.format("Value {} is more than {}x away from this pair's median {} in the league",
+                   value, pl.lit(int(ABSURD_FACTOR)), median.round_sig_figs(4))),
+        ((pl.col("Get") != CHAOS) & (pl.col("Pay") != CHAOS), pl.lit("neither Get nor Pay is Chaos Orb")),
+        (pl.col("date") > today, pl.format("Date is after the import day {}", pl.lit(str(today)))),
+        (pl.int_range(pl.len()).over([*pair, "Date"]) > 0,
+         pl.format("duplicate of line {}", pl.col("line").first().over([*pair, "Date"]))),
+    ]
+    reason = pl.coalesce([pl.when(failed).then(text) for failed, text in quirks])
+    flagged = parsed.with_columns(reason.alias("_quirk"))
+    bad = flagged.filter(pl.col("_quirk").is_not_null())
+    quirk_rows = bad.select(
+        "line",
+        pl.col("_quirk").alias("reason"),
+        pl.struct(DUMP_HEADER).struct.json_encode().alias("record_json"),
+    )
+    good = flagged.filter(pl.col("_quirk").is_null())
+
+    names = pl.concat([good["Get"], good["Pay"]]).unique()
     mapping = {n: canonical_currency_name(n) for n in names.to_list()}
-    return parsed.select(
+    rows = good.select(
         pl.col("League").alias("league"),
         "date",
-        pl.col("Get").replace_strict(mapping).alias("get"),
-        pl.col("Pay").replace_strict(mapping).alias("pay"),
+        pl.col("Get").replace_strict(mapping, return_dtype=pl.Utf8).alias("get"),
+        pl.col("Pay").replace_strict(mapping, return_dtype=pl.Utf8).alias("pay"),
         "value",
         pl.col("Confidence").alias("confidence"),
     )
+    return ParsedDump(rows, quirk_rows.cast(DUMP_QUIRK_SCHEMA))
+
+
+def _shown(row: dict) -> str:
+    return ";".join("" if row[c] is None else str(row[c]) for c in DUMP_HEADER)
+
+
+def read_dump(path: Path) -> pl.DataFrame:
+    """A dump's usable rows with canonical currency names (``RAW_DUMP_SCHEMA``); quirky rows left out.
+    Raises ``DumpFormatError`` naming the first structurally bad line."""
+    return parse_dump(path).rows
 
 
 def chaos_prices_from_dump_rows(rows: pl.DataFrame) -> pl.DataFrame:
