@@ -46,7 +46,7 @@ import polars as pl
 from poe_pipeline.lake import Lake, hive_dir, write_parquet_atomic, write_text_atomic
 from poe_pipeline.settings import HORIZONS_DAYS
 
-FEATURES_VERSION = "1"  # bump when a feature's definition changes: every league is rebuilt
+FEATURES_VERSION = "2"  # bump when a feature's definition changes: every league is rebuilt
 KEYS = ["league", "currency", "date"]
 SERIES = ["league", "currency"]
 DIVINE = "Divine Orb"
@@ -64,6 +64,10 @@ OUTLIER_WINDOW, OUTLIER_K = 14, 6.0
 OUTLIER_FLOOR_EARLY, OUTLIER_FLOOR = 0.25, 0.05  # flags ~1.3% of the dumps' rows (1.7% in league week 1)
 OUTLIER_EARLY_DAYS = 7
 MAD_TO_SIGMA = 1.4826
+# The market's reference currencies: what expensive items are priced in, so chaos's own value moves with them
+# (the Exalted Orb until 3.19, then the Divine Orb).
+MARKET_REFERENCES = {"Divine Orb": "divine", "Exalted Orb": "exalted"}
+MARKET_REFERENCE_LAGS = (1, 3, 7)
 
 
 def _describe() -> dict[str, str]:
@@ -124,6 +128,16 @@ def _describe() -> dict[str, str]:
         "market_median_logret_1d": "median logret_1d over the league's observed currencies that day",
         "excess_logret_1d": "logret_1d - market_median_logret_1d",
     }
+    for w in MOMENTUM_WINDOWS[::2]:
+        d[f"market_median_momentum_{w}"] = f"median momentum_{w} over the league's observed currencies that day"
+    d |= {
+        "market_median_vol_14": "median realized_vol_14 over the league's observed currencies that day",
+        "market_breadth_7": "share of the league's observed currencies whose momentum_7 is above 0 that day",
+    }
+    for ref, tag in MARKET_REFERENCES.items():
+        for k in MARKET_REFERENCE_LAGS:
+            d[f"{tag}_logret_{k}"] = f"the {ref}'s log price change over {k} day(s), that day (the whole market's unit)"
+    return d
     return d
 
 
@@ -440,11 +454,23 @@ def _features_lazy(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.LazyFrame:
             _day(pl.when(seen).then(pl.col(f"realized_vol_{w}")).median()).alias(f"_market_vol_{w}")
             for w in VOL_WINDOWS
         ],
+        *[
+            _day(pl.when(seen).then(pl.col(f"momentum_{w}")).median()).alias(f"market_median_momentum_{w}")
+            for w in MOMENTUM_WINDOWS[::2]
+        ],
+        _day(pl.when(seen).then((pl.col("momentum_7") > 0).cast(pl.Float64)).mean()).alias("market_breadth_7"),
+        *[
+            _day(pl.when(pl.col("currency") == ref).then(lp - pl.col(f"log_price_lag_{k}")).max())
+            .alias(f"{tag}_logret_{k}")
+            for ref, tag in MARKET_REFERENCES.items()
+            for k in MARKET_REFERENCE_LAGS
+        ],
     )
     length = (pl.col("end_date") - pl.col("start_date")).dt.total_days()
     return (
         lf.with_columns(
             (r - pl.col("market_median_logret_1d")).alias("excess_logret_1d"),
+            pl.col("_market_vol_14").alias("market_median_vol_14"),
             (lp - pl.col("_divine_lp")).alias("log_price_rel_divine"),
             *[
                 pl.when(pl.col(f"_market_vol_{w}") > 0)
