@@ -115,7 +115,7 @@ def liquid_universe(prices: pl.DataFrame, test_leagues: list[str], n: int) -> tu
               .sort("start_date")["league"].to_list()[-LIQUIDITY_LEAGUES:])
     present = set.intersection(*(set(prices.filter(pl.col("league") == lg)["currency"].unique())
                                  for lg in test_leagues))
-    floor = get_profile("test").universe_min_price_chaos
+    floor = 0.0  # no price floor (the universe selects on liquidity)
     ranked = (
         prices.filter(pl.col("league").is_in(before) & pl.col("currency").is_in(sorted(present)))
         .group_by("currency")

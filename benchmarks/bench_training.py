@@ -62,7 +62,7 @@ def liquid_currencies(daily: pl.DataFrame, calendar: pl.DataFrame, league: str, 
     from poe_pipeline.settings import get_profile
     from poe_pipeline.universe import currency_universe
 
-    universe = currency_universe(daily, calendar, league, get_profile("test")).filter(pl.col("eligible"))
+    universe = currency_universe(daily, calendar, league).filter(pl.col("eligible"))
     ranked = universe.sort(
         ["good_confidence_share", "current_days", "median_price_chaos", "currency"],
         descending=[True, True, True, False],

@@ -139,11 +139,11 @@ class BacktestRun:
     report_features: dict[date, pl.DataFrame] = field(default_factory=dict)  # the league's rows at decision days
 
 
-def _universe_at(prices: pl.DataFrame, league: str, origin: date, profile: Profile) -> list[str]:
+def _universe_at(prices: pl.DataFrame, league: str, origin: date) -> list[str]:
     from poe_pipeline.universe import currency_universe
 
     known = prices.filter(pl.col("date") <= origin)
-    universe = currency_universe(known, calendar_as_of(known, origin), league, profile)
+    universe = currency_universe(known, calendar_as_of(known, origin), league)
     return universe.filter(pl.col("eligible"))["currency"].to_list()
 
 
@@ -237,7 +237,7 @@ def run_backtest(
     origins = sorted(origins)
     horizons = sorted(set(horizons))
     if currencies is None:
-        currencies = _universe_at(prices, league, origins[0], profile)
+        currencies = _universe_at(prices, league, origins[0])
     else:
         currencies = list(dict.fromkeys(canonical_currency_name(c) for c in currencies))
     known_names = set(prices.filter(pl.col("league") == league)["currency"].unique())

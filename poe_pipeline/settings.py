@@ -24,19 +24,12 @@ def resolve_lake_root(explicit: str | os.PathLike | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Profile:
-    """Training effort and currency-universe thresholds, chosen by name (test, dev, prod)."""
+    """Training effort, chosen by name (test, dev, prod). Who gets a forecast is ``universe.UniverseRules``."""
 
     name: str
     optuna_trials: int
     cv_folds: int
     early_stopping_rounds: int
-    # Currency universe: enough history to learn from, real prices, a liquid market.
-    universe_min_days_per_league: int = 30
-    universe_min_past_leagues: int = 2
-    universe_min_current_days: int = 7
-    universe_min_good_confidence_share: float = 0.6
-    universe_min_price_chaos: float = 1.0
-    universe_recent_days: int = 14  # the window of the confidence share and the median price
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -54,11 +54,10 @@ def currency_universe(
     context: dg.AssetExecutionContext, lake: LakeResource, run_scope: RunScopeResource
 ) -> dg.MaterializeResult:
     store = lake.lake
-    profile = run_scope.profile_config()
     prices = read_daily_prices(store)
     calendar = league_calendar(prices)
     league = current_league_of(calendar, run_scope.league)
-    universe = universe_rules.currency_universe(prices, calendar, league, profile)
+    universe = universe_rules.currency_universe(prices, calendar, league)
     universe_rules.write_universe(universe, store, league)
     lake.publish_views(context.log)
     eligible = universe.filter(pl.col("eligible"))["currency"].to_list()
@@ -67,7 +66,7 @@ def currency_universe(
     if new:
         context.instance.add_dynamic_partitions(currency_partitions.name, new)
     context.log.info(f"{league}: {len(eligible)} of {universe.height} currencies eligible; {len(new)} new partitions")
-    thresholds = {k: v for k, v in profile.as_dict().items() if k.startswith("universe_")}
+    thresholds = universe_rules.DEFAULT_RULES.as_dict()
     return dg.MaterializeResult(
         metadata={
             "league": league,
