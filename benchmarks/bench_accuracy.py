@@ -66,7 +66,7 @@ from poe_pipeline.forecasting import INTERVAL_LEVEL
 from poe_pipeline.lake import write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import is_event_league, league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
-from poe_pipeline.settings import HORIZONS_DAYS, get_profile
+from poe_pipeline.settings import HORIZONS_DAYS
 from poe_pipeline.significance import diebold_mariano
 
 DEFAULT_LEAGUES = ("Sentinel", "Kalandra", "Sanctum")

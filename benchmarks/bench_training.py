@@ -59,7 +59,6 @@ def loadavg(prefix: str) -> dict[str, float]:
 
 def liquid_currencies(daily: pl.DataFrame, calendar: pl.DataFrame, league: str, n: int) -> list[str]:
     """The ``n`` most liquid currencies eligible in ``league`` (test profile; the rule is in the docstring)."""
-    from poe_pipeline.settings import get_profile
     from poe_pipeline.universe import currency_universe
 
     universe = currency_universe(daily, calendar, league).filter(pl.col("eligible"))
