@@ -40,23 +40,27 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from poe_pipeline.currency_model import train_currency
 from poe_pipeline.features import FEATURE_COLUMNS, build_features
 from poe_pipeline.forecasting import (
     INTERVAL_LEVEL,
     PREDICTIONS_SCHEMA,
+    VOL_COLUMNS,
     ForecastModel,
+    GlobalForecaster,
     Skip,
     forecast,
 )
+from poe_pipeline.global_model import OOF_FILE, GlobalResult, GlobalValidation, pooled_rows, train_global
 from poe_pipeline.lake import Lake, write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import league_calendar, training_leagues
 from poe_pipeline.markdown import markdown_table
-from poe_pipeline.modeling import DIRECTION_THRESHOLD, PartitionResult, Validation, limit_threads, train_partition
+from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
 from poe_pipeline.names import canonical_currency_name, slug
 from poe_pipeline.reporting import REPORT_FEATURE_COLUMNS
 from poe_pipeline.settings import HORIZONS_DAYS, Profile, get_profile, resolve_lake_root
 
-FIRST_ORIGIN_DAY = 14  # league days before the first origin: the current league needs some labelled rows
+FIRST_ORIGIN_DAY = 7  # forecasts start on league day 7, as live (the universe's 30 most liquid are known by then)
 STRATEGY_EVERY = 7
 STRATEGY_TOP_K = 3
 BACKTEST_SCHEMA = {**PREDICTIONS_SCHEMA, "actual_price": pl.Float64, "refit_date": pl.Date}
@@ -147,41 +151,52 @@ def _universe_at(prices: pl.DataFrame, league: str, origin: date) -> list[str]:
     return universe.filter(pl.col("eligible"))["currency"].to_list()
 
 
-def _train_job(job: tuple) -> PartitionResult:
-    rows, currency, horizon, order, league, profile, out_dir, seed, warm = job
-    return train_partition(rows, FEATURE_COLUMNS, currency, horizon, order, league, profile, out_dir, seed,
-                           warm=warm)
+def _train_global_job(job: tuple) -> GlobalResult:
+    return train_global(*job)
 
 
 def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currencies: list[str],
            horizons: list[int], profile: Profile, workdir: Path, pool: Executor | None, seed: int,
-           version: str, validations: dict[tuple[str, int], Validation] | None = None,
+           version: str, validations: dict[int, GlobalValidation] | None = None,
            ) -> tuple[dict[tuple[str, int], ForecastModel], list[Skip]]:
-    """Train every (currency, horizon) on the features known at the origin; load them and delete the artifacts.
+    """Train the global model of each horizon (in ``pool``) and specialise it to every currency, on the features
+    known at the origin; load the models in memory and delete the artifacts.
 
-    ``validations``: None re-tunes every partition; a dict is used warm (a partition found there keeps its
-    hyperparameters, weights, shrink and residuals) and receives the validation of every partition trained now.
+    ``validations``: None re-tunes every global model; a dict is used warm (a horizon found there keeps its tuning,
+    weights and out-of-fold forecasts) and receives the validation of every global model trained now.
     """
     order = training_leagues(calendar, league)
-    by_currency = {c: g for (c,), g in features.filter(pl.col("currency").is_in(currencies))
-                   .partition_by("currency", as_dict=True).items()}
-    empty = features.head(0)
+    rows = pooled_rows(features, order, league, currencies)
     warm = validations or {}
-    jobs = [(by_currency.get(c, empty), c, h, order, league, profile, workdir / f"{slug(c)}-{h}d", seed,
-             warm.get((c, h))) for c in currencies for h in horizons]
-    results = pool.map(_train_job, jobs) if pool is not None else map(_train_job, jobs)
+    jobs = [(rows, FEATURE_COLUMNS, h, order, league, profile, workdir / f"global-{h}d", seed, warm.get(h))
+            for h in horizons]
+    results = pool.map(_train_global_job, jobs) if pool is not None else map(_train_global_job, jobs)
+    history = features.filter(pl.col("currency").is_in(set(currencies) | set(rows["currency"].unique())))
+
+    def vol_history(names: list[str]) -> pl.DataFrame:
+        return history.filter(pl.col("currency").is_in(names)).select(
+            "league", "currency", "date", "league_day", *VOL_COLUMNS)
+
+    own = {c: g for (c,), g in vol_history(currencies).partition_by("currency", as_dict=True).items()}
     models: dict[tuple[str, int], ForecastModel] = {}
     skipped: list[Skip] = []
     for result in results:
+        h = result.horizon
         if not result.trained:
-            skipped.append(Skip(result.currency, result.horizon, result.reason))
+            skipped += [Skip(c, h, result.reason) for c in currencies]
             continue
-        models[(result.currency, result.horizon)] = ForecastModel.load(
-            result.currency, result.horizon, version, Path(result.artifact_dir),
-            by_currency.get(result.currency, empty), name=f"backtest-{slug(result.currency)}-{result.horizon}d")
+        directory = Path(result.artifact_dir)
         if validations is not None:
-            validations[(result.currency, result.horizon)] = Validation.of(result)
-        shutil.rmtree(result.artifact_dir, ignore_errors=True)  # loaded in memory
+            validations[h] = GlobalValidation.read(directory)
+        name = f"backtest-global-{h}d"
+        base = GlobalForecaster.load(name, version, directory, vol_history)
+        oof = pl.read_parquet(directory / OOF_FILE)
+        for currency in currencies:
+            part = train_currency(currency, h, oof, name, version, workdir / f"{slug(currency)}-{h}d")
+            models[(currency, h)] = ForecastModel.load(currency, h, version, Path(part.artifact_dir), base,
+                                                       own.get(currency), f"backtest-{slug(currency)}-{h}d")
+            shutil.rmtree(part.artifact_dir, ignore_errors=True)
+        shutil.rmtree(directory, ignore_errors=True)  # loaded in memory
     return models, skipped
 
 
@@ -253,7 +268,7 @@ def run_backtest(
     run = BacktestRun(league, pl.DataFrame(schema=BACKTEST_SCHEMA), currencies=list(currencies))
     models: dict[tuple[str, int], ForecastModel] = {}
     refit_date: date | None = None
-    validations: dict[tuple[str, int], Validation] = {}
+    validations: dict[int, GlobalValidation] = {}
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poe-backtest-"))
         pool = None

@@ -1,16 +1,19 @@
-"""Predictions: the champion ensembles' forecasts, with calibrated intervals and a confidence score.
+"""Predictions: forecasts through the champion models, with calibrated intervals and a confidence score.
 
 For every currency and horizon, from the origin (the league's latest day of features):
 
-- **Point forecast.** The champion ensemble's predicted log-return ``m`` (already shrunk towards "no change");
-  ``predicted_price = current_price x exp(m)``.
-- **Interval, volatility-scaled split conformal.** Training kept the ensemble's out-of-fold residuals (cross-fitted,
-  so honest). Each residual is divided by the currency's volatility scale on its own day, ``s_i = r_i / sigma_i``,
-  where ``sigma = max(v, VOL_FLOOR, VOL_FLOOR_REL x median v)`` and ``v = sqrt(realized_vol_14^2 +
-  trend_slope_14^2)``, the root mean square of the last 14 daily log-returns (dispersion and drift). The
-  half-width is ``q x sigma_now``: a calm currency gets a narrow interval and a wild one a wide one, from the same
-  calibration. (On a Sanctum backtest the drift term lowered the mean Winkler score at every horizon.)
-  ``q`` depends on how many residuals there are (the method is stored per row):
+- **Point forecast.** The global model's predicted log-return for the currency, times its partition's scale
+  (``currency_model``); ``predicted_price = current_price x exp(m)``. A partition forecasts through the global version
+  it was built on. A currency without a partition champion gets the global champion's forecast at the pooled scale,
+  with its confidence halved (``GLOBAL_ONLY_CONFIDENCE``). Each global model forecasts all its currencies at once.
+- **Interval, volatility-scaled split conformal, per league phase.** Training kept out-of-fold residuals (the
+  partition's own, or all pooled currencies' for a global forecast or a partition with fewer than ``MIN_CONFORMAL``
+  of its own). Each residual is divided by the volatility scale of its own day, ``s_i = r_i / sigma_i``, where
+  ``sigma = max(v, VOL_FLOOR, VOL_FLOOR_REL x median v)`` and ``v = sqrt(realized_vol_14^2 + trend_slope_14^2)``,
+  the root mean square of the last 14 daily log-returns (dispersion and drift). The half-width is
+  ``q x sigma_now``: a calm currency gets a narrow interval and a wild one a wide one. ``q`` comes from the residuals
+  of the forecast's league phase (days 0-20, 21-55, 56 on: the first weeks of a league move far more) when there are
+  enough of them, else from all; and it depends on how many residuals there are (the method is stored per row):
 
   - ``conformal`` (>= ``MIN_CONFORMAL`` residuals): ``q`` is the ``ceil((n + 1) x level)``-th smallest ``|s_i|``,
     the split-conformal quantile with its finite-sample correction (coverage >= level if the future is
@@ -24,23 +27,24 @@ For every currency and horizon, from the origin (the league's latest day of feat
 - **Confidence in [0, 1].** ``sqrt(quality x width)`` times penalty factors, where quality averages
   ``clip(0.5 + skill)`` and ``clip(0.5 + R2)`` of validation (0.25 when unvalidated), width is
   ``1 / (1 + half_width / WIDTH_SCALE)``, and the factors are: sample size ``1 - penalty`` (n < 5: 0.7, < 10: 0.5,
-  < 30: 0.3, < 100: 0.1, n = validation residuals), dimensionality ``rows / features`` when the model has more
-  features than training rows, and recency ``exp(-days_since_observed / RECENCY_DAYS)``.
+  < 30: 0.3, < 100: 0.1, n = calibration residuals), recency ``exp(-days_since_observed / RECENCY_DAYS)``, and
+  ``GLOBAL_ONLY_CONFIDENCE`` for a currency with no out-of-fold rows of its own.
 
 Storage is append-only, one file per (league, origin date): ``predictions/league=<L>/origin_date=<D>/part.parquet``.
 Re-running an origin rewrites that one file atomically, keeping the rows of currencies that the rerun left out.
-A currency without a champion gets no row; the run returns why.
+A currency that cannot be forecast (no global champion, no price at the origin) gets no row; the run returns why.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from statistics import NormalDist
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import polars as pl
@@ -57,6 +61,7 @@ MIN_BOOTSTRAP = 5
 BOOTSTRAP_RESAMPLES = 1000
 CONSERVATIVE_INFLATION = 1.5
 VOL_COLUMNS = ("realized_vol_14", "trend_slope_14")
+PHASE_BOUNDS = (21, 56)  # interval phases by league day: 0-20, 21-55, 56 on (coverage is checked per phase)
 VOL_FLOOR = 0.005  # 0.5 % a day: flat, quantised series (a price stuck at 1.0) still move a little
 VOL_FLOOR_REL = 0.25  # and never below a quarter of the currency's typical volatility
 FALLBACK_DAILY_VOL = 0.07  # median realized_vol_14 of the poe.ninja dumps: a currency without any history
@@ -94,6 +99,7 @@ PREDICTIONS_SCHEMA: dict[str, pl.DataType] = {
     "daily_volatility": pl.Float64,
     "days_since_observed": pl.Int32,
     "created_at": pl.Datetime("us", "UTC"),
+    "global_model_version": pl.Utf8,
 }
 
 PREDICTION_ERRORS_SQL = """
@@ -137,19 +143,40 @@ def volatility_scale(vol: float | None, reference: float | None = None) -> float
     return max(v, VOL_FLOOR, VOL_FLOOR_REL * ref if ref else 0.0)
 
 
+def interval_phase(league_day: int | None) -> str:
+    """The league phase an interval is calibrated in: early (days 0-20), mid (21-55), late (56 on)."""
+    if league_day is None or league_day < PHASE_BOUNDS[0]:
+        return "early"
+    return "mid" if league_day < PHASE_BOUNDS[1] else "late"
+
+
+def _phase_expr(day: pl.Expr) -> pl.Expr:
+    return (pl.when(day.is_null() | (day < PHASE_BOUNDS[0])).then(pl.lit("early"))
+            .when(day < PHASE_BOUNDS[1]).then(pl.lit("mid")).otherwise(pl.lit("late")))
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """An ensemble's out-of-fold residuals, each divided by the volatility scale of its own day."""
+    """Out-of-fold residuals, each divided by the volatility scale of its own day, kept per league phase."""
 
-    scores: np.ndarray  # signed residual / scale
+    scores: np.ndarray  # signed residual / scale, every phase
     reference_vol: float  # median volatility over the residuals' days (NaN without any)
+    phases: np.ndarray | None = None  # the interval phase of each score
 
     @property
     def count(self) -> int:
         return len(self.scores)
 
+    def for_phase(self, phase: str | None) -> np.ndarray:
+        """The scores of one phase when there are enough of them for a conformal quantile, else all."""
+        if phase is None or self.phases is None:
+            return self.scores
+        mine = self.scores[self.phases == phase]
+        return mine if len(mine) >= MIN_CONFORMAL else self.scores
+
     @classmethod
-    def from_arrays(cls, residuals: np.ndarray, vols: np.ndarray | None = None) -> Calibration:
+    def from_arrays(cls, residuals: np.ndarray, vols: np.ndarray | None = None,
+                    phases: np.ndarray | None = None) -> Calibration:
         """``vols``: the currency's daily volatility on each residual's day (NaN where unknown)."""
         residuals = np.asarray(residuals, dtype=np.float64)
         keep = np.isfinite(residuals)
@@ -160,16 +187,21 @@ class Calibration:
         known = vols[np.isfinite(vols) & (vols > 0)]
         reference = float(np.median(known)) if len(known) else float("nan")
         scales = np.array([volatility_scale(v, reference) for v in vols]) if len(vols) else np.array([])
-        return cls(residuals / scales if len(residuals) else residuals, reference)
+        return cls(residuals / scales if len(residuals) else residuals, reference,
+                   None if phases is None else np.asarray(phases)[keep])
 
     @classmethod
     def from_residual_frame(cls, residuals: pl.DataFrame, vol_history: pl.DataFrame | None) -> Calibration:
-        """``residuals``: ``Ensemble.residuals()``; ``vol_history``: the currency's league, date, ``VOL_COLUMNS``."""
-        if vol_history is not None and vol_history.height:
-            vols = vol_history.select("league", "date", daily_volatility().alias("_vol")).unique(["league", "date"])
-            joined = residuals.join(vols, on=["league", "date"], how="left", maintain_order="left")
-            return cls.from_arrays(joined["residual"].to_numpy(), joined["_vol"].to_numpy())
-        return cls.from_arrays(residuals["residual"].to_numpy())
+        """``residuals``: league, date[, currency], residual; ``vol_history``: league, currency, date, league_day and
+        ``VOL_COLUMNS`` of the currencies concerned (one currency's when ``residuals`` has no currency column)."""
+        if vol_history is None or vol_history.height == 0:
+            return cls.from_arrays(residuals["residual"].to_numpy())
+        keys = ["league", "currency", "date"] if "currency" in residuals.columns else ["league", "date"]
+        vols = vol_history.select(*keys, daily_volatility().alias("_vol"), _phase_expr(pl.col("league_day"))
+                                  .alias("_phase")).unique(keys)
+        joined = residuals.join(vols, on=keys, how="left", maintain_order="left")
+        return cls.from_arrays(joined["residual"].to_numpy(), joined["_vol"].to_numpy(),
+                               joined["_phase"].fill_null("early").to_numpy())
 
 
 @dataclass(frozen=True)
@@ -216,13 +248,16 @@ def prediction_interval(
     horizon: int,
     level: float = INTERVAL_LEVEL,
     seed: int = 0,
+    phase: str | None = None,
 ) -> IntervalEstimate:
-    """The interval of one forecast: conformal, bootstrap or volatility, by the number of residuals."""
+    """The interval of one forecast: conformal, bootstrap or volatility, by the number of residuals; calibrated
+    on the residuals of the forecast's league ``phase`` where there are enough of them."""
     if not 0 < level < 1:
         raise ValueError(f"interval level {level!r} must lie strictly between 0 and 1, e.g. 0.8")
     scale = volatility_scale(current_vol, calibration.reference_vol)
-    n = calibration.count
-    abs_scores = np.abs(calibration.scores)
+    scores = calibration.for_phase(phase)
+    n = len(scores)
+    abs_scores = np.abs(scores)
     if n >= MIN_CONFORMAL:
         return IntervalEstimate(point, conformal_quantile(abs_scores, level) * scale, CONFORMAL, n)
     if n >= MIN_BOOTSTRAP:
@@ -250,8 +285,6 @@ def confidence_score(
     r2: float | None,
     half_width: float,
     sample_size: int,
-    n_features: int = 0,
-    n_train_rows: int = 0,
     days_since_observed: int = 0,
 ) -> float:
     """How much to trust one forecast, in [0, 1] (see the module docstring for the formula)."""
@@ -260,8 +293,6 @@ def confidence_score(
     quality = sum(parts) / len(parts) if parts else 0.25
     width = 1.0 / (1.0 + max(half_width, 0.0) / WIDTH_SCALE)
     score = math.sqrt(quality * width) * (1.0 - sample_size_penalty(sample_size))
-    if n_features > n_train_rows > 0:
-        score *= n_train_rows / n_features
     score *= math.exp(-max(days_since_observed, 0) / RECENCY_DAYS)
     return min(1.0, max(0.0, score))
 
@@ -269,37 +300,50 @@ def confidence_score(
 # --- models -----------------------------------------------------------------------------------------------------
 
 
+POOLED_CALIBRATION = False  # True: every partition's intervals use the pooled out-of-fold residuals
+GLOBAL_ONLY_CONFIDENCE = 0.5  # a currency with no out-of-fold rows of its own: the global forecast, trusted less
+
+
 @dataclass
 class ForecastModel:
-    """A loaded ensemble with its calibration: everything one (currency, horizon) forecast needs."""
+    """Everything one (currency, horizon) forecast needs: the global ensemble it forecasts through, the
+    partition's scale of that forecast, the calibration of its intervals and its validation metrics."""
 
     currency: str
     horizon: int
-    version: str
+    version: str  # the partition's registered version, or "global-v<N>" for a global forecast alone
     name: str
-    ensemble: Ensemble
+    global_model: Ensemble
+    global_version: str
+    scale: float
     calibration: Calibration
+    metrics: dict[str, float] = field(default_factory=dict)  # on the currency's own out-of-fold rows
+    own_rows: int = 0
 
     @property
-    def metrics(self) -> dict[str, float]:
-        return self.ensemble.meta.get("metrics", {}).get("ensemble", {})
+    def global_only(self) -> bool:
+        from poe_pipeline.currency_model import MIN_OWN_ROWS
 
-    @property
-    def train_rows(self) -> int:
-        return int(self.ensemble.meta.get("data_window", {}).get("rows", 0) or 0)
+        return self.own_rows < MIN_OWN_ROWS
+
+    def predict_inputs(self, inputs: pl.DataFrame) -> np.ndarray:
+        return self.scale * self.global_model.predict_inputs(inputs)
 
     @classmethod
-    def load(cls, currency: str, horizon: int, version: str, directory: Path, vol_history: pl.DataFrame | None,
-             name: str = "") -> ForecastModel:
-        from poe_pipeline.modeling import Ensemble
+    def load(cls, currency: str, horizon: int, version: str, directory: Path, base: GlobalForecaster,
+             vol_history: pl.DataFrame | None, name: str = "") -> ForecastModel:
+        """A trained partition (``currency_model``) over the global model it was built on (``base``). Its
+        intervals are calibrated on its own out-of-fold residuals, or on the pooled ones when it has too few."""
+        from poe_pipeline.currency_model import RESIDUALS_FILE, read_currency_meta
 
-        ensemble = Ensemble(directory)
-        residuals = ensemble.residuals() if (Path(directory) / "residuals.parquet").exists() else None
-        if residuals is None or residuals.height == 0:
-            calibration = Calibration.from_arrays(np.array([]))
-        else:
-            calibration = Calibration.from_residual_frame(residuals, vol_history)
-        return cls(currency, horizon, version, name, ensemble, calibration)
+        meta = read_currency_meta(directory)
+        residuals = pl.read_parquet(Path(directory) / RESIDUALS_FILE)
+        own = Calibration.from_residual_frame(residuals, vol_history) if residuals.height else None
+        calibration = own if own is not None and own.count >= MIN_CONFORMAL and not POOLED_CALIBRATION \
+            else base.calibration
+        return cls(currency, horizon, version, name, base.ensemble, str(meta["global_version"]),
+                   float(meta["scale"]), calibration, meta.get("metrics", {}).get("specialised", {}),
+                   int(meta.get("own_rows", 0)))
 
 
 @dataclass(frozen=True)
@@ -324,51 +368,58 @@ def forecast(
 ) -> pl.DataFrame:
     """Prediction rows (``PREDICTIONS_SCHEMA``) for the feature rows at one origin, one per available model.
 
-    ``origin_rows`` holds one feature row per currency (all of the same league and date).
+    ``origin_rows`` holds one feature row per currency (all of the same league and date). Each global ensemble
+    forecasts every currency that uses it in one batched call.
     """
     from poe_pipeline.modeling import model_inputs
 
     created_at = created_at or datetime.now(UTC)
+    duplicated = origin_rows.filter(pl.col("currency").is_duplicated())
+    if duplicated.height:
+        raise ValueError(f"{duplicated.height} feature rows for {duplicated['currency'][0]} at one origin: "
+                         "pass one row per currency")
+    wanted = origin_rows.filter(pl.col("currency").is_in([c for c, _ in models]))
+    if wanted.height == 0:
+        return pl.DataFrame(schema=PREDICTIONS_SCHEMA)
+    inputs, _ = model_inputs(wanted, [])
+    index = {c: i for i, c in enumerate(wanted["currency"].to_list())}
+    global_forecasts: dict[int, np.ndarray] = {}  # one batched call per global ensemble
+    for m in models.values():
+        if id(m.global_model) not in global_forecasts:
+            global_forecasts[id(m.global_model)] = m.global_model.predict_inputs(inputs)
+    vols = _current_vols(wanted)
+    rows = {r["currency"]: r for r in wanted.iter_rows(named=True)}
     out: list[dict] = []
-    vols = _current_vols(origin_rows)
-    by_currency: dict[str, list[ForecastModel]] = {}
-    for (currency, _), model in models.items():
-        by_currency.setdefault(currency, []).append(model)
-    for currency, ms in by_currency.items():
-        rows = origin_rows.filter(pl.col("currency") == currency)
-        if rows.height == 0:
+    previous_half: dict[str, float] = {}
+    for m in sorted(models.values(), key=lambda m: (m.currency, m.horizon)):
+        if m.currency not in index:
             continue
-        if rows.height > 1:
-            raise ValueError(f"{rows.height} feature rows for {currency} at one origin: pass one row per currency")
-        row = rows.row(0, named=True)
-        inputs, _ = model_inputs(rows, [])
-        vol = vols.get(currency)
-        previous_half = 0.0
-        for m in sorted(ms, key=lambda m: m.horizon):
-            point = float(m.ensemble.predict_inputs(inputs)[0])
-            estimate = prediction_interval(point, m.calibration, vol, m.horizon, level,
-                                           seed=m.horizon)
-            half = max(estimate.half_width, previous_half)  # never narrower than a shorter horizon
-            previous_half = half
-            metrics = m.metrics
-            stale = int(row.get("days_since_observed") or 0)
-            price = float(row["price_chaos"])
-            out.append({
-                "league": row["league"], "currency": currency, "origin_date": row["date"],
-                "horizon_days": m.horizon, "current_price": price,
-                "predicted_price": price * math.exp(point),
-                "pred_lower": price * math.exp(point - half), "pred_upper": price * math.exp(point + half),
-                "interval_level": level,
-                "confidence": confidence_score(metrics.get("skill"), metrics.get("r2"), half,
-                                               estimate.residual_count, len(m.ensemble.feature_names),
-                                               m.train_rows, stale),
-                "model_version": m.version, "model_name": m.name, "predicted_logret": point,
-                "lower_logret": point - half, "upper_logret": point + half,
-                "interval_method": estimate.method, "residual_count": estimate.residual_count,
-                "skill": _finite(metrics.get("skill")), "r2": _finite(metrics.get("r2")),
-                "daily_volatility": volatility_scale(vol, m.calibration.reference_vol),
-                "days_since_observed": stale, "created_at": created_at,
-            })
+        row = rows[m.currency]
+        point = m.scale * float(global_forecasts[id(m.global_model)][index[m.currency]])
+        vol = vols.get(m.currency)
+        estimate = prediction_interval(point, m.calibration, vol, m.horizon, level, seed=m.horizon,
+                                       phase=interval_phase(row.get("league_day")))
+        half = max(estimate.half_width, previous_half.get(m.currency, 0.0))  # never narrower than a shorter horizon
+        previous_half[m.currency] = half
+        stale = int(row.get("days_since_observed") or 0)
+        price = float(row["price_chaos"])
+        confidence = confidence_score(m.metrics.get("skill"), m.metrics.get("r2"), half, estimate.residual_count,
+                                      days_since_observed=stale)
+        out.append({
+            "league": row["league"], "currency": m.currency, "origin_date": row["date"],
+            "horizon_days": m.horizon, "current_price": price,
+            "predicted_price": price * math.exp(point),
+            "pred_lower": price * math.exp(point - half), "pred_upper": price * math.exp(point + half),
+            "interval_level": level,
+            "confidence": confidence * (GLOBAL_ONLY_CONFIDENCE if m.global_only else 1.0),
+            "model_version": m.version, "model_name": m.name, "predicted_logret": point,
+            "lower_logret": point - half, "upper_logret": point + half,
+            "interval_method": estimate.method, "residual_count": estimate.residual_count,
+            "skill": _finite(m.metrics.get("skill")), "r2": _finite(m.metrics.get("r2")),
+            "daily_volatility": volatility_scale(vol, m.calibration.reference_vol),
+            "days_since_observed": stale, "created_at": created_at,
+            "global_model_version": m.global_version,
+        })
     frame = pl.DataFrame(out, schema=PREDICTIONS_SCHEMA)
     return frame.sort("currency", "horizon_days")
 
@@ -376,7 +427,12 @@ def forecast(
 # --- the lake ---------------------------------------------------------------------------------------------------
 
 
-ChampionLookup = Callable[[str, int], "tuple[str, Path] | None"]
+class ModelStore(Protocol):
+    """Where trained models live: ``tracking.ModelTracker`` (the MLflow registry) implements it."""
+
+    def champion(self, name: str) -> tuple[str, Path] | None: ...
+
+    def version_dir(self, name: str, version: str) -> Path: ...
 
 
 def _feature_files(lake: Lake) -> list[Path]:
@@ -391,7 +447,7 @@ def volatility_history(lake: Lake, currencies: Iterable[str]) -> pl.DataFrame:
     return (
         pl.scan_parquet(_feature_files(lake), hive_partitioning=False)
         .filter(pl.col("currency").is_in(list(currencies)))
-        .select("league", "currency", "date", *VOL_COLUMNS)
+        .select("league", "currency", "date", "league_day", *VOL_COLUMNS)
         .collect()
     )
 
@@ -437,42 +493,124 @@ class PredictionRun:
                             schema={"currency": pl.Utf8, "horizon": pl.Int64, "reason": pl.Utf8})
 
 
+@dataclass
+class GlobalForecaster:
+    """A loaded global ensemble with what a currency needs to forecast through it without a partition of its own:
+    the pooled scale and the pooled calibration of its out-of-fold forecasts."""
+
+    name: str
+    version: str
+    ensemble: Ensemble
+    pooled_scale: float
+    calibration: Calibration
+
+    @classmethod
+    def load(cls, name: str, version: str, directory: Path, vol_history: Callable[[list[str]], pl.DataFrame]
+             ) -> GlobalForecaster:
+        from poe_pipeline.currency_model import best_scale
+        from poe_pipeline.global_model import OOF_FILE
+        from poe_pipeline.modeling import Ensemble
+
+        ensemble = Ensemble(directory)
+        oof = pl.read_parquet(Path(directory) / OOF_FILE).filter(pl.col("in_pool"))
+        scale = best_scale(oof["actual_logret"].to_numpy(), oof["pred_logret"].to_numpy())
+        residuals = oof.select("league", "currency", "date",
+                               (pl.col("actual_logret") - scale * pl.col("pred_logret")).alias("residual"))
+        history = vol_history(sorted(set(residuals["currency"]))) if residuals.height else None
+        return cls(name, version, ensemble, scale, Calibration.from_residual_frame(residuals, history))
+
+    def for_currency(self, currency: str, horizon: int) -> ForecastModel:
+        """The global forecast alone, for a currency without a partition champion (confidence lowered)."""
+        return ForecastModel(currency, horizon, f"global-v{self.version}", self.name, self.ensemble, self.version,
+                             self.pooled_scale, self.calibration)
+
+
+class ModelCache:
+    """Loaded models, kept per process and keyed by registered version, so a new champion is picked up and an
+    unchanged one is never loaded twice."""
+
+    def __init__(self) -> None:
+        self._globals: dict[tuple[str, str], GlobalForecaster] = {}
+        self._partitions: dict[tuple[str, str], ForecastModel] = {}
+
+    def global_model(self, store: ModelStore, name: str, version: str,
+                     vol_history: Callable[[list[str]], pl.DataFrame]) -> GlobalForecaster:
+        key = (name, version)
+        if key not in self._globals:
+            self._globals[key] = GlobalForecaster.load(name, version, store.version_dir(name, version), vol_history)
+        return self._globals[key]
+
+    def partition(self, key: tuple[str, str], load: Callable[[], ForecastModel]) -> ForecastModel:
+        if key not in self._partitions:
+            self._partitions[key] = load()
+        return self._partitions[key]
+
+
+DEFAULT_CACHE = ModelCache()
+
+
 def load_champions(
     lake: Lake,
     currencies: Iterable[str],
     horizons: Iterable[int] = HORIZONS_DAYS,
-    champion: ChampionLookup | None = None,
-    vol_history: pl.DataFrame | None = None,
+    store: ModelStore | None = None,
+    cache: ModelCache | None = None,
 ) -> tuple[dict[tuple[str, int], ForecastModel], list[Skip]]:
-    """Every champion that exists and loads; a ``Skip`` with the reason for each one that does not."""
-    from poe_pipeline.tracking import registered_model_name
+    """A model for every (currency, horizon) that can be forecast: the partition's champion over the global
+    version it was built on, or, for a currency without one, the global champion alone (confidence lowered).
+    A ``Skip`` with the reason for each one that cannot."""
+    from poe_pipeline.tracking import global_model_name, registered_model_name
 
     currencies = list(dict.fromkeys(currencies))
     horizons = list(horizons)
-    if champion is None:
+    if store is None:
         from poe_pipeline.tracking import ModelTracker
 
-        champion = ModelTracker(lake).champion_dir
-    if vol_history is None:
-        vol_history = volatility_history(lake, currencies)
-    vols = {c: g for (c,), g in vol_history.partition_by("currency", as_dict=True).items()}
+        store = ModelTracker(lake)
+    cache = cache or DEFAULT_CACHE
+    histories: dict[tuple[str, ...], pl.DataFrame] = {}
+
+    def vol_history(names: list[str]) -> pl.DataFrame:
+        key = tuple(names)
+        if key not in histories:
+            histories[key] = volatility_history(lake, names)
+        return histories[key]
+
+    own_history = vol_history(currencies)
+    by_currency = {c: g for (c,), g in own_history.partition_by("currency", as_dict=True).items()}
     reasons = training_reasons(lake)
     models: dict[tuple[str, int], ForecastModel] = {}
     skipped: list[Skip] = []
-    for currency in currencies:
-        for h in horizons:
+    for h in horizons:
+        gname = global_model_name(h)
+        found = store.champion(gname)
+        if found is None:
+            skipped += [Skip(c, h, f"no champion model {gname}: train global_models first") for c in currencies]
+            continue
+        try:
+            champion_global = cache.global_model(store, gname, found[0], vol_history)
+        except Exception as exc:  # a broken artifact folder must not stop the other horizons
+            skipped += [Skip(c, h, f"global model {gname} v{found[0]} failed to load: {exc}") for c in currencies]
+            continue
+        for currency in currencies:
             name = registered_model_name(currency, h)
-            found = champion(currency, h)
-            if found is None:
-                why = reasons.get((currency, h))
-                reason = f"no champion model {name}" + (f": {why}" if why else ": train currency_models first")
-                skipped.append(Skip(currency, h, reason))
+            partition = store.champion(name)
+            if partition is None:
+                models[(currency, h)] = champion_global.for_currency(currency, h)
                 continue
-            version, directory = found
+            version, directory = partition
             try:
-                models[(currency, h)] = ForecastModel.load(currency, h, version, directory, vols.get(currency), name)
-            except Exception as exc:  # a broken artifact folder must not stop the other currencies
-                skipped.append(Skip(currency, h, f"champion {name} v{version} at {directory} failed to load: {exc}"))
+                from poe_pipeline.currency_model import read_currency_meta
+
+                built_on = str(read_currency_meta(directory)["global_version"])
+                base = cache.global_model(store, gname, built_on, vol_history)
+                models[(currency, h)] = cache.partition((name, version), functools.partial(
+                    ForecastModel.load, currency, h, version, directory, base, by_currency.get(currency),
+                    name))
+            except Exception as exc:
+                why = reasons.get((currency, h))
+                skipped.append(Skip(currency, h, f"champion {name} v{version} at {directory} failed to load: {exc}"
+                                    + (f" ({why})" if why else "")))
     return models, skipped
 
 
@@ -483,7 +621,7 @@ def predict_league(
     horizons: Iterable[int] = HORIZONS_DAYS,
     level: float = INTERVAL_LEVEL,
     origin: date | None = None,
-    champion: ChampionLookup | None = None,
+    store: ModelStore | None = None,
 ) -> PredictionRun:
     """Forecast every currency x horizon with a champion from the origin (default: the league's latest day).
 
@@ -491,7 +629,7 @@ def predict_league(
     """
     currencies = list(dict.fromkeys(currencies))
     origin, rows = origin_feature_rows(lake, league, origin)
-    models, skipped = load_champions(lake, currencies, horizons, champion)
+    models, skipped = load_champions(lake, currencies, horizons, store)
     present = set(rows["currency"])
     for currency in currencies:
         if currency not in present:

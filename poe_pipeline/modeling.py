@@ -1,19 +1,21 @@
-"""One forecasting ensemble per (currency, horizon): LightGBM, XGBoost and a RandomForest.
+"""The models' shared machinery: inputs, the three model kinds, walk-forward tuning and the saved ensemble.
+
+Two kinds of model are built on it (DESIGN: ``global_models`` and ``currency_models``):
+
+- ``global_model``: one ensemble per horizon, pooled over many currencies and every past league;
+- ``currency_model``: one per (currency, horizon), the global model specialised to that currency.
 
 - **Target.** The log-return over the horizon; the price forecast is ``price x exp(return)``.
-- **Data.** The currency's rows from every past non-event league plus the current league, where the target is
-  known. Training drops ``is_outlier`` days; inference never does.
-- **Walk-forward validation, never shuffled.** League folds train on the leagues before league k and validate on
-  league k. When the current league has enough labelled days, a last fold validates on its later days and trains
-  on everything before them, less an embargo of ``horizon`` days so that no training target is realised inside the
-  validation window. The last ``cv_folds`` folds are used.
-- **Tuning.** Optuna with a seeded TPE sampler and a median pruner that sees the running fold error. LightGBM is
-  the primary model and gets the whole trial budget; XGBoost half; the small RandomForest space a tenth. Early
-  stopping uses an inner hold-out, the last league of each training fold, never the validation fold.
-- **Ensemble.** Weights are inverse out-of-fold MAE, normalised; 0.5 / 0.3 / 0.2 when there are fewer than
-  ``MIN_OOF_ROWS`` out-of-fold rows. The ensemble's return is then shrunk towards persistence (0) by a factor
-  ``shrink`` in [0, 1] chosen on the out-of-fold predictions: a model with no skill becomes "no change".
-  The reported ensemble metrics use a cross-fitted shrink (chosen on the other folds), so they stay honest.
+- **Loss.** The metric is the mean absolute log error, so every model fits an L1 loss: LightGBM ``l1``, XGBoost
+  ``reg:absoluteerror``; the RandomForest (squared error only, at a usable speed) fits targets clipped to their
+  1-99 % range. Outlier days stay in training: what follows a jump is exactly what a forecaster must learn.
+- **Walk-forward, never shuffled.** A fold validates on one league and trains on the leagues before it; early
+  stopping uses the last of those leagues, never the validation league.
+- **Tuning.** Optuna with a seeded TPE sampler and a median pruner that sees the running fold error; the measured
+  default is always the first trial. LightGBM gets the profile's whole trial budget, XGBoost half, the small
+  RandomForest space a tenth. Each LightGBM Dataset is built once per fold and reused by every trial.
+- **Ensemble.** Weights minimise the blend's validation MAE over a grid of the simplex (``FALLBACK_WEIGHTS`` with
+  too few rows).
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ import hashlib
 import json
 import math
 import os
-import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import joblib
@@ -40,14 +41,11 @@ from poe_pipeline.settings import Profile
 
 MODEL_KINDS = ("lightgbm", "xgboost", "random_forest")
 FALLBACK_WEIGHTS = {"lightgbm": 0.5, "xgboost": 0.3, "random_forest": 0.2}
-MIN_TRAIN_ROWS = 120  # below this a currency is skipped: a model on a handful of days is noise
-MIN_OOF_ROWS = 30  # fewer out-of-fold rows than this: fallback weights
-MIN_CURRENT_FOLD_DAYS = 14  # labelled days the current league needs on each side of its own fold
-MIN_FOLD_TRAIN_ROWS = 60
-POOL_WEIGHT = 0.3  # a pooled row of a similar currency counts this much of one of the partition's own
+MIN_OOF_ROWS = 30  # fewer validation rows than this: fallback weights
 DIRECTION_THRESHOLD = math.log(1.01)  # directional accuracy counts only moves of at least 1 %
-SHRINK_GRID = np.linspace(0.0, 1.0, 21)
 ARTIFACT_FILES = {"lightgbm": "lightgbm.txt", "xgboost": "xgboost.ubj", "random_forest": "random_forest.joblib"}
+META_FILE = "ensemble.json"
+MAX_ROUNDS = 1000
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # LightGBM warns when a validation Dataset shares bins with its reference, which is the point of building it once.
@@ -56,49 +54,14 @@ warnings.filterwarnings("ignore", message="Ignoring params argument", module="li
 
 
 class SkipTraining(Exception):
-    """A partition that cannot be trained honestly; the message is the reason shown to users."""
-
-
-@dataclass
-class TrainingSet:
-    currency: str
-    horizon: int
-    feature_names: list[str]
-    X: np.ndarray
-    y: np.ndarray
-    leagues: np.ndarray
-    dates: np.ndarray  # datetime64[D]
-    league_order: list[str]  # chronological
-    is_target: np.ndarray  # rows of the partition's own currency (pooled rows of similar currencies are False)
-    weight: np.ndarray
-
-    @property
-    def rows(self) -> int:
-        return len(self.y)
-
-    @property
-    def target_rows(self) -> int:
-        return int(self.is_target.sum())
-
-    def data_hash(self) -> str:
-        digest = hashlib.sha256(np.ascontiguousarray(self.X).tobytes())
-        digest.update(self.y.tobytes())
-        digest.update(",".join(self.feature_names).encode())
-        return digest.hexdigest()[:16]
-
-
-@dataclass
-class Fold:
-    name: str
-    train: np.ndarray  # indices
-    valid: np.ndarray
-    inner_train: np.ndarray  # early stopping split of ``train``
-    inner_valid: np.ndarray
+    """A model that cannot be trained honestly; the message is the reason shown to users."""
 
 
 def target_column(horizon: int) -> str:
     return f"target_logret_{horizon}d"
 
+
+# --- inputs -----------------------------------------------------------------------------------------------------
 
 # Price levels differ by orders of magnitude across currencies and leagues (the Divine Orb went from 10 to 200 chaos
 # in 3.19), so trees that split on a level do not generalise. Models see levels only relative to today's price.
@@ -128,139 +91,179 @@ def model_inputs(rows: pl.DataFrame, feature_columns: list[str]) -> tuple[pl.Dat
     return rows.with_columns(**relative), names
 
 
-def training_set(
-    rows: pl.DataFrame,
-    feature_columns: list[str],
-    currency: str,
-    horizon: int,
-    league_order: list[str],
-    pool: list[str] | None = None,
-    pool_weight: float = POOL_WEIGHT,
-) -> TrainingSet:
-    """Rows of ``currency`` (and of the ``pool`` of similar currencies, down-weighted) in ``league_order``
-    (chronological, non-event) with a known target and no outlier."""
-    target = target_column(horizon)
-    members = [currency, *(pool or [])]
-    rows, feature_names = model_inputs(rows.filter(pl.col("currency").is_in(members)), feature_columns)
-    data = (
-        rows.filter(
-            pl.col("league").is_in(league_order)
-            & pl.col(target).is_not_null()
-            & ~pl.col("is_outlier").fill_null(False)
+@dataclass
+class ModelData:
+    """Rows with a known target as model matrices, in league order (chronological) then date and currency."""
+
+    horizon: int
+    feature_names: list[str]
+    X: np.ndarray  # float32
+    y: np.ndarray
+    weight: np.ndarray
+    leagues: np.ndarray
+    currencies: np.ndarray
+    dates: np.ndarray  # datetime64[D]
+    league_order: list[str]
+
+    @property
+    def rows(self) -> int:
+        return len(self.y)
+
+    def data_hash(self) -> str:
+        digest = hashlib.sha256(np.ascontiguousarray(self.X).tobytes())
+        digest.update(self.y.tobytes())
+        digest.update(",".join(self.feature_names).encode())
+        return digest.hexdigest()[:16]
+
+    def keys(self, index: np.ndarray | None = None) -> pl.DataFrame:
+        idx = slice(None) if index is None else index
+        return pl.DataFrame({"league": self.leagues[idx], "currency": self.currencies[idx],
+                             "date": self.dates[idx]})
+
+    @classmethod
+    def from_rows(cls, rows: pl.DataFrame, feature_columns: list[str], horizon: int,
+                  league_order: list[str]) -> ModelData:
+        target = target_column(horizon)
+        inputs, names = model_inputs(rows, feature_columns)
+        data = (
+            inputs.filter(pl.col("league").is_in(league_order) & pl.col(target).is_not_null())
+            .with_columns(pl.col("league").replace_strict({lg: i for i, lg in enumerate(league_order)},
+                                                          return_dtype=pl.Int32).alias("_order"))
+            .sort("_order", "date", "currency")
         )
-        .with_columns(pl.col("league").replace_strict({lg: i for i, lg in enumerate(league_order)}).alias("_order"))
-        .sort("_order", "date", "currency")
-    )
-    is_target = (data["currency"] == currency).to_numpy()
-    return TrainingSet(
-        currency=currency,
-        horizon=horizon,
-        feature_names=list(feature_names),
-        X=data.select(feature_names).cast(pl.Float32).to_numpy(),
-        y=data[target].to_numpy().astype(np.float64),
-        leagues=data["league"].to_numpy(),
-        dates=data["date"].to_numpy().astype("datetime64[D]"),
-        league_order=list(league_order),
-        is_target=is_target,
-        weight=np.where(is_target, 1.0, pool_weight),
-    )
+        return cls(
+            horizon=horizon,
+            feature_names=list(names),
+            X=data.select(names).cast(pl.Float32).to_numpy(),
+            y=data[target].to_numpy().astype(np.float64),
+            weight=np.ones(data.height),
+            leagues=data["league"].to_numpy(),
+            currencies=data["currency"].to_numpy(),
+            dates=data["date"].to_numpy().astype("datetime64[D]"),
+            league_order=list(league_order),
+        )
 
 
-def _inner_split(ts: TrainingSet, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Early-stopping hold-out inside a training fold: its last league, or its last 20 % of days."""
-    leagues = [lg for lg in ts.league_order if lg in set(ts.leagues[train])]
+# --- folds ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fold:
+    name: str
+    train: np.ndarray  # indices
+    valid: np.ndarray  # scored
+    inner_train: np.ndarray  # early-stopping split of ``train``
+    inner_valid: np.ndarray
+    extra: np.ndarray = field(default_factory=lambda: np.array([], dtype=int))  # predicted, never scored
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return np.concatenate([self.valid, self.extra])
+
+
+def _inner_split(data: ModelData, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Early-stopping hold-out inside a training fold: its last league, or its last 20 % of rows."""
+    leagues = [lg for lg in data.league_order if lg in set(data.leagues[train])]
     if len(leagues) >= 2:
-        last = train[ts.leagues[train] == leagues[-1]]
+        last = train[data.leagues[train] == leagues[-1]]
         if 20 <= len(last) <= len(train) // 2:
-            return train[ts.leagues[train] != leagues[-1]], last
+            return train[data.leagues[train] != leagues[-1]], last
     cut = int(len(train) * 0.8)
     return train[:cut], train[cut:]
 
 
-def walk_forward_folds(ts: TrainingSet, current_league: str, n_folds: int) -> list[Fold]:
-    """League folds, then a within-league fold of the current league; the last ``n_folds`` of them."""
-    idx = np.arange(ts.rows)
+def league_folds(data: ModelData, n_folds: int, exclude: Iterable[str] = (), train_mask: np.ndarray | None = None,
+                 extra_mask: np.ndarray | None = None, min_train_rows: int = 200,
+                 min_valid_rows: int = 30) -> list[Fold]:
+    """The last ``n_folds`` league folds: validate on the rows of league k where ``train_mask``, train on those of
+    the leagues before k; rows of league k where only ``extra_mask`` holds are predicted but never scored. Leagues
+    in ``exclude`` (the current one) are never validated on."""
+    idx = np.arange(data.rows)
+    trainable = np.ones(data.rows, dtype=bool) if train_mask is None else train_mask
+    extra = np.zeros(data.rows, dtype=bool) if extra_mask is None else extra_mask & ~trainable
     folds: list[Fold] = []
-    for k, league in enumerate(ts.league_order):
-        if league == current_league:
+    for k, league in enumerate(data.league_order):
+        if league in set(exclude):
             continue
-        train = idx[np.isin(ts.leagues, ts.league_order[:k])]
-        valid = idx[(ts.leagues == league) & ts.is_target]
-        if ts.is_target[train].sum() >= MIN_FOLD_TRAIN_ROWS and len(valid) >= 10:
-            folds.append(Fold(f"league:{league}", train, valid, *_inner_split(ts, train)))
-    in_current = ts.leagues == current_league
-    current = idx[in_current & ts.is_target]
-    if len(current) >= 2 * MIN_CURRENT_FOLD_DAYS:
-        days = np.unique(ts.dates[current])
-        cut = days[len(days) // 2]
-        valid = current[ts.dates[current] >= cut]
-        embargo = cut - np.timedelta64(ts.horizon, "D")
-        earlier = idx[np.isin(ts.leagues, ts.league_order[: ts.league_order.index(current_league)])]
-        train = np.concatenate([earlier, idx[in_current & (ts.dates < embargo)]])
-        if ts.is_target[train].sum() >= MIN_FOLD_TRAIN_ROWS:
-            folds.append(Fold(f"current:{current_league}>={cut}", train, valid, *_inner_split(ts, train)))
+        train = idx[np.isin(data.leagues, data.league_order[:k]) & trainable]
+        in_league = data.leagues == league
+        valid = idx[in_league & trainable]
+        if len(train) >= min_train_rows and len(valid) >= min_valid_rows:
+            folds.append(Fold(f"league:{league}", train, valid, *_inner_split(data, train), idx[in_league & extra]))
     return folds[-n_folds:] if n_folds > 0 else []
 
 
 # --- the three models -------------------------------------------------------------------------------------------
+
+DEFAULT_PARAMS = {
+    # measured on a walk-forward over five development leagues (Heist..Archnemesis): smaller, more regularised
+    # trees than LightGBM's defaults forecast better than "no change" on pooled data
+    "lightgbm": {"num_leaves": 15, "min_data_in_leaf": 300, "learning_rate": 0.05, "feature_fraction": 0.8,
+                 "bagging_fraction": 0.8, "lambda_l2": 1.0},
+    "xgboost": {"max_depth": 4, "min_child_weight": 100.0, "learning_rate": 0.05, "subsample": 0.8,
+                "colsample_bytree": 0.8, "reg_lambda": 1.0},
+    "random_forest": {"max_depth": 10, "min_samples_leaf": 200, "max_features": 0.3},
+}
+DEFAULT_ROUNDS = {"lightgbm": 400, "xgboost": 400, "random_forest": 40}
+MIN_PATIENCE = 50  # early stopping on an L1 loss is noisy: never stop after fewer rounds without progress
 
 
 def _lgb_params(trial: optuna.Trial | None, params: dict | None = None) -> dict:
     if params is None:
         assert trial is not None
         params = {
-            "num_leaves": trial.suggest_int("num_leaves", 20, 150),
-            "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.3, log=True),
-            "feature_fraction": trial.suggest_float("feature_fraction", 0.5, 1.0),
+            "num_leaves": trial.suggest_int("num_leaves", 7, 63, log=True),
+            "min_data_in_leaf": trial.suggest_int("min_data_in_leaf", 50, 2000, log=True),
+            "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.2, log=True),
+            "feature_fraction": trial.suggest_float("feature_fraction", 0.4, 1.0),
             "bagging_fraction": trial.suggest_float("bagging_fraction", 0.5, 1.0),
-            "min_child_samples": trial.suggest_int("min_child_samples", 10, 100),
-            "reg_alpha": trial.suggest_float("reg_alpha", 0.0, 2.0),
-            "reg_lambda": trial.suggest_float("reg_lambda", 0.0, 2.0),
+            "lambda_l2": trial.suggest_float("lambda_l2", 0.0, 10.0),
         }
-    return {
-        **params,
-        "objective": "huber",  # robust to the league-start jumps that survive the outlier filter
-        "alpha": 0.1,
-        "bagging_freq": 1,
-        "num_threads": 1,
-        "verbosity": -1,
-        "seed": 7,
-        "deterministic": True,
-        "force_col_wise": True,
-    }
+    return {**params, "objective": "l1", "bagging_freq": 1, "num_threads": 1, "verbosity": -1, "seed": 7,
+            "deterministic": True, "force_col_wise": True}
 
 
 def _xgb_params(trial: optuna.Trial | None, params: dict | None = None) -> dict:
     if params is None:
         assert trial is not None
         params = {
-            "max_depth": trial.suggest_int("max_depth", 3, 10),
-            "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.3, log=True),
-            "subsample": trial.suggest_float("subsample", 0.6, 1.0),
-            "colsample_bytree": trial.suggest_float("colsample_bytree", 0.6, 1.0),
-            "n_estimators": trial.suggest_int("n_estimators", 100, 500),
-            "reg_alpha": trial.suggest_float("reg_alpha", 0.0, 2.0),
-            "reg_lambda": trial.suggest_float("reg_lambda", 0.0, 2.0),
+            "max_depth": trial.suggest_int("max_depth", 3, 8),
+            "min_child_weight": trial.suggest_float("min_child_weight", 10.0, 1000.0, log=True),
+            "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.2, log=True),
+            "subsample": trial.suggest_float("subsample", 0.5, 1.0),
+            "colsample_bytree": trial.suggest_float("colsample_bytree", 0.4, 1.0),
+            "reg_lambda": trial.suggest_float("reg_lambda", 0.0, 10.0),
         }
-    return {**params, "objective": "reg:pseudohubererror", "huber_slope": 0.1, "nthread": 1, "seed": 7,
-            "tree_method": "hist", "verbosity": 0}
+    return {**params, "objective": "reg:absoluteerror", "tree_method": "hist", "max_bin": 63, "nthread": 1,
+            "seed": 7, "verbosity": 0}
 
 
 def _rf_params(trial: optuna.Trial | None, params: dict | None = None) -> dict:
     if params is None:
         assert trial is not None
         params = {
-            "max_depth": trial.suggest_categorical("max_depth", [4, 6, 10]),
-            "min_samples_leaf": trial.suggest_categorical("min_samples_leaf", [5, 20, 50]),
-            "max_features": trial.suggest_categorical("max_features", [0.2, 0.4]),
+            "max_depth": trial.suggest_categorical("max_depth", [6, 10, 14]),
+            "min_samples_leaf": trial.suggest_categorical("min_samples_leaf", [50, 200, 800]),
+            "max_features": trial.suggest_categorical("max_features", [0.2, 0.3, 0.5]),
         }
-    # It was 70 % of a partition's CPU with 80 trees on 70 % samples; averaging saturates well before that.
-    return {**params, "n_estimators": 50, "max_samples": 0.5, "n_jobs": 1, "random_state": 7}
+    # averaging saturates well before 40 trees; 15 % of the rows per tree keeps pooled data fast (a tree on 30 %
+    # took 0.37 s, and the forest was 60 % of a global model's training time)
+    return {**params, "max_samples": 0.15, "n_jobs": 1, "random_state": 7}
+
+
+PARAM_BUILDERS: dict[str, Callable] = {"lightgbm": _lgb_params, "xgboost": _xgb_params, "random_forest": _rf_params}
+TRIAL_SHARE = {"lightgbm": 1.0, "xgboost": 0.5, "random_forest": 0.1}
+
+
+def _clip_target(y: np.ndarray) -> np.ndarray:
+    """Squared-error forests chase jumps; they fit targets clipped to the 1-99 % range instead."""
+    lo, hi = np.quantile(y, [0.01, 0.99])
+    return np.clip(y, lo, hi)
 
 
 @dataclass
 class FoldData:
-    """Per-fold matrices, built once and reused by every trial (LightGBM Datasets included)."""
+    """Per-fold matrices, built once and reused by every trial."""
 
     fold: Fold
     lgb_train: lgb.Dataset
@@ -270,18 +273,19 @@ class FoldData:
     xgb_valid: xgb.DMatrix
 
 
-def _fold_data(ts: TrainingSet, folds: list[Fold]) -> list[FoldData]:
+def fold_data(data: ModelData, folds: list[Fold]) -> list[FoldData]:
     out = []
     for f in folds:
         it, iv = f.inner_train, f.inner_valid
-        lgb_train = lgb.Dataset(ts.X[it], ts.y[it], weight=ts.weight[it], feature_name=ts.feature_names,
+        lgb_train = lgb.Dataset(data.X[it], data.y[it], weight=data.weight[it], feature_name=data.feature_names,
                                 free_raw_data=False, params={"verbosity": -1, "max_bin": 63})
-        lgb_valid = lgb.Dataset(ts.X[iv], ts.y[iv], weight=ts.weight[iv], reference=lgb_train, free_raw_data=False)
+        lgb_valid = lgb.Dataset(data.X[iv], data.y[iv], weight=data.weight[iv], reference=lgb_train,
+                                free_raw_data=False)
         out.append(FoldData(
             f, lgb_train.construct(), lgb_valid.construct(),
-            xgb.DMatrix(ts.X[it], ts.y[it], weight=ts.weight[it], nthread=1),
-            xgb.DMatrix(ts.X[iv], ts.y[iv], weight=ts.weight[iv], nthread=1),
-            xgb.DMatrix(ts.X[f.valid], nthread=1),
+            xgb.DMatrix(data.X[it], data.y[it], weight=data.weight[it], nthread=1),
+            xgb.DMatrix(data.X[iv], data.y[iv], weight=data.weight[iv], nthread=1),
+            xgb.DMatrix(data.X[f.predicted], nthread=1),
         ))
     return out
 
@@ -292,41 +296,33 @@ def _fit_lgb(params: dict, train: lgb.Dataset, valid: lgb.Dataset | None, rounds
                      callbacks=callbacks)
 
 
-def _fit_xgb(params: dict, train: xgb.DMatrix, valid: xgb.DMatrix | None, early: int) -> xgb.Booster:
-    p = {k: v for k, v in params.items() if k != "n_estimators"}
-    return xgb.train(p, train, num_boost_round=params["n_estimators"],
-                     evals=[(valid, "valid")] if valid is not None else (),
+def _fit_xgb(params: dict, train: xgb.DMatrix, valid: xgb.DMatrix | None, rounds: int, early: int) -> xgb.Booster:
+    return xgb.train(params, train, num_boost_round=rounds, evals=[(valid, "valid")] if valid is not None else (),
                      early_stopping_rounds=early if valid is not None else None, verbose_eval=False)
 
 
 def _predict_xgb(model: xgb.Booster, data: xgb.DMatrix) -> np.ndarray:
     best = getattr(model, "best_iteration", None)
-    rng = (0, best + 1) if best is not None else (0, 0)
-    return model.predict(data, iteration_range=rng)
+    return model.predict(data, iteration_range=(0, best + 1) if best is not None else (0, 0))
 
 
-def _fold_predict(kind: str, params: dict, fd: FoldData, ts: TrainingSet, early: int) -> tuple[np.ndarray, int]:
-    """Fit on a fold's training rows, predict its validation rows; also the boosting rounds used."""
+def _fit_forest(params: dict, X: np.ndarray, y: np.ndarray, w: np.ndarray, trees: int) -> RandomForestRegressor:
+    return RandomForestRegressor(**params, n_estimators=trees).fit(X, _clip_target(y), sample_weight=w)
+
+
+def _fold_predict(kind: str, params: dict, fd: FoldData, data: ModelData, early: int) -> tuple[np.ndarray, int]:
+    """Fit on a fold's training rows, predict its validation and extra rows; also the boosting rounds used."""
     f = fd.fold
     if kind == "lightgbm":
-        model = _fit_lgb(params, fd.lgb_train, fd.lgb_inner_valid, 1000, early)
-        return model.predict(ts.X[f.valid], num_iteration=model.best_iteration), model.best_iteration or 1000
+        model = _fit_lgb(params, fd.lgb_train, fd.lgb_inner_valid, MAX_ROUNDS, early)
+        return (model.predict(data.X[f.predicted], num_iteration=model.best_iteration),
+                model.best_iteration or MAX_ROUNDS)
     if kind == "xgboost":
-        model = _fit_xgb(params, fd.xgb_train, fd.xgb_inner_valid, early)
-        return _predict_xgb(model, fd.xgb_valid), (model.best_iteration or params["n_estimators"] - 1) + 1
-    rf = RandomForestRegressor(**params).fit(ts.X[f.train], _clip_target(ts.y[f.train]),
-                                             sample_weight=ts.weight[f.train])
-    return rf.predict(ts.X[f.valid]), params["n_estimators"]
-
-
-def _clip_target(y: np.ndarray) -> np.ndarray:
-    """Squared-error forests chase league-start jumps; clip their training target to its 1-99 % range."""
-    lo, hi = np.quantile(y, [0.01, 0.99])
-    return np.clip(y, lo, hi)
-
-
-PARAM_BUILDERS: dict[str, Callable] = {"lightgbm": _lgb_params, "xgboost": _xgb_params, "random_forest": _rf_params}
-TRIAL_SHARE = {"lightgbm": 1.0, "xgboost": 0.5, "random_forest": 0.1}
+        model = _fit_xgb(params, fd.xgb_train, fd.xgb_inner_valid, MAX_ROUNDS, early)
+        return _predict_xgb(model, fd.xgb_valid), (model.best_iteration or MAX_ROUNDS - 1) + 1
+    trees = DEFAULT_ROUNDS["random_forest"]
+    rf = _fit_forest(params, data.X[f.train], data.y[f.train], data.weight[f.train], trees)
+    return forest_predict(rf, data.X[f.predicted]), trees
 
 
 @dataclass
@@ -334,30 +330,31 @@ class Tuned:
     kind: str
     params: dict
     rounds: int
-    oof: np.ndarray  # out-of-fold predictions, aligned with ``oof_index``
+    oof: list[np.ndarray]  # the best trial's predictions of each fold's ``predicted`` rows
     trials: int
 
 
-def tune(kind: str, ts: TrainingSet, fold_data: list[FoldData], profile: Profile, seed: int) -> Tuned:
-    """Optuna over the model's space; objective: mean validation MAE across folds (pruned fold by fold)."""
+def tune(kind: str, data: ModelData, folds: list[FoldData], profile: Profile, seed: int) -> Tuned:
+    """Optuna over the model's space; objective: mean validation MAE across folds (pruned fold by fold).
+
+    The measured default is the first trial, so a tiny budget never does worse than it."""
     build = PARAM_BUILDERS[kind]
     n_trials = max(1, round(profile.optuna_trials * TRIAL_SHARE[kind]))
-    early = profile.early_stopping_rounds
-
-    fold_outputs: dict[int, tuple[list[np.ndarray], list[int]]] = {}  # trial -> its fold predictions and rounds
+    early = max(profile.early_stopping_rounds, MIN_PATIENCE)
+    outputs: dict[int, tuple[list[np.ndarray], list[int]]] = {}
 
     def objective(trial: optuna.Trial) -> float:
         params = build(trial)
         errors, preds, rounds = [], [], []
-        for step, fd in enumerate(fold_data):
-            pred, used = _fold_predict(kind, params, fd, ts, early)
+        for step, fd in enumerate(folds):
+            pred, used = _fold_predict(kind, params, fd, data, early)
             preds.append(pred)
             rounds.append(used)
-            errors.append(float(np.mean(np.abs(ts.y[fd.fold.valid] - pred))))
+            errors.append(float(np.mean(np.abs(data.y[fd.fold.valid] - pred[: len(fd.fold.valid)]))))
             trial.report(float(np.mean(errors)), step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
-        fold_outputs[trial.number] = (preds, rounds)
+        outputs[trial.number] = (preds, rounds)
         return float(np.mean(errors))
 
     study = optuna.create_study(
@@ -365,17 +362,39 @@ def tune(kind: str, ts: TrainingSet, fold_data: list[FoldData], profile: Profile
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, n_trials)),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0),
     )
+    study.enqueue_trial(DEFAULT_PARAMS[kind])
     study.optimize(objective, n_trials=n_trials)
-    # the best trial ran every fold (a pruned trial is never best): its predictions are the out-of-fold ones
-    preds, rounds = fold_outputs[study.best_trial.number]
-    return Tuned(kind, dict(study.best_params), int(np.median(rounds)), np.concatenate(preds), len(study.trials))
+    # the best trial ran every fold (a pruned trial is never best): its predictions are the fold predictions
+    preds, rounds = outputs[study.best_trial.number]
+    return Tuned(kind, dict(study.best_params), int(np.median(rounds)), preds, len(study.trials))
+
+
+def validation_weights(y: np.ndarray, preds: dict[str, np.ndarray], step: float = 0.1) -> dict[str, float]:
+    """Ensemble weights that minimise the blend's validation MAE, over a grid of the simplex (``step`` apart);
+    fallback weights with too few rows. Unlike inverse-MAE weights, a model that adds nothing gets 0."""
+    if len(y) < MIN_OOF_ROWS:
+        return dict(FALLBACK_WEIGHTS)
+    kinds = list(preds)
+    ticks = round(1 / step)
+    best, best_mae = None, float("inf")
+    for a in range(ticks + 1):
+        for b in range(ticks + 1 - a):
+            w = dict(zip(kinds, (a / ticks, b / ticks, (ticks - a - b) / ticks), strict=True))
+            mae = float(np.mean(np.abs(y - blend(w, preds))))
+            if mae < best_mae - 1e-12:
+                best, best_mae = w, mae
+    return best
+
+
+def blend(weights: dict[str, float], preds: dict[str, np.ndarray]) -> np.ndarray:
+    return sum(weights[k] * preds[k] for k in weights)
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------
 
 
 def forecast_metrics(y: np.ndarray, pred: np.ndarray, persistence_mae: float | None = None) -> dict[str, float]:
-    """MAE of log-return, MAPE of the price, directional accuracy on >= 1 % moves, R2, skill."""
+    """MAE of log-return, its median, MAPE of the price, directional accuracy on >= 1 % moves, R2, skill."""
     if len(y) == 0:
         return {}
     err = y - pred
@@ -385,246 +404,103 @@ def forecast_metrics(y: np.ndarray, pred: np.ndarray, persistence_mae: float | N
     direction = float(np.mean(np.sign(pred[moved]) == np.sign(y[moved]))) if moved.any() else float("nan")
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     r2 = 1.0 - float(np.sum(err**2)) / ss_tot if ss_tot > 0 else float("nan")
-    out = {"mae_logret": mae, "mape_price": mape, "directional_accuracy": direction, "r2": r2, "n": float(len(y))}
+    out = {"mae_logret": mae, "median_ae_logret": float(np.median(np.abs(err))), "mape_price": mape,
+           "directional_accuracy": direction, "r2": r2, "n": float(len(y))}
     if persistence_mae is not None:
         out["skill"] = 1.0 - mae / persistence_mae if persistence_mae > 0 else 0.0
     return out
 
 
-def _best_shrink(y: np.ndarray, pred: np.ndarray) -> float:
-    maes = [np.mean(np.abs(y - a * pred)) for a in SHRINK_GRID]
-    return float(SHRINK_GRID[int(np.argmin(maes))])
+def all_finite(metrics: dict[str, dict[str, float]], keys: tuple[str, ...] = ("mae_logret", "skill")) -> bool:
+    """No NaN or infinity where a promotion decision reads (a poisoned price yields those)."""
+    return all(math.isfinite(m.get(k, 0.0)) for m in metrics.values() for k in keys if k in m)
 
 
-def cross_fitted_shrink(y: np.ndarray, pred: np.ndarray, fold_ids: np.ndarray) -> np.ndarray:
-    """Each fold's predictions shrunk by the factor the other folds chose (the fold itself never votes)."""
-    out = np.empty_like(pred)
-    folds = np.unique(fold_ids)
-    for f in folds:
-        mask = fold_ids == f
-        others = ~mask
-        a = _best_shrink(y[others], pred[others]) if others.any() else 1.0
-        out[mask] = a * pred[mask]
-    return out
+# --- fitting and saving an ensemble -----------------------------------------------------------------------------
 
 
-# --- training one partition -------------------------------------------------------------------------------------
-
-
-@dataclass
-class PartitionResult:
-    currency: str
-    horizon: int
-    trained: bool
-    reason: str = ""
-    weights: dict[str, float] = field(default_factory=dict)
-    shrink: float = 1.0
-    params: dict[str, dict] = field(default_factory=dict)
-    rounds: dict[str, int] = field(default_factory=dict)
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # per model, "ensemble", "persistence"
-    folds: list[str] = field(default_factory=list)
-    data_window: dict = field(default_factory=dict)
-    feature_names: list[str] = field(default_factory=list)
-    feature_importance: dict[str, float] = field(default_factory=dict)
-    artifact_dir: str = ""
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def validation_mae(self) -> float:
-        return self.metrics.get("ensemble", {}).get("mae_logret", float("nan"))
-
-    @property
-    def fold_signature(self) -> str:
-        return "|".join(self.folds)
-
-
-@dataclass
-class Validation:
-    """What tuning and walk-forward validation decided for a partition; a warm refit reuses it as it is."""
-
-    params: dict[str, dict]
-    rounds: dict[str, int]
-    weights: dict[str, float]
-    shrink: float
-    metrics: dict[str, dict[str, float]]
-    folds: list[str]
-    residuals: pl.DataFrame  # league, date, actual_logret, residual (cross-fitted), fold
-
-    @classmethod
-    def of(cls, result: PartitionResult) -> Validation:
-        """The validation behind a trained result (its residuals are read from the artifact folder)."""
-        return cls(result.params, result.rounds, result.weights, result.shrink, result.metrics, result.folds,
-                   pl.read_parquet(Path(result.artifact_dir) / "residuals.parquet"))
-
-
-DEFAULT_PARAMS = {
-    "lightgbm": {"num_leaves": 31, "learning_rate": 0.05, "feature_fraction": 0.8, "bagging_fraction": 0.8,
-                 "min_child_samples": 30, "reg_alpha": 0.0, "reg_lambda": 1.0},
-    "xgboost": {"max_depth": 4, "learning_rate": 0.05, "subsample": 0.8, "colsample_bytree": 0.8,
-                "n_estimators": 200, "reg_alpha": 0.0, "reg_lambda": 1.0},
-    "random_forest": {"max_depth": 6, "min_samples_leaf": 20, "max_features": 0.4},
-}
-
-
-def validate(ts: TrainingSet, current_league: str, profile: Profile, seed: int) -> Validation:
-    """Tune each model on the walk-forward folds, then weigh the ensemble and choose its shrink out of fold."""
-    folds = walk_forward_folds(ts, current_league, profile.cv_folds)
-    fold_data = _fold_data(ts, folds)
-    oof_index = np.concatenate([f.valid for f in folds]) if folds else np.array([], dtype=int)
-    fold_ids = np.concatenate([np.full(len(f.valid), i) for i, f in enumerate(folds)]) if folds else oof_index
-    y_oof = ts.y[oof_index]
-
-    tuned: dict[str, Tuned] = {}
-    for kind in MODEL_KINDS:
-        if folds:
-            tuned[kind] = tune(kind, ts, fold_data, profile, seed)
-        else:  # nothing to validate on: default parameters, no tuning
-            tuned[kind] = Tuned(kind, DEFAULT_PARAMS[kind], 200, np.array([]), 0)
-
-    persistence_mae = float(np.mean(np.abs(y_oof))) if len(y_oof) else float("nan")
-    model_mae = {k: float(np.mean(np.abs(y_oof - t.oof))) if len(y_oof) else float("nan") for k, t in tuned.items()}
-    if len(y_oof) >= MIN_OOF_ROWS:
-        inverse = {k: 1.0 / max(m, 1e-9) for k, m in model_mae.items()}
-        weights = {k: v / sum(inverse.values()) for k, v in inverse.items()}
-    else:
-        weights = dict(FALLBACK_WEIGHTS)
-
-    metrics: dict[str, dict[str, float]] = {"persistence": forecast_metrics(y_oof, np.zeros_like(y_oof),
-                                                                           persistence_mae)}
-    for kind, t in tuned.items():
-        metrics[kind] = forecast_metrics(y_oof, t.oof, persistence_mae)
-    if len(y_oof):
-        blend = sum(weights[k] * tuned[k].oof for k in MODEL_KINDS)
-        shrink = _best_shrink(y_oof, blend)
-        honest = cross_fitted_shrink(y_oof, blend, fold_ids)
-        metrics["ensemble"] = forecast_metrics(y_oof, honest, persistence_mae)
-        metrics["ensemble_unshrunk"] = forecast_metrics(y_oof, blend, persistence_mae)
-        residuals = y_oof - honest
-    else:
-        shrink, residuals = 0.0, np.array([])  # unvalidated: forecast "no change" and say so
-    return Validation(
-        params={k: t.params for k, t in tuned.items()}, rounds={k: t.rounds for k, t in tuned.items()},
-        weights=weights, shrink=shrink, metrics=metrics, folds=[f.name for f in folds],
-        residuals=pl.DataFrame({"league": ts.leagues[oof_index], "date": ts.dates[oof_index],
-                                "actual_logret": y_oof, "residual": residuals, "fold": fold_ids.astype(np.int32)}),
-    )
-
-
-def train_partition(
-    rows: pl.DataFrame,
-    feature_names: list[str],
-    currency: str,
-    horizon: int,
-    league_order: list[str],
-    current_league: str,
-    profile: Profile,
-    out_dir: Path,
-    seed: int = 42,
-    pool: list[str] | None = None,
-    warm: Validation | None = None,
-) -> PartitionResult:
-    """Tune, validate and fit the ensemble of one (currency, horizon); write its artifacts to ``out_dir``.
-
-    ``pool``: similar currencies whose rows join the training data at ``POOL_WEIGHT``; validation and metrics
-    use the partition's own currency only. ``warm``: an earlier validation of this partition; its
-    hyperparameters, weights, shrink and residuals are kept and only the final models are refitted on ``rows``
-    (a cheap refit between full re-tunes).
-    """
-    started = time.perf_counter()
-    ts = training_set(rows, feature_names, currency, horizon, league_order, pool)
-    result = PartitionResult(currency, horizon, trained=False, feature_names=ts.feature_names)
-    if ts.target_rows < MIN_TRAIN_ROWS:
-        result.reason = (f"only {ts.target_rows} labelled rows for {currency} at {horizon}d "
-                         f"(at least {MIN_TRAIN_ROWS} are needed)")
-        return result
-    if current_league not in set(ts.leagues[ts.is_target]):
-        result.reason = f"{currency} has no labelled rows in the current league {current_league}"
-        return result
-    checked = warm if warm is not None else validate(ts, current_league, profile, seed)
-
-    # Final models on every row, with the rounds that early stopping chose on the folds.
+def fit_ensemble(data: ModelData, params: dict[str, dict], rounds: dict[str, int], weights: dict[str, float],
+                 out_dir: Path, index: np.ndarray | None = None) -> dict[str, float]:
+    """Fit the final models that carry weight on ``data`` (its rows ``index``) and save them natively; a model
+    the validation gave no weight is not fitted. Returns the gain importance per feature of the boosted models
+    that were fitted, normalised."""
+    idx = np.arange(data.rows) if index is None else index
+    X, y, w = data.X[idx], data.y[idx], data.weight[idx]
     out_dir.mkdir(parents=True, exist_ok=True)
-    lgb_model = lgb.train(_lgb_params(None, checked.params["lightgbm"]),
-                          lgb.Dataset(ts.X, ts.y, weight=ts.weight, feature_name=ts.feature_names,
-                                      params={"max_bin": 63}),
-                          num_boost_round=max(checked.rounds["lightgbm"], 10))
-    lgb_model.save_model(str(out_dir / ARTIFACT_FILES["lightgbm"]))
-    xgb_params = _xgb_params(None, checked.params["xgboost"]) | {"n_estimators": max(checked.rounds["xgboost"], 10)}
-    xgb_model = _fit_xgb(xgb_params, xgb.DMatrix(ts.X, ts.y, weight=ts.weight, nthread=1,
-                                                 feature_names=ts.feature_names), None, 0)
-    xgb_model.save_model(str(out_dir / ARTIFACT_FILES["xgboost"]))
-    rf = RandomForestRegressor(**_rf_params(None, checked.params["random_forest"])).fit(
-        ts.X, _clip_target(ts.y), sample_weight=ts.weight)
-    joblib.dump(rf, out_dir / ARTIFACT_FILES["random_forest"], compress=3)
-
-    gain = lgb_model.feature_importance(importance_type="gain")
+    gain = np.zeros(len(data.feature_names))
+    if weights.get("lightgbm", 0) > 0:
+        lgb_model = lgb.train(_lgb_params(None, params["lightgbm"]),
+                              lgb.Dataset(X, y, weight=w, feature_name=data.feature_names, params={"max_bin": 63}),
+                              num_boost_round=max(rounds["lightgbm"], 10))
+        lgb_model.save_model(str(out_dir / ARTIFACT_FILES["lightgbm"]))
+        g = lgb_model.feature_importance(importance_type="gain")
+        gain += weights["lightgbm"] * g / (g.sum() or 1.0)
+    if weights.get("xgboost", 0) > 0:
+        xgb_model = _fit_xgb(_xgb_params(None, params["xgboost"]),
+                             xgb.DMatrix(X, y, weight=w, nthread=1, feature_names=data.feature_names),
+                             None, max(rounds["xgboost"], 10), 0)
+        xgb_model.save_model(str(out_dir / ARTIFACT_FILES["xgboost"]))
+        scores = xgb_model.get_score(importance_type="total_gain")
+        g = np.array([scores.get(n, 0.0) for n in data.feature_names])
+        gain += weights["xgboost"] * g / (g.sum() or 1.0)
+    if weights.get("random_forest", 0) > 0:
+        rf = _fit_forest(_rf_params(None, params["random_forest"]), X, y, w, rounds["random_forest"])
+        joblib.dump(rf, out_dir / ARTIFACT_FILES["random_forest"], compress=3)
     total = float(gain.sum()) or 1.0
-    importance = dict(sorted(((n, float(g) / total) for n, g in zip(ts.feature_names, gain, strict=True)),
-                             key=lambda kv: -kv[1]))
-    result.trained = True
-    result.weights = checked.weights
-    result.shrink = checked.shrink
-    result.params = checked.params
-    result.rounds = checked.rounds
-    result.metrics = checked.metrics
-    result.folds = checked.folds
-    result.data_window = {
-        "first_date": str(ts.dates.min()), "last_date": str(ts.dates.max()), "rows": ts.target_rows,
-        "pooled_rows": ts.rows - ts.target_rows, "pool": ",".join(pool or []),
-        "leagues": sorted(set(ts.leagues.tolist()), key=ts.league_order.index), "data_hash": ts.data_hash(),
-        "oof_rows": checked.residuals.height, "warm_refit": warm is not None,
-    }
-    result.feature_importance = importance
-    result.artifact_dir = str(out_dir)
-    checked.residuals.write_parquet(out_dir / "residuals.parquet")
-    result.seconds = time.perf_counter() - started
-    (out_dir / "ensemble.json").write_text(json.dumps(result.as_dict(), indent=1, default=str))
-    return result
+    return dict(sorted(((n, float(g) / total) for n, g in zip(data.feature_names, gain, strict=True)),
+                       key=lambda kv: -kv[1]))
 
 
-# --- loading a trained ensemble ---------------------------------------------------------------------------------
+def write_meta(out_dir: Path, meta: dict) -> None:
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
 
 
 class Ensemble:
-    """A trained ensemble loaded from its artifact folder (native formats plus ``ensemble.json``)."""
+    """A saved ensemble: the LightGBM, XGBoost and RandomForest models that carry weight, in their native formats,
+    plus ``ensemble.json`` (feature names and weights)."""
 
     def __init__(self, directory: Path):
         directory = Path(directory)
         self.directory = directory
-        self.meta = json.loads((directory / "ensemble.json").read_text())
+        self.meta = json.loads((directory / META_FILE).read_text())
         self.feature_names: list[str] = self.meta["feature_names"]
-        self.weights: dict[str, float] = self.meta["weights"]
-        self.shrink: float = float(self.meta["shrink"])
-        self.lightgbm = lgb.Booster(model_file=str(directory / ARTIFACT_FILES["lightgbm"]), params={"num_threads": 1})
-        self.xgboost = xgb.Booster(params={"nthread": 1})
-        self.xgboost.load_model(str(directory / ARTIFACT_FILES["xgboost"]))
-        # joblib: 20x faster to load than skops for a forest; these files come only from our own training runs.
-        self.random_forest = joblib.load(directory / ARTIFACT_FILES["random_forest"])
+        self.weights: dict[str, float] = {k: float(w) for k, w in self.meta["weights"].items() if w > 0}
+        self.models: dict[str, object] = {}
+        if "lightgbm" in self.weights:
+            self.models["lightgbm"] = lgb.Booster(model_file=str(directory / ARTIFACT_FILES["lightgbm"]),
+                                                  params={"num_threads": 1})
+        if "xgboost" in self.weights:
+            booster = xgb.Booster(params={"nthread": 1})
+            booster.load_model(str(directory / ARTIFACT_FILES["xgboost"]))
+            self.models["xgboost"] = booster
+        if "random_forest" in self.weights:
+            # joblib: 20x faster to load than skops for a forest; the files come only from our own training runs
+            self.models["random_forest"] = joblib.load(directory / ARTIFACT_FILES["random_forest"])
 
-    def residuals(self) -> pl.DataFrame:
-        return pl.read_parquet(self.directory / "residuals.parquet")
-
-    def predict(self, rows: pl.DataFrame) -> np.ndarray:
-        """Predicted log-returns for feature rows (columns ``feature_names``)."""
-        return self.predict_inputs(model_inputs(rows, [])[0])
+    def predict_parts(self, inputs: pl.DataFrame) -> dict[str, np.ndarray]:
+        """Each weighted model's predicted log-return for rows that went through ``model_inputs``."""
+        X = inputs.select(self.feature_names).cast(pl.Float32).to_numpy()
+        parts = {}
+        for kind, model in self.models.items():
+            if kind == "lightgbm":
+                parts[kind] = model.predict(X)
+            elif kind == "xgboost":
+                parts[kind] = model.predict(xgb.DMatrix(X, nthread=1, feature_names=self.feature_names))
+            else:
+                parts[kind] = forest_predict(model, X)
+        return parts
 
     def predict_inputs(self, inputs: pl.DataFrame) -> np.ndarray:
-        """``predict`` for rows that already went through ``model_inputs`` (once for every horizon)."""
-        X = inputs.select(self.feature_names).cast(pl.Float32).to_numpy()
-        parts = {
-            "lightgbm": self.lightgbm.predict(X),
-            "xgboost": self.xgboost.predict(xgb.DMatrix(X, nthread=1, feature_names=self.feature_names)),
-            "random_forest": forest_predict(self.random_forest, X),
-        }
-        return self.shrink * sum(self.weights[k] * parts[k] for k in MODEL_KINDS)
+        return blend(self.weights, self.predict_parts(inputs))
+
+    def predict(self, rows: pl.DataFrame) -> np.ndarray:
+        """Predicted log-returns for feature rows."""
+        return self.predict_inputs(model_inputs(rows, [])[0])
 
 
 def forest_predict(forest: RandomForestRegressor, X: np.ndarray) -> np.ndarray:
     """The forest's prediction, the mean of its trees', without the per-tree joblib dispatch of
-    ``forest.predict`` (about 0.7 ms a tree: 35 ms for one row, most of a forecast's time)."""
+    ``forest.predict`` (about 0.7 ms a tree: most of a one-row forecast's time)."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     return np.mean([tree.predict(X, check_input=False) for tree in forest.estimators_], axis=0)
 
@@ -633,26 +509,3 @@ def limit_threads() -> None:
     """One thread per model: processes, not threads, give the parallelism (never oversubscribe 2 cores)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
-
-
-def similar_currencies(rows: pl.DataFrame, currency: str, k: int, min_overlap: int = 60) -> list[str]:
-    """The ``k`` currencies whose daily (winsorized) log-returns correlate most with ``currency``'s.
-
-    Correlation is over the (league, date) days both were observed in ``rows``; pass only data up to the
-    forecast origin and this stays leak-free.
-    """
-    if k <= 0:
-        return []
-    returns = rows.filter(~pl.col("is_imputed")).select("league", "date", "currency", "logret_1d_winsorized")
-    mine = returns.filter(pl.col("currency") == currency).select(
-        "league", "date", pl.col("logret_1d_winsorized").alias("mine"))
-    scored = (
-        returns.filter(pl.col("currency") != currency)
-        .join(mine, on=["league", "date"])
-        .drop_nulls()
-        .group_by("currency")
-        .agg(pl.corr("logret_1d_winsorized", "mine").alias("corr"), pl.len().alias("n"))
-        .filter((pl.col("n") >= min_overlap) & pl.col("corr").is_finite())
-        .sort(["corr", "currency"], descending=[True, False])
-    )
-    return scored.head(k)["currency"].to_list()

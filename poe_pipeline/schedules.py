@@ -148,7 +148,7 @@ def automation_conditions() -> dict[str, dg.AutomationCondition]:
         "features": dg.AutomationCondition.eager(),
         "currency_universe": dg.AutomationCondition.eager(),
         # after new features (daily) and after retrained models (weekly, or a degradation retrain)
-        "predictions": _eager_despite_missing("currency_models"),
+        "predictions": _eager_despite_missing("global_models", "currency_models"),
         "investment_report": dg.AutomationCondition.eager(),
     }
 

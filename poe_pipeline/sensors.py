@@ -75,8 +75,9 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def retrain_run_config(currencies: list[str], horizons: list[str]) -> dict:
-    return {"ops": {"retrain_partitions": {"config": {"currencies": currencies, "horizons": horizons}}}}
+def retrain_run_config(currencies: list[str], horizons: list[str], retrain_global: bool = True) -> dict:
+    return {"ops": {"retrain_partitions": {"config": {"currencies": currencies, "horizons": horizons,
+                                                      "retrain_global": retrain_global}}}}
 
 
 @dg.sensor(
@@ -99,7 +100,8 @@ def new_currency_partitions(context: dg.SensorEvaluationContext, lake: LakeResou
         dynamic_partitions_requests=[currency_partitions.build_add_request(new)],
         run_requests=[dg.RunRequest(
             run_key=f"new-currencies-{_key(new)}",
-            run_config=retrain_run_config(new, list(HORIZON_KEYS)),
+            # the global models already forecast them: the new partitions only specialise the current champions
+            run_config=retrain_run_config(new, list(HORIZON_KEYS), retrain_global=False),
             tags={"poe/trigger": "new_currencies"},
         )],
     )

@@ -1,4 +1,7 @@
-"""MLflow: one run per (currency, horizon) training, a registered model per partition, a ``champion`` alias.
+"""MLflow: one run per training, a registered model per global model and per partition, a ``champion`` alias.
+
+Global models are registered as ``poe-global-<h>d``, partitions as ``poe-<currency slug>-<h>d``; a partition's
+version is tagged with the global version it was built on.
 
 Tracking uses ``sqlite:///<lake>/mlflow/mlflow.db`` (the file store is deprecated in MLflow 3) with artifacts
 under ``<lake>/mlflow/artifacts``; ``MLFLOW_TRACKING_URI`` points it at a server instead. Only the parent
@@ -6,14 +9,16 @@ process writes here, one run after another, so SQLite never sees two writers.
 
 Promotion is conservative: a new version becomes ``champion`` only if its validation error is no worse than
 the champion's on the same folds (same fold signature), or, when the folds differ because data was added, if
-its skill against persistence is no worse. The alias moves only after the new version's artifacts are stored
-and load back, so a crash never leaves the champion pointing at a broken model.
+its skill against persistence is no worse. A version whose metrics are not finite, or absurd (a poisoned price
+upstream), is never promoted. The alias moves only after the new version's artifacts are stored and load back,
+so a crash never leaves the champion pointing at a broken model.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +30,7 @@ from poe_pipeline.names import slug
 
 EXPERIMENT = "poe-pipeline"
 CHAMPION = "champion"
+MAX_SANE_MAE = 5.0  # a log-return MAE above this (a factor of e^5 = 148 off on average) is a poisoned input
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -32,6 +38,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 def registered_model_name(currency: str, horizon: int) -> str:
     return f"poe-{slug(currency)}-{horizon}d"
+
+
+def global_model_name(horizon: int) -> str:
+    return f"poe-global-{horizon}d"
 
 
 def tracking_uri(lake: Lake) -> str:
@@ -82,40 +92,58 @@ class ModelTracker:
     def end_run(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
-    def log_training(self, result, tags: dict[str, str], parent_run_id: str | None = None) -> Registration:
-        """Log one partition's training run, register its ensemble, and promote it if it earned it."""
+    def log_global(self, result, tags: dict[str, str], parent_run_id: str | None = None) -> Registration:
+        """Log one global model's training run, register it, and promote it if it earned it."""
+        params = {f"{kind}.{k}": v for kind, p in result.params.items() for k, v in p.items()}
+        params |= {f"rounds.{k}": v for k, v in result.rounds.items()}
+        params |= {f"weight.{k}": round(v, 6) for k, v in result.weights.items()}
+        metrics = {f"{stage}.{group}.{k}": v for stage, groups in result.metrics.items()
+                   for group, values in groups.items() for k, v in values.items()}
+        files = {"feature_importance.json": json.dumps(result.feature_importance, indent=1),
+                 "features.txt": "\n".join(result.feature_names) + "\n"}
+        return self._log(global_model_name(result.horizon), f"global-{result.horizon}d", result, params, metrics,
+                         files, {**tags, "kind": "global", "horizon": f"{result.horizon}d"}, parent_run_id,
+                         description=f"All currencies pooled, {result.horizon}-day log-return")
+
+    def log_currency(self, result, tags: dict[str, str], parent_run_id: str | None = None) -> Registration:
+        """Log one partition's training run, register it, and promote it if it earned it."""
+        params = {"scale": result.scale, "own_scale": result.own_scale, "pooled_scale": result.pooled_scale,
+                  "own_rows": result.own_rows, "global_model": f"{result.global_name} v{result.global_version}"}
+        metrics = {f"{group}.{k}": v for group, values in result.metrics.items() for k, v in values.items()}
+        return self._log(registered_model_name(result.currency, result.horizon),
+                         f"{slug(result.currency)}-{result.horizon}d", result, params, metrics, {},
+                         {**tags, "kind": "currency", "currency": result.currency, "horizon": f"{result.horizon}d",
+                          "global_model_version": result.global_version},
+                         parent_run_id, description=f"{result.currency}, {result.horizon}-day log-return")
+
+    def _log(self, name: str, run_name: str, result, params: dict, metrics: dict, files: dict[str, str],
+             tags: dict[str, str], parent_run_id: str | None, description: str) -> Registration:
         from mlflow.entities import Metric, Param, RunTag
 
-        name = registered_model_name(result.currency, result.horizon)
-        run_tags = {**tags, "currency": result.currency, "horizon": f"{result.horizon}d",
-                    "mlflow.runName": f"{slug(result.currency)}-{result.horizon}d"}
+        run_tags = {**tags, "mlflow.runName": run_name}
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, tags=run_tags)
         run_id = run.info.run_id
         try:
-            params = {f"{kind}.{k}": v for kind, p in result.params.items() for k, v in p.items()}
-            params |= {f"weight.{k}": round(v, 6) for k, v in result.weights.items()}
-            params |= {"shrink": result.shrink, "folds": result.fold_signature or "none"}
+            params = {**params, "folds": result.fold_signature or "none"}
             params |= {f"data.{k}": v for k, v in result.data_window.items() if k != "leagues"}
             params["data.leagues"] = ",".join(result.data_window.get("leagues", []))
-            metrics = [
-                Metric(f"{group}.{k}", float(v), 0, 0)
-                for group, values in result.metrics.items() for k, v in values.items() if v == v  # drop NaN
-            ]
-            metrics.append(Metric("train_seconds", result.seconds, 0, 0))
+            now = _now_ms()
             self.client.log_batch(
                 run_id,
-                metrics=[Metric(m.key, m.value, _now_ms(), 0) for m in metrics],
+                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(float(v))]
+                + [Metric("train_seconds", result.seconds, now, 0)],
                 params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                tags=[RunTag("dataset_hash", result.data_window.get("data_hash", ""))],
+                tags=[RunTag("dataset_hash", str(result.data_window.get("data_hash", "")))],
             )
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "feature_importance.json").write_text(json.dumps(result.feature_importance, indent=1))
-                (Path(tmp) / "features.txt").write_text("\n".join(result.feature_names) + "\n")
-                self.client.log_artifacts(run_id, tmp, "info")
-            self.client.log_artifacts(run_id, result.artifact_dir, "ensemble")
-            registration = self._register(result, name, run_id)
+            if files:
+                with tempfile.TemporaryDirectory() as tmp:
+                    for file, text in files.items():
+                        (Path(tmp) / file).write_text(text)
+                    self.client.log_artifacts(run_id, tmp, "info")
+            self.client.log_artifacts(run_id, result.artifact_dir, "model")
+            registration = self._register(result, name, run_id, description)
             self.client.set_tag(run_id, "promoted", str(registration.promoted).lower())
             self.client.set_tag(run_id, "promotion_reason", registration.reason)
             self.end_run(run_id)
@@ -124,32 +152,34 @@ class ModelTracker:
             self.end_run(run_id, failed=True)
             raise
 
-    def _register(self, result, name: str, run_id: str) -> Registration:
+    def _register(self, result, name: str, run_id: str, description: str) -> Registration:
         from mlflow.exceptions import MlflowException
-
-        from poe_pipeline.modeling import Ensemble
 
         try:
             self.client.get_registered_model(name)
         except MlflowException:
-            self.client.create_registered_model(name, description=f"{result.currency}, {result.horizon}-day log-return")
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/ensemble"
-        skill = result.metrics.get("ensemble", {}).get("skill", float("nan"))
+            self.client.create_registered_model(name, description=description)
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
         version = self.client.create_model_version(
             name, source=source, run_id=run_id,
             tags={"fold_signature": result.fold_signature, "validation_mae": repr(result.validation_mae),
-                  "validation_skill": repr(skill)},
+                  "validation_skill": repr(result.skill)},
         )
-        promoted, reason = self._promotion(name, result.fold_signature, result.validation_mae, skill)
+        promoted, reason = self._promotion(name, result.fold_signature, result.validation_mae, result.skill)
         if promoted:
-            Ensemble(local_path(source))  # loads, or raises before the alias moves
+            check_loads(local_path(source))  # loads, or raises before the alias moves
             self.client.set_registered_model_alias(name, CHAMPION, version.version)
         return Registration(run_id, name, str(version.version), promoted, reason)
 
     def _promotion(self, name: str, folds: str, mae: float, skill: float) -> tuple[bool, str]:
+        validated = not (math.isnan(mae) and math.isnan(skill))
+        if validated and not (math.isfinite(mae) and 0 <= mae <= MAX_SANE_MAE and math.isfinite(skill)):
+            return False, f"validation MAE {mae!r} and skill {skill!r} are not sane numbers: never promoted"
         current = self.champion_version(name)
         if current is None:
-            return True, "first version"
+            return True, "first version" if validated else "first version (no validation rows)"
+        if not validated:
+            return False, f"no validation rows; champion v{current.version} stays"
         old_mae = float(current.tags.get("validation_mae", "nan"))
         old_skill = float(current.tags.get("validation_skill", "nan"))
         if current.tags.get("fold_signature") == folds:
@@ -171,20 +201,40 @@ class ModelTracker:
         except MlflowException:
             return None
 
-    def champion_dir(self, currency: str, horizon: int) -> tuple[str, Path] | None:
-        """(version, local artifact folder) of the champion, or None when there is none."""
-        name = registered_model_name(currency, horizon)
+    def champion(self, name: str) -> tuple[str, Path] | None:
+        """(version, local artifact folder) of a registered model's champion, or None when there is none."""
         version = self.champion_version(name)
         if version is None:
             return None
+        return str(version.version), self._local(name, version)
+
+    def version_dir(self, name: str, version: str) -> Path:
+        """The local artifact folder of one registered version."""
+        return self._local(name, self.client.get_model_version(name, str(version)))
+
+    def _local(self, name: str, version) -> Path:
         if urlparse(version.source).scheme in ("file", ""):
-            return str(version.version), local_path(version.source)
+            return local_path(version.source)
         import mlflow
 
         cache = self.lake.root / "mlflow" / "cache" / name / str(version.version)
-        if not (cache / "ensemble" / "ensemble.json").exists():  # a remote store: fetch once per version
+        if not (cache / "model").is_dir():  # a remote store: fetch once per version
             mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(cache), tracking_uri=self.uri)
-        return str(version.version), cache / "ensemble"
+        return cache / "model"
+
+
+def check_loads(directory: Path) -> None:
+    """Load a saved model folder (global ensemble or partition), raising if it is broken."""
+    from poe_pipeline.currency_model import META_FILE as CURRENCY_META
+    from poe_pipeline.currency_model import read_currency_meta
+    from poe_pipeline.modeling import Ensemble
+
+    if (Path(directory) / CURRENCY_META).exists():
+        meta = read_currency_meta(directory)
+        if not math.isfinite(float(meta["scale"])):
+            raise ValueError(f"{directory}: scale {meta['scale']!r} is not finite")
+        return
+    Ensemble(directory)
 
 
 def _now_ms() -> int:

@@ -1,7 +1,9 @@
-"""Training many (currency, horizon) partitions in one go: processes across partitions, one thread per model.
+"""Training the global models and their currency partitions, logged and registered in MLflow.
 
-Workers only train and write artifacts to a staging folder; the parent process does every MLflow write, one
-after another, so the SQLite stores never see two writers ("database is locked" cannot happen by design).
+The global models (one per horizon) are the heavy part: they train in parallel processes, one thread per model.
+Partitions are light (a scale and a calibration on the global model's out-of-fold forecasts) and train in the parent.
+Workers only train and write artifacts to a staging folder; the parent process does every MLflow write, one after
+another, so the SQLite stores never see two writers ("database is locked" cannot happen by design).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from pathlib import Path
 
 import polars as pl
 
+from poe_pipeline.currency_model import CurrencyResult, train_currency
+from poe_pipeline.global_model import OOF_FILE, GlobalResult, pooled_rows, train_global
 from poe_pipeline.lake import Lake, write_parquet_atomic
-from poe_pipeline.modeling import PartitionResult, limit_threads, train_partition
+from poe_pipeline.modeling import limit_threads
 from poe_pipeline.names import slug
 from poe_pipeline.settings import Profile
-from poe_pipeline.tracking import ModelTracker, Registration
+from poe_pipeline.tracking import ModelTracker, Registration, global_model_name
 
 HORIZON_KEYS = {"1d": 1, "3d": 3, "7d": 7}
 
@@ -37,9 +41,16 @@ class TrainRequest:
 
 
 @dataclass
+class GlobalOutcome:
+    horizon: int
+    result: GlobalResult
+    registration: Registration | None
+
+
+@dataclass
 class TrainOutcome:
     request: TrainRequest
-    result: PartitionResult
+    result: CurrencyResult
     registration: Registration | None
 
 
@@ -47,73 +58,122 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _train_one(args: tuple) -> PartitionResult:
-    rows, feature_columns, request, league_order, current_league, profile, out_dir, seed = args
-    return train_partition(rows, feature_columns, request.currency, request.horizon, league_order, current_league,
-                           profile, out_dir, seed)
+def _train_global_job(args: tuple) -> GlobalResult:
+    return train_global(*args)
 
 
-def _results(jobs: list[tuple], workers: int) -> Iterator[tuple[TrainRequest, PartitionResult]]:
+def _global_results(jobs: list[tuple], workers: int) -> Iterator[GlobalResult]:
     """Results as they complete: in-process for one worker, else a pool of fresh (spawned) processes."""
     if workers == 1:
-        for job in jobs:
-            yield job[2], _train_one(job)
+        yield from map(_train_global_job, jobs)
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                              initializer=limit_threads) as pool:
-        futures = {pool.submit(_train_one, job): job[2] for job in jobs}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
+        for future in as_completed([pool.submit(_train_global_job, job) for job in jobs]):
+            yield future.result()
 
 
-def train_many(
+def _staging(lake: Lake) -> Path:
+    return lake.root / "models" / "staging" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+
+
+def train_globals(
     lake: Lake,
     features: pl.DataFrame,
     feature_columns: list[str],
-    requests: Iterable[TrainRequest],
+    horizons: Iterable[int],
     league_order: list[str],
     current_league: str,
+    currencies: list[str],
     profile: Profile,
     tags: dict[str, str],
     workers: int | None = None,
     seed: int = 42,
     progress: Callable[[str], None] = print,
-) -> list[TrainOutcome]:
-    """Train, log and register every request. Returns one outcome per request, in completion order."""
-    requests = list(requests)
-    workers = min(workers or default_workers(), max(1, len(requests)))
-    staging = lake.root / "models" / "staging" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+) -> list[GlobalOutcome]:
+    """Train, log and register the global model of each horizon; ``currencies`` are the ones being forecast now."""
+    horizons = list(horizons)
+    workers = min(workers or default_workers(), max(1, len(horizons)))
+    staging = _staging(lake)
     tracker = ModelTracker(lake)
-    parent = tracker.start_parent_run(f"retrain-{current_league}-{profile.name}",
-                                      {**tags, "kind": "retrain", "league": current_league, "profile": profile.name})
-    by_currency = {c: g for (c,), g in features.filter(pl.col("currency").is_in({r.currency for r in requests}))
-                   .partition_by("currency", as_dict=True).items()}
-    empty = features.head(0)
-    jobs = [(by_currency.get(r.currency, empty), feature_columns, r, league_order, current_league, profile,
-             staging / f"{slug(r.currency)}-{r.horizon}d", seed) for r in requests]
-    outcomes: list[TrainOutcome] = []
+    parent = tracker.start_parent_run(f"global-{current_league}-{profile.name}",
+                                      {**tags, "kind": "retrain-global", "league": current_league,
+                                       "profile": profile.name})
+    rows = pooled_rows(features, league_order, current_league, currencies)
+    jobs = [(rows, feature_columns, h, league_order, current_league, profile, staging / f"global-{h}d", seed)
+            for h in horizons]
+    outcomes: list[GlobalOutcome] = []
     failed = False
     try:
-        for done, (request, result) in enumerate(_results(jobs, workers), 1):
+        for done, result in enumerate(_global_results(jobs, workers), 1):
             registration = None
-            run_tags = {**tags, "league": current_league, "profile": profile.name,
-                        "partition_key": request.partition_key}
             if result.trained:
-                registration = tracker.log_training(result, run_tags, parent_run_id=parent)
-                ens = result.metrics.get("ensemble", {})
-                note = (f"skill {ens.get('skill', float('nan')):+.3f}, MAE {ens.get('mae_logret', 0):.4f}, "
-                        f"{'promoted' if registration.promoted else 'kept, not promoted'}")
+                registration = tracker.log_global(result, {**tags, "league": current_league, "profile": profile.name,
+                                                           "partition_key": f"{result.horizon}d"}, parent)
+                note = (f"holdout skill {result.skill:+.3f}, MAE {result.validation_mae:.4f}, "
+                        f"{'promoted' if registration.promoted else 'kept, not promoted'} ({registration.reason})")
             else:
                 note = f"skipped: {result.reason}"
-            progress(f"[{done}/{len(jobs)}] {request.partition_key}: {note} ({result.seconds:.1f}s)")
-            outcomes.append(TrainOutcome(request, result, registration))
+            progress(f"[{done}/{len(jobs)}] global {result.horizon}d: {note} ({result.seconds:.1f}s)")
+            outcomes.append(GlobalOutcome(result.horizon, result, registration))
     except BaseException:
         failed = True
         raise
     finally:
         tracker.end_run(parent, failed=failed)
         shutil.rmtree(staging, ignore_errors=True)  # MLflow holds the copies
-    write_model_metrics(lake, outcomes, tags.get("dagster_run_id", parent), current_league, profile.name)
+    write_model_metrics(lake, [], outcomes, tags.get("dagster_run_id", parent), current_league, profile.name)
+    return outcomes
+
+
+def train_currencies(
+    lake: Lake,
+    requests: Iterable[TrainRequest],
+    current_league: str,
+    profile_name: str,
+    tags: dict[str, str],
+    progress: Callable[[str], None] = print,
+) -> list[TrainOutcome]:
+    """Specialise the global champion of each horizon to each requested currency; log and register each."""
+    requests = list(requests)
+    tracker = ModelTracker(lake)
+    staging = _staging(lake)
+    parent = tracker.start_parent_run(f"currencies-{current_league}-{profile_name}",
+                                      {**tags, "kind": "retrain-currencies", "league": current_league,
+                                       "profile": profile_name})
+    outcomes: list[TrainOutcome] = []
+    failed = False
+    try:
+        for horizon in sorted({r.horizon for r in requests}):
+            name = global_model_name(horizon)
+            champion = tracker.champion(name)
+            todo = [r for r in requests if r.horizon == horizon]
+            if champion is None:
+                for r in todo:
+                    result = CurrencyResult(r.currency, horizon, trained=False,
+                                            reason=f"no champion {name}: train global_models first")
+                    outcomes.append(TrainOutcome(r, result, None))
+                    progress(f"{r.partition_key}: skipped: {result.reason}")
+                continue
+            version, directory = champion
+            oof = pl.read_parquet(directory / OOF_FILE)
+            for r in todo:
+                result = train_currency(r.currency, horizon, oof, name, version,
+                                        staging / f"{slug(r.currency)}-{horizon}d")
+                registration = tracker.log_currency(result, {**tags, "league": current_league,
+                                                             "profile": profile_name,
+                                                             "partition_key": r.partition_key}, parent)
+                progress(f"[{len(outcomes) + 1}/{len(requests)}] {r.partition_key}: skill {result.skill:+.3f} "
+                         f"(scale {result.scale:.2f}, {result.own_rows} own rows), "
+                         f"{'promoted' if registration.promoted else 'kept, not promoted'}")
+                outcomes.append(TrainOutcome(r, result, registration))
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        tracker.end_run(parent, failed=failed)
+        shutil.rmtree(staging, ignore_errors=True)
+    write_model_metrics(lake, outcomes, [], tags.get("dagster_run_id", parent), current_league, profile_name)
     return outcomes
 
 
@@ -126,24 +186,34 @@ MODEL_METRICS_SCHEMA = {
     "ensemble_mape_price": pl.Float64, "ensemble_directional_accuracy": pl.Float64, "ensemble_r2": pl.Float64,
     "lightgbm_mae_logret": pl.Float64, "xgboost_mae_logret": pl.Float64, "random_forest_mae_logret": pl.Float64,
     "weight_lightgbm": pl.Float64, "weight_xgboost": pl.Float64, "weight_random_forest": pl.Float64,
-    "shrink": pl.Float64, "train_seconds": pl.Float64,
+    "scale": pl.Float64, "train_seconds": pl.Float64,
+    "kind": pl.Utf8, "global_model_version": pl.Utf8, "metrics_scope": pl.Utf8, "global_mae_logret": pl.Float64,
 }
 
 
-def write_model_metrics(lake: Lake, outcomes: list[TrainOutcome], run_id: str, league: str, profile: str) -> Path:
-    """One row per partition training, appended as one file per run (``model_metrics`` in the warehouse)."""
+def _registration_fields(reg: Registration | None, reason: str) -> dict:
+    return {"model_name": reg.model_name if reg else None, "model_version": reg.version if reg else None,
+            "promoted": reg.promoted if reg else False, "promotion_reason": reg.reason if reg else reason,
+            "mlflow_run_id": reg.run_id if reg else None}
+
+
+def write_model_metrics(lake: Lake, outcomes: list[TrainOutcome], globals_: list[GlobalOutcome], run_id: str,
+                        league: str, profile: str) -> Path:
+    """One row per training (a global model or a partition), appended as one file per run (``model_metrics``).
+
+    The skill is out of sample for every choice made in training: a global model's is on its holdout league, which
+    tuning and weights never saw; a partition's on its currency's rows of that league, with its scale chosen on the
+    other leagues (``metrics_scope`` says which rows)."""
     now = datetime.now(UTC)
     rows = []
-    for o in outcomes:
-        r, reg = o.result, o.registration
-        m = r.metrics
+    for g in globals_:
+        r = g.result
+        m = r.metrics.get("holdout", {})
         rows.append({
-            "trained_at": now, "run_id": run_id, "league": league, "currency": r.currency,
-            "horizon_days": r.horizon, "profile": profile, "trained": r.trained, "reason": r.reason,
-            "model_name": reg.model_name if reg else None, "model_version": reg.version if reg else None,
-            "promoted": reg.promoted if reg else False, "promotion_reason": reg.reason if reg else r.reason,
-            "mlflow_run_id": reg.run_id if reg else None, "rows": r.data_window.get("rows"),
-            "oof_rows": r.data_window.get("oof_rows"), "folds": r.fold_signature,
+            "trained_at": now, "run_id": run_id, "league": league, "currency": None, "horizon_days": r.horizon,
+            "profile": profile, "trained": r.trained, "reason": r.reason, **_registration_fields(g.registration,
+                                                                                                 r.reason),
+            "rows": r.data_window.get("rows"), "oof_rows": r.data_window.get("oof_rows"), "folds": r.fold_signature,
             "ensemble_mae_logret": m.get("ensemble", {}).get("mae_logret"),
             "persistence_mae_logret": m.get("persistence", {}).get("mae_logret"),
             "ensemble_skill": m.get("ensemble", {}).get("skill"),
@@ -152,16 +222,39 @@ def write_model_metrics(lake: Lake, outcomes: list[TrainOutcome], run_id: str, l
             "ensemble_r2": m.get("ensemble", {}).get("r2"),
             **{f"{k}_mae_logret": m.get(k, {}).get("mae_logret") for k in ("lightgbm", "xgboost", "random_forest")},
             **{f"weight_{k}": r.weights.get(k) for k in ("lightgbm", "xgboost", "random_forest")},
-            "shrink": r.shrink if r.trained else None, "train_seconds": r.seconds,
+            "scale": None, "train_seconds": r.seconds, "kind": "global", "global_model_version": None,
+            "metrics_scope": "holdout league (nested)" if m else "", "global_mae_logret": None,
+        })
+    for o in outcomes:
+        r, m = o.result, o.result.metrics
+        rows.append({
+            "trained_at": now, "run_id": run_id, "league": league, "currency": r.currency,
+            "horizon_days": r.horizon, "profile": profile, "trained": r.trained, "reason": r.reason,
+            **_registration_fields(o.registration, r.reason),
+            "rows": r.own_rows, "oof_rows": r.own_rows, "folds": r.fold_signature,
+            "ensemble_mae_logret": m.get("specialised", {}).get("mae_logret"),
+            "persistence_mae_logret": m.get("persistence", {}).get("mae_logret"),
+            "ensemble_skill": m.get("specialised", {}).get("skill"),
+            "ensemble_mape_price": m.get("specialised", {}).get("mape_price"),
+            "ensemble_directional_accuracy": m.get("specialised", {}).get("directional_accuracy"),
+            "ensemble_r2": m.get("specialised", {}).get("r2"),
+            "lightgbm_mae_logret": None, "xgboost_mae_logret": None, "random_forest_mae_logret": None,
+            "weight_lightgbm": None, "weight_xgboost": None, "weight_random_forest": None,
+            "scale": r.scale if r.trained else None, "train_seconds": r.seconds, "kind": "currency",
+            "global_model_version": r.global_version or None, "metrics_scope": r.metrics_scope,
+            "global_mae_logret": m.get("global", {}).get("mae_logret"),
         })
     frame = pl.DataFrame(rows, schema=MODEL_METRICS_SCHEMA)
     path = lake.root / "model_metrics" / f"{now.strftime('%Y%m%dT%H%M%S%f')}-{slug(run_id)[:36]}.parquet"
     return write_parquet_atomic(frame, path)
 
 
-def load_training_features(lake: Lake, currencies: Iterable[str]) -> pl.DataFrame:
-    """The feature rows of these currencies in every league, read lazily so other currencies never load."""
+def load_training_features(lake: Lake, currencies: Iterable[str] | None = None) -> pl.DataFrame:
+    """The stored feature rows (of these currencies, or all), read lazily."""
     files = lake.parquet_files(lake.features)
     if not files:
         raise FileNotFoundError(f"No features under {lake.features}: materialize `features` first")
-    return pl.scan_parquet(files, hive_partitioning=False).filter(pl.col("currency").is_in(list(currencies))).collect()
+    scan = pl.scan_parquet(files, hive_partitioning=False)
+    if currencies is not None:
+        scan = scan.filter(pl.col("currency").is_in(list(currencies)))
+    return scan.collect()

@@ -464,7 +464,7 @@ def test_degradation_sensor_retrains_exactly_the_degraded_partitions(lake_copy, 
     requests = evaluate()
     (request,) = requests
     assert request.run_config["ops"]["retrain_partitions"]["config"] == {
-        "currencies": ["Exalted Orb"], "horizons": ["1d", "7d"]}
+        "currencies": ["Exalted Orb"], "horizons": ["1d", "7d"], "retrain_global": True}
     assert request.tags["poe/trigger"] == "degradation" and request.run_key == evaluate()[0].run_key
     (alert,) = monitoring.read_alerts(lake)
     assert alert["kind"] == "degradation" and "Exalted Orb 1d" in alert["message"]

@@ -40,7 +40,7 @@ def _forecast_part(run) -> pl.DataFrame:
 
 def test_the_backtest_never_reads_a_date_after_its_origin(monkeypatch):
     prices = real_prices()
-    origin = backtest_origins(prices, "Sanctum")[10]  # league day 24
+    origin = backtest_origins(prices, "Sanctum")[10]  # league day 17
     corrupted = prices.with_columns(
         pl.when(pl.col("date") > origin).then(pl.col("price_chaos") * 100).otherwise(pl.col("price_chaos"))
         .alias("price_chaos"))
@@ -70,13 +70,13 @@ def test_refits_between_re_tunes_keep_the_tuning(monkeypatch):
     import poe_pipeline.backtest as backtest
 
     calls = []
-    real_train = backtest.train_partition
+    real_train = backtest.train_global
 
-    def spy(*args, warm=None, **kwargs):
-        calls.append(warm is not None)
-        return real_train(*args, warm=warm, **kwargs)
+    def spy(*args):
+        calls.append(args[-1] is not None)  # the warm validation
+        return real_train(*args)
 
-    monkeypatch.setattr(backtest, "train_partition", spy)
+    monkeypatch.setattr(backtest, "train_global", spy)
     prices = real_prices()
     origins = backtest_origins(prices, "Sanctum")[:5]
     run = run_backtest(prices, "Sanctum", origins, ["Divine Orb"], refit_every=1, horizons=(1,), retune_every=2)

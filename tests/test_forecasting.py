@@ -28,16 +28,16 @@ from poe_pipeline.forecasting import (
 )
 from poe_pipeline.lake import Lake, write_parquet_atomic
 from poe_pipeline.leagues import league_calendar, training_leagues
-from poe_pipeline.modeling import Ensemble, train_partition
 from poe_pipeline.prices import daily_from_dump_rows, daily_prices_path, merge_daily_prices
 from poe_pipeline.settings import get_profile
 from poe_pipeline.sources.poe_ninja import read_dump
-from poe_pipeline.tracking import ModelTracker
+from poe_pipeline.tracking import ModelTracker, registered_model_name
+from poe_pipeline.training import TrainRequest, train_currencies, train_globals
 from poe_pipeline.warehouse import sync_views
 
 LEAGUES = ("Sentinel", "Kalandra", "Sanctum")
-MODELLED = "Awakened Sextant"  # a model with real skill (its forecasts are not all "no change")
-UNTRAINED = "Exalted Orb"
+MODELLED = "Awakened Sextant"
+GLOBAL_ONLY = "Exalted Orb"  # no partition of its own
 CONTRACT_TYPES = {
     "league": "VARCHAR", "currency": "VARCHAR", "origin_date": "DATE", "horizon_days": "INTEGER",
     "current_price": "DOUBLE", "predicted_price": "DOUBLE", "pred_lower": "DOUBLE", "pred_upper": "DOUBLE",
@@ -47,7 +47,8 @@ CONTRACT_TYPES = {
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A lake with three real leagues' prices and features, and a registered champion per horizon for MODELLED."""
+    """A lake with three real leagues' prices and features, the global model of each horizon, and a partition
+    champion per horizon for MODELLED (GLOBAL_ONLY has none: it is forecast by the global model alone)."""
     lake = Lake(tmp_path_factory.mktemp("forecast") / "lake")
     prices = merge_daily_prices(daily_from_dump_rows(
         pl.concat([read_dump(SAMPLE / f"{lg}.currency.csv.gz") for lg in LEAGUES])))
@@ -56,60 +57,64 @@ def world(tmp_path_factory):
     calendar = league_calendar(prices)
     features = build_features(prices, calendar)
     write_features(features, lake)
-    tracker = ModelTracker(lake)
-    staging = tmp_path_factory.mktemp("staging")
-    for h in (1, 3, 7):
-        result = train_partition(features.filter(pl.col("currency") == MODELLED), FEATURE_COLUMNS, MODELLED, h,
-                                 training_leagues(calendar, "Sanctum"), "Sanctum", get_profile("test"),
-                                 staging / f"{h}d")
-        assert result.trained, result.reason
-        assert tracker.log_training(result, {"dagster_run_id": "test"}).promoted
-    return lake, prices, features, tracker
+    globals_ = train_globals(lake, features, FEATURE_COLUMNS, (1, 3, 7), training_leagues(calendar, "Sanctum"),
+                             "Sanctum", [MODELLED, GLOBAL_ONLY], get_profile("test"), {"dagster_run_id": "test"},
+                             workers=1, progress=lambda _: None)
+    assert all(g.result.trained and g.registration.promoted for g in globals_)
+    parts = train_currencies(lake, [TrainRequest(MODELLED, h) for h in (1, 3, 7)], "Sanctum", "test",
+                             {"dagster_run_id": "test"}, progress=lambda _: None)
+    assert all(o.result.trained and o.registration.promoted for o in parts)
+    return lake, prices, features, ModelTracker(lake)
 
 
 def _views(lake: Lake) -> None:
     sync_views(lake)
 
 
-def test_predictions_contract_in_duckdb_and_no_champion_means_no_row(world):
+def test_predictions_contract_in_duckdb_and_a_currency_without_partition_gets_the_global_forecast(world):
     lake, prices, _, tracker = world
-    run = predict_league(lake, "Sanctum", [MODELLED, UNTRAINED], champion=tracker.champion_dir)
+    run = predict_league(lake, "Sanctum", [MODELLED, GLOBAL_ONLY, "Mirror of Calandra"], store=tracker)
     assert run.origin_date.isoformat() == "2023-04-04"  # the last day of Sanctum in the dump
-    assert sorted(run.predictions["horizon_days"].to_list()) == [1, 3, 7]
-    assert set(run.predictions["currency"]) == {MODELLED}
-    assert [(s.currency, s.horizon) for s in run.skipped] == [(UNTRAINED, 1), (UNTRAINED, 3), (UNTRAINED, 7)]
-    assert all("no champion model poe-exalted-orb-" in s.reason for s in run.skipped)
+    p = run.predictions.sort("currency", "horizon_days")
+    assert p.select("currency", "horizon_days").rows() == [(c, h) for c in sorted([MODELLED, GLOBAL_ONLY])
+                                                           for h in (1, 3, 7)]
+    own = p.filter(pl.col("currency") == MODELLED)
+    alone = p.filter(pl.col("currency") == GLOBAL_ONLY)
+    assert (own["model_version"] == "1").all() and (alone["model_version"] == "global-v1").all()
+    assert (own["global_model_version"] == "1").all() and (alone["global_model_version"] == "1").all()
+    assert [(s.currency, s.horizon) for s in run.skipped] == [("Mirror of Calandra", h) for h in (1, 3, 7)]
+    assert all("no price for Mirror of Calandra in Sanctum" in s.reason for s in run.skipped)
 
     write_predictions(lake, run.predictions)
     _views(lake)
     with duckdb.connect(str(lake.warehouse), read_only=True) as con:
         described = con.execute("DESCRIBE predictions").fetchall()
         rows = con.execute("SELECT currency, horizon_days, current_price, model_version FROM predictions "
-                           "ORDER BY horizon_days").fetchall()
+                           "WHERE currency = ? ORDER BY horizon_days", [MODELLED]).fetchall()
         close = con.execute("SELECT price_chaos FROM daily_prices WHERE league = 'Sanctum' AND currency = ? "
                             "AND date = DATE '2023-04-04'", [MODELLED]).fetchone()[0]
     assert [(name, kind) for name, kind, *_ in described][: len(CONTRACT_COLUMNS)] == list(CONTRACT_TYPES.items())
     assert [r[1] for r in rows] == [1, 3, 7]
     assert all(r[2] == pytest.approx(close) for r in rows)  # the current price is the origin's real close
-    assert all(r[3] == "1" for r in rows)
 
 
 def test_rerunning_an_origin_replaces_its_file_and_keeps_other_currencies(world, tmp_path):
     lake, _, features, _ = world
-    run = predict_league(lake, "Sanctum", [MODELLED], champion=world[3].champion_dir)
+    run = predict_league(lake, "Sanctum", [MODELLED], store=world[3])
     other = run.predictions.with_columns(pl.lit("Divine Orb").alias("currency"))  # a row set of another currency
     write_predictions(lake, pl.concat([run.predictions, other]))
     write_predictions(lake, run.predictions)  # a rerun restricted to one currency
     stored = read_predictions(lake, "Sanctum", run.origin_date)
     files = list((lake.root / "predictions" / "league=Sanctum").rglob("*.parquet"))
     assert len([f for f in files if "origin_date=2023-04-04" in str(f)]) == 1
-    assert stored.height == 6 and set(stored["currency"]) == {MODELLED, "Divine Orb"}
+    assert {MODELLED, "Divine Orb"} <= set(stored["currency"])
+    assert (stored.group_by("currency").len()["len"] == 3).all()  # one row per horizon, nothing duplicated
 
 
 def test_prediction_errors_view_joins_realised_prices(world):
     lake, prices, _, tracker = world
     run = predict_league(lake, "Sanctum", [MODELLED], origin=prices["date"].max() - timedelta(days=15),
-                         champion=tracker.champion_dir)
+                         store=tracker)
     write_predictions(lake, run.predictions)
     _views(lake)
     with duckdb.connect(str(lake.warehouse)) as con:
@@ -130,23 +135,25 @@ def test_intervals_contain_the_forecast_and_widen_with_the_horizon(world):
     last = prices["date"].max()
     for days_back in (0, 9, 23, 41):
         run = predict_league(lake, "Sanctum", [MODELLED], origin=last - timedelta(days=days_back),
-                             champion=tracker.champion_dir)
+                             store=tracker)
         p = run.predictions.sort("horizon_days")
         assert p.height == 3
         assert (p["pred_lower"] < p["predicted_price"]).all() and (p["predicted_price"] < p["pred_upper"]).all()
         half = ((p["pred_upper"] / p["pred_lower"]).log() / 2).to_list()
         assert half[0] < half[1] < half[2], (run.origin_date, half)
         assert set(p["interval_method"]) == {CONFORMAL}
-        assert (p["residual_count"] >= 100).all()  # out-of-fold residuals of two validation folds
+        assert (p["residual_count"] >= 15).all()  # out-of-fold residuals of its phase in the validation league
         assert ((p["confidence"] > 0) & (p["confidence"] < 1)).all()
 
 
 @pytest.fixture(scope="module")
 def real_residuals(world):
-    """The 1-day champion's real out-of-fold residuals with the volatility of each residual's day."""
+    """The 1-day partition's real out-of-fold residuals with the volatility of each residual's day."""
+    from poe_pipeline.currency_model import RESIDUALS_FILE
+
     lake, _, features, tracker = world
-    _, directory = tracker.champion_dir(MODELLED, 1)
-    residuals = Ensemble(directory).residuals()
+    _, directory = tracker.champion(registered_model_name(MODELLED, 1))
+    residuals = pl.read_parquet(directory / RESIDUALS_FILE)
     vols = features.filter(pl.col("currency") == MODELLED).select(
         "league", "date", pl.col("realized_vol_14").pow(2).add(pl.col("trend_slope_14").fill_null(0).pow(2))
         .sqrt().alias("vol"))
@@ -224,7 +231,6 @@ def test_confidence_penalties():
     assert by_n == sorted(by_n) and len(set(by_n)) == 5
     assert by_n[0] / by_n[-1] == pytest.approx(0.3) and by_n[3] / by_n[-1] == pytest.approx(0.9)
     full = confidence_score(**base, sample_size=500)
-    assert confidence_score(**base, sample_size=500, n_features=80, n_train_rows=40) == pytest.approx(full / 2)
     assert confidence_score(**base, sample_size=500, days_since_observed=7) == pytest.approx(full / math.e)
     assert confidence_score(0.3, 0.3, 0.03, 500) > full > confidence_score(-0.3, -0.3, 0.03, 500)
     assert confidence_score(0.1, 0.2, 0.30, 500) < full  # a wide interval is less useful
@@ -236,12 +242,16 @@ def test_a_broken_champion_is_skipped_with_its_reason(world, tmp_path):
     lake, _, _, tracker = world
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "ensemble.json").write_text("{not json")
+    (broken / "currency_model.json").write_text("{not json")
 
-    def lookup(currency: str, horizon: int):
-        return ("9", broken) if horizon == 3 else tracker.champion_dir(currency, horizon)
+    class BrokenAt3Days:
+        def champion(self, name):
+            return ("9", broken) if name == registered_model_name(MODELLED, 3) else tracker.champion(name)
 
-    run = predict_league(lake, "Sanctum", [MODELLED], champion=lookup)
+        def version_dir(self, name, version):
+            return tracker.version_dir(name, version)
+
+    run = predict_league(lake, "Sanctum", [MODELLED], store=BrokenAt3Days())
     assert sorted(run.predictions["horizon_days"].to_list()) == [1, 7]
     assert len(run.skipped) == 1 and "failed to load" in run.skipped[0].reason and str(broken) in run.skipped[0].reason
 
@@ -249,5 +259,5 @@ def test_a_broken_champion_is_skipped_with_its_reason(world, tmp_path):
 def test_unknown_league_names_the_fix(world):
     lake = world[0]
     with pytest.raises(ValueError, match="Unknown league 'Foo'"):
-        predict_league(lake, "Foo", [MODELLED], champion=lambda c, h: None)
+        predict_league(lake, "Foo", [MODELLED], store=world[3])
     assert Path(lake.features).is_dir()

@@ -1,35 +1,29 @@
-"""Models on real data: walk-forward folds, skips, reproducibility, MLflow registration and promotion."""
+"""The global model and its currency partitions on a small real slice: walk-forward league folds, nested scores,
+warm refits, partial pooling, MLflow registration and promotion."""
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
-from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
 from conftest import SAMPLE
+from poe_pipeline.currency_model import MIN_OWN_ROWS, PRIOR_ROWS, best_scale, pooled_scale, train_currency
 from poe_pipeline.features import FEATURE_COLUMNS, build_features
+from poe_pipeline.global_model import OOF_FILE, GlobalValidation, liquid_by_league, pooled_rows, train_global
 from poe_pipeline.leagues import league_calendar, training_leagues
-from poe_pipeline.modeling import (
-    POOL_WEIGHT,
-    Ensemble,
-    Validation,
-    similar_currencies,
-    train_partition,
-    training_set,
-    walk_forward_folds,
-)
+from poe_pipeline.modeling import Ensemble, ModelData, forest_predict, league_folds, validation_weights
 from poe_pipeline.prices import daily_from_dump_rows, merge_daily_prices
 from poe_pipeline.settings import get_profile
 from poe_pipeline.sources.poe_ninja import read_dump
-from poe_pipeline.tracking import ModelTracker, registered_model_name
+from poe_pipeline.tracking import ModelTracker, global_model_name, registered_model_name
 
 LEAGUES = ("Archnemesis", "Sentinel", "Kalandra", "Sanctum")
 PROFILE = get_profile("test")
+FORECAST = ["Divine Orb", "Orb of Fusing", "Chromatic Orb", "Fracturing Orb", "Awakened Sextant"]
 
 
 @pytest.fixture(scope="module")
@@ -37,138 +31,181 @@ def real():
     prices = merge_daily_prices(daily_from_dump_rows(
         pl.concat([read_dump(SAMPLE / f"{lg}.currency.csv.gz") for lg in LEAGUES])))
     calendar = league_calendar(prices)
-    return build_features(prices, calendar), training_leagues(calendar, "Sanctum")
-
-
-@pytest.mark.parametrize("horizon", [1, 3, 7])
-@pytest.mark.parametrize("currency", ["Divine Orb", "Orb of Annulment", "Awakened Sextant"])
-@pytest.mark.parametrize("n_folds", [2, 5])
-def test_walk_forward_never_trains_on_or_after_validation(real, currency, horizon, n_folds):
-    features, order = real
-    ts = training_set(features, FEATURE_COLUMNS, currency, horizon, order)
-    folds = walk_forward_folds(ts, "Sanctum", n_folds)
-    assert 1 <= len(folds) <= n_folds
-    assert folds[-1].name.startswith("current:Sanctum")  # the current league is validated on its later days
-    for fold in folds:
-        first_valid = ts.dates[fold.valid].min()
-        assert ts.dates[fold.train].max() < first_valid
-        # and no training target is realised inside the validation window (embargo of `horizon` days)
-        assert (ts.dates[fold.train] + np.timedelta64(horizon, "D")).max() < first_valid
-        assert set(fold.inner_train) | set(fold.inner_valid) == set(fold.train)
-        assert not set(fold.train) & set(fold.valid)
-
-
-def test_too_little_data_is_skipped_with_reason(real, tmp_path):
-    features, order = real
-    out = tmp_path / "fracturing"
-    result = train_partition(features, FEATURE_COLUMNS, "Fracturing Orb", 1, order, "Sanctum", PROFILE, out)
-    assert not result.trained
-    assert "labelled rows for Fracturing Orb at 1d (at least 120 are needed)" in result.reason
-    assert not out.exists()  # nothing fitted, nothing written
-
-
-def test_same_data_same_seed_same_metrics(real, tmp_path):
-    features, order = real
-    a = train_partition(features, FEATURE_COLUMNS, "Orb of Annulment", 3, order, "Sanctum", PROFILE, tmp_path / "a")
-    b = train_partition(features, FEATURE_COLUMNS, "Orb of Annulment", 3, order, "Sanctum", PROFILE, tmp_path / "b")
-    assert a.trained and a.metrics == b.metrics and a.params == b.params and a.weights == b.weights
-    assert a.metrics["persistence"]["skill"] == 0.0
-    assert set(a.weights) == {"lightgbm", "xgboost", "random_forest"}
-    assert sum(a.weights.values()) == pytest.approx(1.0)
-    # the saved ensemble loads and forecasts a plausible return
-    ens = Ensemble(tmp_path / "a")
-    rows = features.filter(pl.col("currency") == "Orb of Annulment").tail(5)
-    pred = ens.predict(rows)
-    assert pred.shape == (5,) and np.all(np.abs(pred) < 1.0)
+    order = training_leagues(calendar, "Sanctum")
+    features = build_features(prices, calendar)
+    return features, order, pooled_rows(features, order, "Sanctum", FORECAST)
 
 
 @pytest.fixture(scope="module")
-def trained_divine(real, tmp_path_factory):
-    features, order = real
-    out = tmp_path_factory.mktemp("divine")
-    return train_partition(features, FEATURE_COLUMNS, "Divine Orb", 1, order, "Sanctum", PROFILE, out)
+def global_3d(real, tmp_path_factory):
+    _, order, rows = real
+    return train_global(rows, FEATURE_COLUMNS, 3, order, "Sanctum", PROFILE, tmp_path_factory.mktemp("global") / "3d")
 
 
-def test_a_warm_refit_keeps_the_validation_and_refits_on_new_rows(real, trained_divine, tmp_path):
-    features, order = real
-    validation = Validation.of(trained_divine)
-    earlier = features.filter(pl.col("date") <= features["date"].max() - timedelta(days=7))
-    warm = train_partition(earlier, FEATURE_COLUMNS, "Divine Orb", 1, order, "Sanctum", PROFILE, tmp_path / "w",
-                           warm=validation)
+def test_the_pool_is_each_past_leagues_most_liquid_plus_the_forecast_currencies(real):
+    features, order, rows = real
+    pools = liquid_by_league(features, order[:-1], 30)
+    assert set(pools) == {"Archnemesis", "Sentinel", "Kalandra"} and all(len(p) == 30 for p in pools.values())
+    in_pool = rows.filter(pl.col("in_pool"))
+    for league, currencies in pools.items():
+        assert set(in_pool.filter(pl.col("league") == league)["currency"]) == set(currencies)
+    assert set(in_pool.filter(pl.col("league") == "Sanctum")["currency"]) == set(FORECAST)
+    # a forecast currency outside a past league's pool is there only to be predicted out of fold
+    extra = rows.filter(~pl.col("in_pool"))
+    assert extra.height > 0 and set(extra["currency"]) <= set(FORECAST)
+
+
+@pytest.mark.parametrize("horizon", [1, 7])
+@pytest.mark.parametrize("n_folds", [1, 2, 5])
+def test_league_folds_never_train_on_or_after_validation(real, horizon, n_folds):
+    _, order, rows = real
+    data = ModelData.from_rows(rows, FEATURE_COLUMNS, horizon, order)
+    in_pool = rows.join(data.keys().with_row_index("_i"), on=["league", "currency", "date"]).sort("_i")["in_pool"]
+    folds = league_folds(data, n_folds, exclude={"Sanctum"}, train_mask=in_pool.to_numpy(),
+                         extra_mask=~in_pool.to_numpy())
+    assert 1 <= len(folds) <= min(n_folds, 2)  # Archnemesis has no earlier league to train on
+    for fold in folds:
+        league = fold.name.removeprefix("league:")
+        assert set(data.leagues[fold.valid]) == set(data.leagues[fold.extra]) == {league}
+        assert data.dates[fold.train].max() < data.dates[fold.valid].min()
+        assert in_pool.to_numpy()[fold.train].all() and not in_pool.to_numpy()[fold.extra].any()
+        assert set(fold.inner_train) | set(fold.inner_valid) == set(fold.train)
+
+
+def test_the_global_model_scores_a_holdout_league_that_tuning_never_saw(global_3d, real):
+    r = global_3d
+    assert r.trained and r.folds == ["league:Sentinel", "league:Kalandra"]
+    assert set(r.metrics) == {"tuning", "holdout"}
+    holdout = r.metrics["holdout"]
+    assert holdout["persistence"]["skill"] == 0.0 and np.isfinite(holdout["ensemble"]["skill"])
+    assert r.skill == holdout["ensemble"]["skill"]
+    assert sum(r.weights.values()) == pytest.approx(1.0) and set(r.weights) == {"lightgbm", "xgboost",
+                                                                                "random_forest"}
+    oof = pl.read_parquet(f"{r.artifact_dir}/{OOF_FILE}")
+    assert set(oof.filter(pl.col("holdout"))["league"]) == {"Kalandra"}
+    assert oof.filter(pl.col("holdout") & pl.col("in_pool")).height == holdout["ensemble"]["n"]
+    # the forecast currencies have out-of-fold rows even where a league's pool left them out
+    assert oof.filter(~pl.col("in_pool"))["currency"].n_unique() > 0
+    # the saved ensemble loads and forecasts plausible returns
+    features, _, _ = real
+    pred = Ensemble(r.artifact_dir).predict(features.filter(pl.col("currency") == "Divine Orb").tail(5))
+    assert pred.shape == (5,) and np.all(np.abs(pred) < 1.0)
+
+
+def test_same_data_same_seed_same_global_model(global_3d, real, tmp_path):
+    _, order, rows = real
+    again = train_global(rows, FEATURE_COLUMNS, 3, order, "Sanctum", PROFILE, tmp_path / "again")
+    assert (again.metrics, again.params, again.weights) == (global_3d.metrics, global_3d.params, global_3d.weights)
+
+
+def test_too_little_history_is_skipped_with_its_reason(real, tmp_path):
+    _, order, rows = real
+    out = tmp_path / "tiny"
+    result = train_global(rows.head(500), FEATURE_COLUMNS, 1, order, "Sanctum", PROFILE, out)
+    assert not result.trained and "labelled rows to pool at 1d" in result.reason
+    assert not out.exists()
+
+
+def test_a_warm_refit_keeps_the_validation_and_refits_on_new_rows(global_3d, real, tmp_path):
+    _, order, rows = real
+    validation = GlobalValidation.read(global_3d.artifact_dir)
+    earlier = rows.filter(pl.col("date") <= rows["date"].max() - pl.duration(days=14))
+    warm = train_global(earlier, FEATURE_COLUMNS, 3, order, "Sanctum", PROFILE, tmp_path / "w", warm=validation)
     assert warm.trained and warm.data_window["warm_refit"]
-    # tuning and validation are reused as they were ...
-    assert (warm.params, warm.rounds, warm.weights, warm.shrink, warm.metrics, warm.folds) == (
-        trained_divine.params, trained_divine.rounds, trained_divine.weights, trained_divine.shrink,
-        trained_divine.metrics, trained_divine.folds)
-    assert pl.read_parquet(tmp_path / "w" / "residuals.parquet").equals(validation.residuals)
-    # ... while the models are fitted again, on the rows given (a week fewer than the cold fit saw)
-    assert warm.data_window["rows"] < trained_divine.data_window["rows"]
-    assert warm.data_window["data_hash"] != trained_divine.data_window["data_hash"]
-    rows = features.filter(pl.col("currency") == "Divine Orb").tail(3)
-    refitted, cold = Ensemble(tmp_path / "w"), Ensemble(trained_divine.artifact_dir)
-    refitted.shrink = cold.shrink = 1.0  # compare the models, not a shrink that may be 0
-    assert not np.allclose(refitted.predict(rows), cold.predict(rows))
+    assert (warm.params, warm.rounds, warm.weights, warm.metrics, warm.folds) == (
+        global_3d.params, global_3d.rounds, global_3d.weights, global_3d.metrics, global_3d.folds)
+    assert warm.data_window["rows"] < global_3d.data_window["rows"]
+    assert warm.data_window["data_hash"] != global_3d.data_window["data_hash"]
 
 
-def test_promotion_refused_for_a_worse_model(trained_divine, lake):
+def test_ensemble_weights_minimise_validation_error():
+    rng = np.random.default_rng(1)
+    y = rng.normal(0, 0.05, 500)
+    good, noisy = y + rng.normal(0, 0.01, 500), rng.normal(0, 0.05, 500)
+    weights = validation_weights(y, {"lightgbm": good, "xgboost": noisy, "random_forest": np.zeros(500)})
+    assert weights["lightgbm"] >= 0.8 and weights["xgboost"] == 0.0 and sum(weights.values()) == pytest.approx(1)
+    assert validation_weights(y[:10], {"lightgbm": good[:10], "xgboost": noisy[:10],
+                                       "random_forest": y[:10]}) == {"lightgbm": 0.5, "xgboost": 0.3,
+                                                                     "random_forest": 0.2}
+
+
+# --- the partitions --------------------------------------------------------------------------------------------
+
+
+def test_partial_pooling_of_the_scale():
+    rng = np.random.default_rng(2)
+    g = rng.normal(0, 0.05, 2000)
+    y = 0.5 * g + rng.normal(0, 0.01, 2000)  # the pooled rows want half the global forecast
+    assert best_scale(y, g) == pytest.approx(0.5, abs=0.05)
+    own_g = rng.normal(0, 0.05, 600)
+    own_y = 1.0 * own_g  # this currency's rows want all of it
+    scale, own, n = pooled_scale(y, g, own_y, own_g)
+    assert own == pytest.approx(1.0) and n == 600
+    assert scale == pytest.approx((600 * own + PRIOR_ROWS * best_scale(y, g)) / (600 + PRIOR_ROWS))
+    few, _, _ = pooled_scale(y, g, own_y[: MIN_OWN_ROWS - 1], own_g[: MIN_OWN_ROWS - 1])
+    assert few == pytest.approx(best_scale(y, g))  # too few rows of its own: the pooled scale
+
+
+def test_a_partition_specialises_the_global_model_on_its_own_rows(global_3d, tmp_path):
+    oof = pl.read_parquet(f"{global_3d.artifact_dir}/{OOF_FILE}")
+    divine = train_currency("Divine Orb", 3, oof, global_model_name(3), "7", tmp_path / "divine")
+    assert divine.trained and divine.global_version == "7" and divine.own_rows >= MIN_OWN_ROWS
+    assert divine.metrics_scope == "holdout league (nested)"
+    holdout_rows = oof.filter(pl.col("holdout") & (pl.col("currency") == "Divine Orb")).height
+    assert divine.metrics["specialised"]["n"] == holdout_rows
+    assert divine.metrics["persistence"]["mae_logret"] == pytest.approx(
+        oof.filter(pl.col("holdout") & (pl.col("currency") == "Divine Orb"))["actual_logret"].abs().mean())
+    # Fracturing Orbs arrived in Sanctum: no out-of-fold row of their own, the pooled scale, and it says so
+    new = train_currency("Fracturing Orb", 3, oof, global_model_name(3), "7", tmp_path / "fracturing")
+    assert new.trained and new.own_rows == 0 and new.scale == new.pooled_scale
+    assert "at a lower confidence" in new.reason
+
+
+# --- MLflow --------------------------------------------------------------------------------------------------
+
+
+def test_promotion_refused_for_a_worse_model_and_for_poisoned_metrics(global_3d, lake, tmp_path):
     tracker = ModelTracker(lake)
-    first = tracker.log_training(trained_divine, {"dagster_run_id": "test"})
+    first = tracker.log_global(global_3d, {"dagster_run_id": "test"})
     assert first.promoted and first.reason == "first version"
-    worse = dataclasses.replace(trained_divine, metrics={
-        **trained_divine.metrics, "ensemble": {**trained_divine.metrics["ensemble"],
-                                               "mae_logret": trained_divine.validation_mae * 1.5}})
-    second = tracker.log_training(worse, {"dagster_run_id": "test"})
+    holdout = global_3d.metrics["holdout"]
+    worse = dataclasses.replace(global_3d, metrics={**global_3d.metrics, "holdout": {
+        **holdout, "ensemble": {**holdout["ensemble"], "mae_logret": global_3d.validation_mae * 1.5}}})
+    second = tracker.log_global(worse, {"dagster_run_id": "test"})
     assert not second.promoted and "worse than champion v1" in second.reason
-    version, path = tracker.champion_dir("Divine Orb", 1)
+    # a poisoned price upstream: the MAE is absurd and the skill NaN; never promoted, even on changed folds
+    poisoned = dataclasses.replace(global_3d, folds=["league:Other"], metrics={**global_3d.metrics, "holdout": {
+        **holdout, "ensemble": {**holdout["ensemble"], "mae_logret": 1e36, "skill": float("nan")}}})
+    third = tracker.log_global(poisoned, {"dagster_run_id": "test"})
+    assert not third.promoted and "not sane" in third.reason
+    version, path = tracker.champion(global_model_name(3))
     assert version == "1" and (path / "ensemble.json").exists()
-    same = tracker.log_training(trained_divine, {"dagster_run_id": "test"})
-    assert same.promoted and tracker.champion_dir("Divine Orb", 1)[0] == same.version == "3"
     run = tracker.client.get_run(second.run_id)
-    assert run.data.tags["currency"] == "Divine Orb" and run.data.tags["promoted"] == "false"
-    assert "ensemble.mae_logret" in run.data.metrics and "persistence.mae_logret" in run.data.metrics
-    assert registered_model_name("Divine Orb", 1) == "poe-divine-orb-1d"
+    assert run.data.tags["kind"] == "global" and run.data.tags["promoted"] == "false"
+    assert "holdout.ensemble.mae_logret" in run.data.metrics
+    assert registered_model_name("Divine Orb", 1) == "poe-divine-orb-1d" and global_model_name(1) == "poe-global-1d"
 
 
-def test_a_broken_model_never_becomes_champion(trained_divine, lake, tmp_path):
+def test_a_broken_model_never_becomes_champion(global_3d, lake, tmp_path):
     tracker = ModelTracker(lake)
-    assert tracker.log_training(trained_divine, {}).promoted
+    assert tracker.log_global(global_3d, {}).promoted
     broken_dir = tmp_path / "broken"
-    shutil.copytree(trained_divine.artifact_dir, broken_dir)
+    shutil.copytree(global_3d.artifact_dir, broken_dir)
     (broken_dir / "xgboost.ubj").write_bytes(b"not a model")
-    broken = dataclasses.replace(trained_divine, artifact_dir=str(broken_dir))
+    broken = dataclasses.replace(global_3d, artifact_dir=str(broken_dir))
     with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, the alias must not move
-        tracker.log_training(broken, {})
-    version, path = tracker.champion_dir("Divine Orb", 1)
+        tracker.log_global(broken, {})
+    version, path = tracker.champion(global_model_name(3))
     assert version == "1"
-    Ensemble(Path(path))
+    Ensemble(path)
 
 
-def test_pooling_similar_currencies_validates_on_the_partition_currency_only(real, tmp_path):
-    features, order = real
-    pool = similar_currencies(features, "Orb of Annulment", k=3)
-    assert len(pool) == 3 and "Orb of Annulment" not in pool
-    ts = training_set(features, FEATURE_COLUMNS, "Orb of Annulment", 3, order, pool)
-    assert 0 < ts.target_rows < ts.rows
-    assert set(ts.weight[~ts.is_target]) == {POOL_WEIGHT} and set(ts.weight[ts.is_target]) == {1.0}
-    for fold in walk_forward_folds(ts, "Sanctum", 2):
-        assert ts.is_target[fold.valid].all()  # metrics are the partition's own
-        assert (~ts.is_target[fold.train]).any()  # pooled rows help training
-    result = train_partition(features, FEATURE_COLUMNS, "Orb of Annulment", 3, order, "Sanctum", PROFILE,
-                             tmp_path / "pooled", pool=pool)
-    alone = train_partition(features, FEATURE_COLUMNS, "Orb of Annulment", 3, order, "Sanctum", PROFILE,
-                            tmp_path / "alone")
-    assert result.data_window["rows"] == alone.data_window["rows"] and result.data_window["pooled_rows"] > 0
-    assert result.metrics["persistence"] == alone.metrics["persistence"]  # the same validation rows
+def test_the_fast_forest_prediction_is_the_forests_own(real):
+    from poe_pipeline.modeling import _fit_forest, _rf_params
 
-
-def test_the_fast_forest_prediction_is_the_forests_own(trained_divine, real):
-    from poe_pipeline.modeling import forest_predict, model_inputs
-
-    features, _ = real
-    ens = Ensemble(trained_divine.artifact_dir)
-    inputs, _ = model_inputs(features.filter(pl.col("currency") == "Divine Orb").tail(40), [])
-    X = inputs.select(ens.feature_names).cast(pl.Float32).to_numpy()
-    np.testing.assert_allclose(forest_predict(ens.random_forest, X), ens.random_forest.predict(X), rtol=1e-6,
+    _, order, rows = real
+    data = ModelData.from_rows(rows.filter(pl.col("league") == "Kalandra"), FEATURE_COLUMNS, 1, order)
+    forest = _fit_forest(_rf_params(None, {"max_depth": 6, "min_samples_leaf": 50, "max_features": 0.3}),
+                         data.X, data.y, data.weight, 20)
+    np.testing.assert_allclose(forest_predict(forest, data.X[:40]), forest.predict(data.X[:40]), rtol=1e-6,
                                atol=1e-9)
-    assert np.allclose(ens.predict(features.filter(pl.col("currency") == "Divine Orb").tail(40)),
-                       ens.predict_inputs(inputs))

@@ -30,7 +30,7 @@ def _league(store: Lake, run_scope: RunScopeResource) -> str:
 @dg.asset(
     group_name="forecasts",
     kinds={"parquet", "duckdb"},
-    deps=["currency_models", "features", "currency_universe"],
+    deps=["global_models", "currency_models", "features", "currency_universe"],
     description="1, 3 and 7-day forecasts of every currency in the universe from its `champion` model, with "
     "volatility-scaled conformal intervals and a confidence score; appended per origin date under "
     "predictions/league=<L>/origin_date=<D>/. A currency without a champion gets no row; the metadata says why.",

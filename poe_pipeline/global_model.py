@@ -1,0 +1,226 @@
+"""The global model: one ensemble per horizon, pooled over the liquid currencies of every league.
+
+A single currency holds 600-2,100 labelled days against ~100 inputs: too few to learn what "no change" misses. A
+model pooled over many currencies and leagues sees tens of thousands (Montero-Manso & Hyndman 2021; the M5 winners
+were pooled LightGBMs), and on the development leagues it beat per-currency models at every horizon.
+
+- **Rows.** In each past non-event league, the ``pool_size`` most liquid currencies of that league (by their days
+  with a High or Medium confidence price), plus, in the current league, the currencies being forecast. Every row
+  has a known target; outlier days stay in.
+- **Validation.** League folds (``modeling.league_folds``): the last ``cv_folds`` past leagues, each predicted by
+  models trained on the leagues before it. Tuning sees every fold but the newest, the *holdout*, so the metrics on
+  the holdout are out of sample for tuning and weights alike (nested); ``metrics["holdout"]`` holds them.
+- **Out-of-fold forecasts.** Each fold also predicts the rows of the currencies being forecast now, where they
+  existed, so that a partition can specialise on its own currency's out-of-fold rows (``currency_model``).
+- **Warm refits.** ``train_global(warm=...)`` keeps a validation (tuning, weights, out-of-fold rows) and refits
+  only the final models on the new rows: the league folds do not change within a league.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from poe_pipeline.modeling import (
+    DEFAULT_PARAMS,
+    DEFAULT_ROUNDS,
+    MIN_PATIENCE,
+    MODEL_KINDS,
+    PARAM_BUILDERS,
+    ModelData,
+    _fold_predict,
+    blend,
+    fit_ensemble,
+    fold_data,
+    forecast_metrics,
+    league_folds,
+    tune,
+    validation_weights,
+    write_meta,
+)
+from poe_pipeline.settings import Profile
+
+POOL_SIZE = 30  # the most liquid currencies of each past league that the global model learns from
+MIN_GLOBAL_ROWS = 1000
+OOF_FILE = "oof.parquet"
+OOF_SCHEMA = {"league": pl.Utf8, "currency": pl.Utf8, "date": pl.Date, "actual_logret": pl.Float64,
+              "pred_logret": pl.Float64, "fold": pl.Utf8, "holdout": pl.Boolean, "in_pool": pl.Boolean}
+
+
+def liquid_by_league(features: pl.DataFrame, leagues: Iterable[str], size: int) -> dict[str, list[str]]:
+    """The ``size`` most liquid currencies of each league: most days with a High or Medium confidence price,
+    then most observed days, then by name."""
+    counts = (
+        features.filter(pl.col("league").is_in(list(leagues)) & (pl.col("currency") != "Chaos Orb"))
+        .group_by("league", "currency")
+        .agg((pl.col("confidence_level") >= 1).sum().alias("good"), (~pl.col("is_imputed")).sum().alias("seen"))
+        .sort(["league", "good", "seen", "currency"], descending=[False, True, True, False])
+    )
+    return {lg: g["currency"].head(size).to_list() for (lg,), g in counts.partition_by("league", as_dict=True).items()}
+
+
+def pooled_rows(features: pl.DataFrame, league_order: list[str], current_league: str,
+                currencies: Iterable[str], pool_size: int = POOL_SIZE) -> pl.DataFrame:
+    """The global model's rows with an ``in_pool`` flag: pool rows train and score; the other rows of the
+    ``currencies`` being forecast are only predicted out of fold (their league's pool did not include them)."""
+    currencies = list(dict.fromkeys(currencies))
+    past = [lg for lg in league_order if lg != current_league]
+    pools = liquid_by_league(features, past, pool_size)
+    pool_pairs = pl.DataFrame(
+        [(lg, c) for lg, cs in pools.items() for c in cs] + [(current_league, c) for c in currencies],
+        schema={"league": pl.Utf8, "currency": pl.Utf8}, orient="row",
+    ).unique().with_columns(pl.lit(True).alias("in_pool"))
+    wanted = pl.col("league").is_in(league_order) & (
+        pl.col("currency").is_in(currencies) | pl.col("league").is_in(past))
+    return (
+        features.filter(wanted)
+        .join(pool_pairs, on=["league", "currency"], how="left")
+        .with_columns(pl.col("in_pool").fill_null(False))
+        .filter(pl.col("in_pool") | pl.col("currency").is_in(currencies))
+    )
+
+
+@dataclass
+class GlobalValidation:
+    """What tuning and the league folds decided; a warm refit reuses it as it is."""
+
+    params: dict[str, dict]
+    rounds: dict[str, int]
+    weights: dict[str, float]
+    metrics: dict[str, dict[str, dict[str, float]]]  # "holdout" | "tuning" -> model -> metric
+    folds: list[str]
+    oof: pl.DataFrame  # OOF_SCHEMA
+
+    @classmethod
+    def read(cls, directory: Path) -> GlobalValidation:
+        import json
+
+        meta = json.loads((Path(directory) / "ensemble.json").read_text())
+        return cls(meta["params"], meta["rounds"], meta["weights"], meta["metrics"], meta["folds"],
+                   pl.read_parquet(Path(directory) / OOF_FILE))
+
+
+@dataclass
+class GlobalResult:
+    horizon: int
+    trained: bool
+    reason: str = ""
+    params: dict[str, dict] = field(default_factory=dict)
+    rounds: dict[str, int] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    folds: list[str] = field(default_factory=list)
+    data_window: dict = field(default_factory=dict)
+    feature_names: list[str] = field(default_factory=list)
+    feature_importance: dict[str, float] = field(default_factory=dict)
+    artifact_dir: str = ""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def skill(self) -> float:
+        """The nested (holdout) skill against persistence; NaN without a holdout."""
+        return self.metrics.get("holdout", {}).get("ensemble", {}).get("skill", float("nan"))
+
+    @property
+    def validation_mae(self) -> float:
+        return self.metrics.get("holdout", {}).get("ensemble", {}).get("mae_logret", float("nan"))
+
+    @property
+    def fold_signature(self) -> str:
+        return "|".join(self.folds)
+
+
+def _oof_frame(data: ModelData, rows: np.ndarray, pred: np.ndarray, fold: str, holdout: bool,
+               in_pool: np.ndarray) -> pl.DataFrame:
+    return data.keys(rows).with_columns(
+        pl.Series("actual_logret", data.y[rows]), pl.Series("pred_logret", pred), pl.lit(fold).alias("fold"),
+        pl.lit(holdout).alias("holdout"), pl.Series("in_pool", in_pool[rows]),
+    ).cast(OOF_SCHEMA).select(list(OOF_SCHEMA))
+
+
+def _scored(y: np.ndarray, preds: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    persistence = float(np.mean(np.abs(y))) if len(y) else float("nan")
+    out = {"persistence": forecast_metrics(y, np.zeros_like(y), persistence)}
+    for name, p in preds.items():
+        out[name] = forecast_metrics(y, p, persistence)
+    return out
+
+
+def validate_global(data: ModelData, in_pool: np.ndarray, current_league: str, profile: Profile,
+                    seed: int) -> GlobalValidation:
+    """Tune on every league fold but the newest, weigh the ensemble there, and score it on the newest (nested)."""
+    folds = league_folds(data, profile.cv_folds, exclude={current_league}, train_mask=in_pool, extra_mask=~in_pool)
+    if not folds:
+        return GlobalValidation(dict(DEFAULT_PARAMS), dict(DEFAULT_ROUNDS), {k: 1 / 3 for k in MODEL_KINDS}, {},
+                                [], pl.DataFrame(schema=OOF_SCHEMA))
+    tuning, holdout = (folds[:-1], folds[-1]) if len(folds) > 1 else (folds, None)
+    tuned = {kind: tune(kind, data, fold_data(data, tuning), profile, seed) for kind in MODEL_KINDS}
+    params = {k: t.params for k, t in tuned.items()}
+    rounds = {k: t.rounds for k, t in tuned.items()} | {"random_forest": DEFAULT_ROUNDS["random_forest"]}
+    y_tuning = np.concatenate([data.y[f.valid] for f in tuning])
+    scored = {k: np.concatenate([p[: len(f.valid)] for p, f in zip(t.oof, tuning, strict=True)])
+              for k, t in tuned.items()}
+    weights = validation_weights(y_tuning, scored)
+    metrics = {"tuning": _scored(y_tuning, {**scored, "ensemble": blend(weights, scored)})}
+    oof = [_oof_frame(data, f.predicted, blend(weights, {k: t.oof[i] for k, t in tuned.items()}), f.name, False,
+                      in_pool) for i, f in enumerate(tuning)]
+    if holdout is not None:
+        (fd,) = fold_data(data, [holdout])
+        preds = {k: _fold_predict(k, PARAM_BUILDERS[k](None, params[k]), fd, data,
+                                  max(profile.early_stopping_rounds, MIN_PATIENCE))[0] for k in MODEL_KINDS}
+        n = len(holdout.valid)
+        metrics["holdout"] = _scored(data.y[holdout.valid],
+                                     {**{k: p[:n] for k, p in preds.items()}, "ensemble": blend(weights, preds)[:n]})
+        oof.append(_oof_frame(data, holdout.predicted, blend(weights, preds), holdout.name, True, in_pool))
+    return GlobalValidation(params, rounds, weights, metrics, [f.name for f in folds], pl.concat(oof))
+
+
+def train_global(
+    rows: pl.DataFrame,
+    feature_columns: list[str],
+    horizon: int,
+    league_order: list[str],
+    current_league: str,
+    profile: Profile,
+    out_dir: Path,
+    seed: int = 42,
+    warm: GlobalValidation | None = None,
+) -> GlobalResult:
+    """Validate (or reuse ``warm``) and fit the global ensemble of one horizon on ``rows`` (``pooled_rows``);
+    write its artifacts to ``out_dir``: the native models, ``ensemble.json`` and the out-of-fold forecasts
+    (``oof.parquet``)."""
+    started = time.perf_counter()
+    data = ModelData.from_rows(rows, feature_columns, horizon, league_order)
+    in_pool = (rows.join(data.keys().with_row_index("_i"), on=["league", "currency", "date"], how="inner")
+               .sort("_i")["in_pool"].to_numpy())
+    result = GlobalResult(horizon, trained=False, feature_names=data.feature_names)
+    train_rows = np.flatnonzero(in_pool)
+    if len(train_rows) < MIN_GLOBAL_ROWS:
+        result.reason = (f"only {len(train_rows)} labelled rows to pool at {horizon}d (at least {MIN_GLOBAL_ROWS} "
+                         "are needed): import more league history")
+        return result
+    checked = warm if warm is not None else validate_global(data, in_pool, current_league, profile, seed)
+    importance = fit_ensemble(data, checked.params, checked.rounds, checked.weights, out_dir, index=train_rows)
+    checked.oof.write_parquet(out_dir / OOF_FILE)
+    result.trained = True
+    result.params, result.rounds, result.weights = checked.params, checked.rounds, checked.weights
+    result.metrics, result.folds = checked.metrics, checked.folds
+    result.feature_importance = importance
+    result.artifact_dir = str(out_dir)
+    result.data_window = {
+        "first_date": str(data.dates[train_rows].min()), "last_date": str(data.dates[train_rows].max()),
+        "rows": int(len(train_rows)), "currencies": int(len(set(data.currencies[train_rows]))),
+        "leagues": [lg for lg in league_order if lg in set(data.leagues[train_rows])],
+        "data_hash": data.data_hash(), "oof_rows": checked.oof.height, "warm_refit": warm is not None,
+    }
+    result.seconds = time.perf_counter() - started
+    write_meta(out_dir, {**result.as_dict(), "kind": "global"})
+    return result
