@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 LAKE   ?= $(CURDIR)/data_lake
 LEAGUE ?= Sanctum
-# The demo models a dozen liquid currencies of different kinds and price levels (all ~127 eligible take ~15 min).
-DEMO_CURRENCIES ?= Divine Orb,Exalted Orb,Mirror Shard,Orb of Annulment,Awakened Sextant,Sacred Orb,Ancient Orb,Stacked Deck,Gemcutter's Prism,Awakener's Orb,Orb of Dominance,Maven's Orb
+# The demo forecasts fifteen liquid currencies of every price level, cheap bulk ones included (every eligible one,
+# 188 in Sanctum, takes a few minutes more: make demo DEMO_CURRENCIES=).
+DEMO_CURRENCIES ?= Divine Orb,Exalted Orb,Mirror Shard,Orb of Annulment,Sacred Orb,Awakened Sextant,Stacked Deck,Gemcutter's Prism,Orb of Alteration,Chromatic Orb,Orb of Fusing,Regal Orb,Orb of Alchemy,Vaal Orb,Orb of Scouring
 REPLAY_PORT ?= 8765
 export DAGSTER_HOME ?= $(LAKE)/.dagster
 
@@ -25,7 +26,8 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/poe-pipeline run --history sample_data --league $(LEAGUE) --lake $(LAKE) --currencies "$(DEMO_CURRENCIES)"
+	$(BIN)/poe-pipeline run --history sample_data --league $(LEAGUE) --lake $(LAKE) \
+	  $(if $(DEMO_CURRENCIES),--currencies "$(DEMO_CURRENCIES)")
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check poe_pipeline tests benchmarks

@@ -177,7 +177,6 @@ def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currenci
         return history.filter(pl.col("currency").is_in(names)).select(
             "league", "currency", "date", "league_day", *VOL_COLUMNS)
 
-    own = {c: g for (c,), g in vol_history(currencies).partition_by("currency", as_dict=True).items()}
     models: dict[tuple[str, int], ForecastModel] = {}
     skipped: list[Skip] = []
     for result in results:
@@ -194,7 +193,7 @@ def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currenci
         for currency in currencies:
             part = train_currency(currency, h, oof, name, version, workdir / f"{slug(currency)}-{h}d")
             models[(currency, h)] = ForecastModel.load(currency, h, version, Path(part.artifact_dir), base,
-                                                       own.get(currency), f"backtest-{slug(currency)}-{h}d")
+                                                       f"backtest-{slug(currency)}-{h}d")
             shutil.rmtree(part.artifact_dir, ignore_errors=True)
         shutil.rmtree(directory, ignore_errors=True)  # loaded in memory
     return models, skipped

@@ -45,7 +45,7 @@ from poe_pipeline.modeling import (
 )
 from poe_pipeline.settings import Profile
 
-POOL_SIZE = 30  # the most liquid currencies of each past league that the global model learns from
+POOL_SIZE = 100  # the most liquid currencies of each past league that the global model learns from
 MIN_GLOBAL_ROWS = 1000
 OOF_FILE = "oof.parquet"
 OOF_SCHEMA = {"league": pl.Utf8, "currency": pl.Utf8, "date": pl.Date, "actual_logret": pl.Float64,
