@@ -1,8 +1,5 @@
-"""The fault matrix: each fault a careless user, a flaky network or messy real data brings, run for real (real
-files, real dumps, real processes), and what the pipeline must do instead of stopping or losing data.
-
-README "Faults" lists every row of this matrix with the test that proves it.
-"""
+"""Faults in poe.ninja dumps: quirky rows are quarantined and the rest imported, a structurally bad file is rejected
+by file and line while the others import, and a corrected dump replaces a bad one."""
 
 from __future__ import annotations
 
