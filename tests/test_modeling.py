@@ -33,7 +33,7 @@ def real():
     calendar = league_calendar(prices)
     order = training_leagues(calendar, "Sanctum")
     features = build_features(prices, calendar)
-    return features, order, pooled_rows(features, order, "Sanctum", FORECAST)
+    return features, order, pooled_rows(features, order, "Sanctum", FORECAST, pool_size=30)
 
 
 @pytest.fixture(scope="module")
