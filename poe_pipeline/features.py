@@ -37,19 +37,22 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import operator
 from collections.abc import Iterable
 from pathlib import Path
 
 import polars as pl
 
-from poe_pipeline.lake import Lake, hive_dir, write_parquet_atomic, write_text_atomic
+from poe_pipeline.lake import Lake, is_readable_parquet, read_parquet_files, write_parquet_atomic, write_text_atomic
 from poe_pipeline.settings import HORIZONS_DAYS
 
 FEATURES_VERSION = "2"  # bump when a feature's definition changes: every league is rebuilt
 KEYS = ["league", "currency", "date"]
 SERIES = ["league", "currency"]
 DIVINE = "Divine Orb"
+
+log = logging.getLogger(__name__)
 
 LAGS = (1, 2, 3, 5, 7, 14)
 ROLL_WINDOWS = (1, 3, 5, 7, 14)
@@ -514,7 +517,7 @@ def build_league_features(daily_prices: pl.DataFrame, calendar: pl.DataFrame, le
 
 
 def feature_path(lake: Lake, league: str) -> Path:
-    return hive_dir(lake.features, league=league) / "part.parquet"
+    return lake.league_path(lake.features, league, "part.parquet")
 
 
 def write_features(df: pl.DataFrame, lake: Lake) -> list[Path]:
@@ -526,17 +529,43 @@ def write_features(df: pl.DataFrame, lake: Lake) -> list[Path]:
 
 
 def read_features(lake: Lake, leagues: Iterable[str] | None = None) -> pl.DataFrame:
-    """The stored features (all leagues, or those named)."""
+    """The stored features (all leagues, or those named). A file that cannot be read raises
+    ``UnreadableFileError`` naming it (``update_features`` rebuilds such a file)."""
     paths = (
         lake.parquet_files(lake.features) if leagues is None else [feature_path(lake, lg) for lg in leagues]
     )
     if not paths:
         return pl.DataFrame()
-    return pl.read_parquet(paths, hive_partitioning=False)
+    return read_parquet_files(
+        paths, "materialize features again: update_features rebuilds a damaged file", hive_partitioning=False
+    )
 
 
 def _fingerprints_path(lake: Lake) -> Path:
     return lake.state / "features_fingerprints.json"
+
+
+def _stored_fingerprints(lake: Lake) -> dict[str, str]:
+    """What each league's file was built from. Unreadable state only costs a rebuild: the files are derived."""
+    path = _fingerprints_path(lake)
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("%s cannot be read (%s); rebuilding every league's features", path, exc)
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _needs_rebuild(lake: Lake, league: str, stored: str | None, current: str) -> bool:
+    if stored != current:
+        return True
+    path = feature_path(lake, league)
+    if path.exists() and not is_readable_parquet(path):
+        log.warning("%s cannot be read (cut short or overwritten); rebuilding it", path)
+        return True
+    return not path.exists()
 
 
 def league_fingerprint(daily_prices: pl.DataFrame, calendar: pl.DataFrame, league: str) -> str:
@@ -562,11 +591,11 @@ def update_features(
     """
     _check_inputs(daily_prices, calendar)
     state_path = _fingerprints_path(lake)
-    stored: dict[str, str] = json.loads(state_path.read_text()) if state_path.exists() else {}
+    stored = _stored_fingerprints(lake)
     present = sorted(daily_prices["league"].unique())
     current = {lg: league_fingerprint(daily_prices, calendar, lg) for lg in present}
-    if leagues is None:
-        todo = [lg for lg in present if stored.get(lg) != current[lg] or not feature_path(lake, lg).exists()]
+    if leagues is None:  # a file that no longer reads (cut short, overwritten) is rebuilt like a changed one
+        todo = [lg for lg in present if _needs_rebuild(lake, lg, stored.get(lg), current[lg])]
     else:
         todo = list(dict.fromkeys(leagues))
         unknown = set(todo) - set(present)

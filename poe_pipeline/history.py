@@ -21,7 +21,8 @@ from pathlib import Path
 
 import polars as pl
 
-from poe_pipeline.lake import Lake, write_parquet_once
+from poe_pipeline.lake import Lake, UnsafePathError, write_parquet_once
+from poe_pipeline.names import InvalidLeagueNameError
 from poe_pipeline.sources.poe_ninja import (
     RAW_DUMP_SCHEMA,
     DumpFormatError,
@@ -65,15 +66,15 @@ def find_dumps(directories: Iterable[Path]) -> list[Path]:
 
 
 def raw_dump_path(lake: Lake, league: str, kind: str, sha: str) -> Path:
-    return lake.poe_ninja_raw / f"league={league}" / f"{kind}-{sha[:16]}.parquet"
+    return lake.league_path(lake.poe_ninja_raw, league, f"{kind}-{sha[:16]}.parquet")
 
 
 def superseded_dump_path(lake: Lake, league: str, kind: str, sha: str) -> Path:
-    return lake.poe_ninja_superseded / f"league={league}" / f"{kind}-{sha[:16]}.parquet"
+    return lake.league_path(lake.poe_ninja_superseded, league, f"{kind}-{sha[:16]}.parquet")
 
 
 def dump_quarantine_path(lake: Lake, league: str, kind: str, sha: str) -> Path:
-    return lake.quarantine / QUARANTINE_SOURCE / f"league={league}" / f"{kind}-{sha[:16]}.parquet"
+    return lake.league_path(lake.quarantine / QUARANTINE_SOURCE, league, f"{kind}-{sha[:16]}.parquet")
 
 
 def _supersede_others(lake: Lake, league: str, kind: str, keep: Path) -> list[str]:
@@ -163,7 +164,9 @@ def import_dumps(
             leagues_in_file = rows["league"].unique().to_list()
             if rows.height and leagues_in_file != [league]:
                 raise DumpFormatError(path, None, f"file name says league {league!r}, rows say {leagues_in_file}")
-        except (DumpFormatError, OSError) as exc:
+        except (DumpFormatError, OSError, InvalidLeagueNameError, UnsafePathError) as exc:
+            if isinstance(exc, InvalidLeagueNameError | UnsafePathError):  # the file name would escape the lake
+                exc = DumpFormatError(path, None, str(exc))
             reason = str(exc) if isinstance(exc, DumpFormatError) else f"{path.name}: cannot be read ({exc})"
             report.rejected[path.name] = reason
             if progress:

@@ -4,6 +4,9 @@ The slot time is the file's key, so a re-run of the same slot, or a second run
 racing the first, never duplicates a poll: ``write_parquet_once`` publishes with
 ``os.link``, which fails on an existing file. Bad records go to a quarantine file
 beside the raw data, written before the snapshot so none is lost if the run dies.
+
+A poll in which no record validates is schema drift (the API renamed or retyped a field): its records are
+quarantined, no snapshot is written (the slot stays free for a re-run), and ``SchemaDriftError`` fails the run.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from typing import Protocol
 
 import polars as pl
 
-from poe_pipeline.lake import Lake, hive_dir, write_parquet_once
+from poe_pipeline.lake import Lake, write_parquet_once
 from poe_pipeline.sources.poe_watch import (
     DEFAULT_CATEGORIES,
     QUARANTINE_SCHEMA,
     SNAPSHOT_SCHEMA,
     SOURCE,
+    SchemaDriftError,
+    schema_drift,
     validate_poll,
 )
 
@@ -39,18 +44,19 @@ def _utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
 
-def _partition(base: Path, league: str, poll_time: datetime) -> Path:
+def _partition(lake: Lake, base: Path, league: str, poll_time: datetime) -> Path:
     poll_time = _utc(poll_time)
-    folder = hive_dir(base, league=league, date=poll_time.strftime("%Y-%m-%d"))
-    return folder / f"poll-{poll_time.strftime('%Y%m%dT%H%M%SZ')}.parquet"
+    return lake.league_path(
+        base, league, f"date={poll_time.strftime('%Y-%m-%d')}", f"poll-{poll_time.strftime('%Y%m%dT%H%M%SZ')}.parquet"
+    )
 
 
 def snapshot_path(lake: Lake, league: str, poll_time: datetime) -> Path:
-    return _partition(lake.poe_watch_raw, league, poll_time)
+    return _partition(lake, lake.poe_watch_raw, league, poll_time)
 
 
 def quarantine_path(lake: Lake, league: str, poll_time: datetime) -> Path:
-    return _partition(lake.quarantine / SOURCE, league, poll_time)
+    return _partition(lake, lake.quarantine / SOURCE, league, poll_time)
 
 
 def poll_slot(now: datetime, every_minutes: int = POLL_EVERY_MINUTES) -> datetime:
@@ -93,9 +99,13 @@ def ingest_poll(
     categories: tuple[str, ...] = DEFAULT_CATEGORIES,
 ) -> IngestResult:
     """Poll once and store it under ``poll_time``'s key. A poll that fails or is not a JSON list raises
-    and writes nothing; an existing snapshot for this key is never fetched again or replaced."""
+    and writes nothing; an existing snapshot for this key is never fetched again or replaced.
+
+    Raises ``SchemaDriftError`` (after quarantining the records) when no record of the poll validates, and
+    ``InvalidLeagueNameError`` before any request for a league name that is not safe as a path.
+    """
     poll_time = _utc(poll_time)
-    path = snapshot_path(lake, league, poll_time)
+    path = snapshot_path(lake, league, poll_time)  # checks the league name before anything is fetched
     if path.exists():
         return IngestResult(
             path,
@@ -104,7 +114,11 @@ def ingest_poll(
             breaker=client.breaker_status(),
         )
 
-    polled = client.poll(league, categories)
+    drift: SchemaDriftError | None = None
+    try:
+        polled = client.poll(league, categories)
+    except SchemaDriftError as exc:  # PoeWatchClient checks inside its breaker, so the poll counted as failed
+        polled, drift = exc.polled, exc
     snapshots, quarantined, per_category = [], [], {}
     for category, records in polled:
         good, bad = validate_poll(records, league=league, category=category, polled_at=poll_time)
@@ -113,13 +127,16 @@ def ingest_poll(
         per_category[category] = good.height
     snapshot = pl.concat(snapshots) if snapshots else pl.DataFrame(schema=SNAPSHOT_SCHEMA)
     quarantine = pl.concat(quarantined) if quarantined else pl.DataFrame(schema=QUARANTINE_SCHEMA)
+    if drift is None and snapshot.height == 0 and quarantine.height:
+        drift = schema_drift(polled, league)  # a client that does not check (e.g. bodies fetched beforehand)
 
     q_path = None
     if quarantine.height:
         # Before the snapshot: if the run dies in between, the re-run still stores the bad records' file.
         q_path = quarantine_path(lake, league, poll_time)
         write_parquet_once(quarantine, q_path)
-    # An all-quarantined poll still writes its (empty) snapshot: the slot was polled.
+    if drift is not None:
+        raise drift.quarantined_in(q_path)
     written = write_parquet_once(snapshot, path)
     return IngestResult(
         path,

@@ -2,6 +2,9 @@
 
 Every write goes to a temporary file in the target directory and is then moved
 into place, so a killed process never leaves a half-written file behind.
+
+Names from outside (a league from poe.watch, ``POE_LEAGUE`` or a dump's file name) become paths only through
+``Lake.league_path``, which checks the name and that the path stays inside the lake.
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ from pathlib import Path
 
 import polars as pl
 
+from poe_pipeline.names import check_league_name
+
 COMPRESSION = "zstd"
+
+
+class UnsafePathError(ValueError):
+    """A path built from outside input that would land outside the lake."""
+
+
+class UnreadableFileError(OSError):
+    """A stored file that cannot be read (truncated, overwritten, not Parquet)."""
 
 
 @contextlib.contextmanager
@@ -76,10 +89,38 @@ def write_text_atomic(text: str, path: Path) -> Path:
 
 
 def hive_dir(root: Path, **parts: str) -> Path:
-    """``root/key=value/...`` in the order given."""
+    """``root/key=value/...`` in the order given. A ``league`` must be a valid league name, and no value may hold a
+    path separator or be ``..``: each value stays one directory level."""
     for key, value in parts.items():
+        value = str(value)
+        if key == "league":
+            check_league_name(value)
+        elif not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+            raise UnsafePathError(f"Partition value {key}={value!r} is not a single directory name")
         root = root / f"{key}={value}"
     return root
+
+
+def is_readable_parquet(path: Path) -> bool:
+    """The file exists and its Parquet footer reads: a file cut short (or not Parquet at all) fails this."""
+    try:
+        pl.read_parquet_schema(path)
+    except (pl.exceptions.PolarsError, OSError):
+        return False
+    return True
+
+
+def read_parquet_files(paths: list[Path], fix: str, **kwargs) -> pl.DataFrame:
+    """``pl.read_parquet(paths)``, but a file that cannot be read is named, with ``fix`` (polars names none)."""
+    try:
+        return pl.read_parquet(paths, **kwargs)
+    except (pl.exceptions.PolarsError, OSError):
+        for path in paths:  # only now, on the failure path: which file is it?
+            try:
+                pl.read_parquet(path, **kwargs)
+            except (pl.exceptions.PolarsError, OSError) as bad:
+                raise UnreadableFileError(f"{path} cannot be read ({type(bad).__name__}: {bad}); {fix}") from bad
+        raise
 
 
 @dataclass(frozen=True)
@@ -128,6 +169,58 @@ class Lake:
         return self.root / "state"
 
     @property
+    def poe_watch_breaker_state(self) -> Path:
+        """The poe.watch circuit breaker, shared by every run through this file."""
+        return self.state / "poe_watch_breaker.json"
+
+    @property
+    def currency_universe(self) -> Path:
+        return self.root / "currency_universe"
+
+    # models, their scores and what they produce
+    @property
+    def models_staging(self) -> Path:
+        """Where training workers write artifacts before the parent logs them to MLflow."""
+        return self.root / "models" / "staging"
+
+    @property
+    def model_metrics(self) -> Path:
+        return self.root / "model_metrics"
+
+    @property
+    def mlflow(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.mlflow / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.mlflow / "artifacts"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    @property
+    def investment_report(self) -> Path:
+        return self.root / "investment_report"
+
+    @property
+    def reports(self) -> Path:
+        """The rendered reports (Markdown, HTML, chart), one folder per origin date."""
+        return self.root / "reports"
+
+    @property
+    def backtests(self) -> Path:
+        return self.root / "backtests"
+
+    @property
+    def alerts(self) -> Path:
+        return self.root / "alerts"
+
+    @property
     def warehouse(self) -> Path:
         return self.root / "warehouse.duckdb"
 
@@ -137,3 +230,23 @@ class Lake:
 
     def parquet_files(self, base: Path) -> list[Path]:
         return sorted(p for p in base.rglob("*.parquet") if not p.name.startswith("."))
+
+    def inside(self, path: Path) -> Path:
+        """``path``, once it is certain to stay inside the lake root, else ``UnsafePathError``.
+
+        The check is on the normalised path (``..`` resolved), not on symlinks: a lake may link a folder onto
+        another disk, and names from outside cannot create links.
+        """
+        root = Path(os.path.abspath(self.root))
+        resolved = Path(os.path.abspath(path))
+        if not resolved.is_relative_to(root):
+            raise UnsafePathError(
+                f"Refusing the path {str(path)!r}: it resolves to {resolved}, outside the lake {root}; "
+                "a league or file name must not contain '..' or a path separator"
+            )
+        return Path(path)
+
+    def league_path(self, area: Path, league: str, *parts: str) -> Path:
+        """``area/league=<league>/<parts>``: the one way a league name becomes a path. The name is checked
+        (``names.check_league_name``) and the result must stay inside the lake."""
+        return self.inside(hive_dir(area, league=league).joinpath(*parts))

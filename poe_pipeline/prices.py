@@ -3,17 +3,25 @@
 History (poe.ninja dumps) and live poe.watch snapshots are merged. Snapshots are
 reduced to a daily close, the last poll of the UTC day. Where both sources have
 the same day, the dump wins: it is poe.ninja's own end-of-day figure.
+
+The files are derived: one that cannot be read (cut short, overwritten) is rewritten by the next refresh.
 """
 
 from __future__ import annotations
 
+import logging
+
 import polars as pl
 
+from poe_pipeline.lake import read_parquet_files
 from poe_pipeline.sources.poe_ninja import chaos_prices_from_dump_rows
 
 SOURCE_DUMP = "poe_ninja_dump"
 SOURCE_POE_WATCH = "poe_watch"
 _SOURCE_PRIORITY = {SOURCE_DUMP: 0, SOURCE_POE_WATCH: 1}
+REBUILD_HINT = "materialize daily_prices again: refresh_daily_prices rewrites it from the raw data"
+
+log = logging.getLogger(__name__)
 
 # The public contract (DESIGN.md); extra columns follow these.
 DAILY_PRICES_SCHEMA: dict[str, pl.DataType] = {
@@ -76,17 +84,29 @@ def merge_daily_prices(*frames: pl.DataFrame) -> pl.DataFrame:
 
 
 def daily_prices_path(lake, league: str):
-    return lake.daily_prices / f"league={league}" / "part.parquet"
+    return lake.league_path(lake.daily_prices, league, "part.parquet")
 
 
 def read_daily_prices(lake, leagues=None) -> pl.DataFrame:
+    """The stored daily prices. A file that cannot be read raises ``UnreadableFileError`` naming it."""
     files = [
         p for p in lake.parquet_files(lake.daily_prices)
         if leagues is None or p.parent.name.removeprefix("league=") in set(leagues)
     ]
     if not files:
         return pl.DataFrame(schema=DAILY_PRICES_SCHEMA)
-    return pl.read_parquet(files, hive_partitioning=False)
+    return read_parquet_files(files, REBUILD_HINT, hive_partitioning=False)
+
+
+def _stored_equals(path, rows: pl.DataFrame) -> bool:
+    """The file at ``path`` holds exactly ``rows``. An unreadable file holds nothing: it gets rewritten."""
+    if not path.exists():
+        return False
+    try:
+        return pl.read_parquet(path).equals(rows)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        log.warning("%s cannot be read (%s); rewriting it from the raw data", path, exc)
+        return False
 
 
 def refresh_daily_prices(lake) -> dict[str, int]:
@@ -104,7 +124,7 @@ def refresh_daily_prices(lake) -> dict[str, int]:
     written: dict[str, int] = {}
     for (league,), rows in merged.partition_by("league", as_dict=True, maintain_order=True).items():
         path = daily_prices_path(lake, league)
-        if path.exists() and pl.read_parquet(path).equals(rows):
+        if _stored_equals(path, rows):
             continue
         write_parquet_atomic(rows, path)
         written[league] = rows.height

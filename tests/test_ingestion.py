@@ -28,6 +28,7 @@ from poe_pipeline.sources.poe_watch import (
     CircuitOpenError,
     PoeWatchClient,
     PollFormatError,
+    SchemaDriftError,
 )
 from poe_pipeline.sources.replay import ReplayServer
 
@@ -136,12 +137,14 @@ def test_quarantine_file(lake, replay):
     assert kept.filter(pl.col("category") == "currency").height + q.height == served
 
 
-def test_all_records_drifted_still_records_the_poll(lake, replay):
+def test_all_records_drifted_fails_and_keeps_the_records(lake, replay):
+    # Schema drift fails the run (tests/faults/test_live_api.py covers the breaker); the records are quarantined.
     replay.inject("drift", "drift")
-    result = ingest_poll(lake, client_for(replay), LEAGUE, SLOT)
-    assert result.written and result.records == 0
-    assert pl.read_parquet(result.path).height == 0
-    assert pl.read_parquet(result.quarantine_path).height == result.quarantined > 100
+    with pytest.raises(SchemaDriftError, match="schema drift") as err:
+        ingest_poll(lake, client_for(replay), LEAGUE, SLOT)
+    assert not snapshot_path(lake, LEAGUE, SLOT).exists()  # the slot stays free for a re-run
+    assert err.value.quarantine_path == quarantine_path(lake, LEAGUE, SLOT)
+    assert pl.read_parquet(err.value.quarantine_path).height > 100
 
 
 @pytest.mark.parametrize("fault", ["malformed", "truncated"])

@@ -7,7 +7,9 @@ JSON file, because every Dagster run is a new process and must see the failures 
 the runs before it.
 
 Records are validated one by one: a bad record goes to quarantine with a reason,
-the rest of the poll is kept.
+the rest of the poll is kept. A poll in which no record validates is schema drift
+(``SchemaDriftError``): it is checked inside the breaker, so it counts as a failed poll.
+Two records of one currency in a poll: the more liquid one is kept, the other quarantined.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -31,7 +34,7 @@ import tenacity
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from poe_pipeline import __version__
-from poe_pipeline.names import canonical_currency_name
+from poe_pipeline.names import InvalidLeagueNameError, canonical_currency_name, check_league_name
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +103,30 @@ class PoeWatchHTTPError(PoeWatchError):
         return self.status == 429 or self.status >= 500
 
 
+class SchemaDriftError(PollFormatError):
+    """No record of a poll validates: the API renamed or retyped fields. ``polled`` holds the records as sent,
+    ``quarantine_path`` where ingestion kept them."""
+
+    def __init__(self, message: str, polled: list[tuple[str, list]], quarantine_path: Path | None = None):
+        super().__init__(message)
+        self.polled, self.quarantine_path = polled, quarantine_path
+
+    def quarantined_in(self, path: Path | None) -> SchemaDriftError:
+        if path is None:
+            return self
+        return SchemaDriftError(f"{self} The records are kept in {path}.", self.polled, path)
+
+
 class PoeWatchUnavailableError(PoeWatchError):
     """Every attempt failed (429, 5xx, timeouts or connection errors)."""
+
+
+class RetryAfterTooLongError(PoeWatchUnavailableError):
+    """The server answered 429 (or 503) asking for a longer pause than the client waits."""
+
+    def __init__(self, message: str, retry_after: float, cap: float):
+        super().__init__(message)
+        self.retry_after, self.cap = retry_after, cap
 
 
 class CircuitOpenError(PoeWatchError):
@@ -248,6 +273,10 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.3g}"
+
+
 def _describe(path: str, params: dict[str, str] | None) -> str:
     query = "&".join(f"{k}={v}" for k, v in (params or {}).items())
     return f"{path}?{query}" if query else path
@@ -366,6 +395,17 @@ class PoeWatchClient:
         except tenacity.RetryError as err:
             attempts = err.last_attempt.attempt_number
             last = err.last_attempt.exception()
+            retry_after = getattr(last, "retry_after", None)
+            if retry_after is not None and retry_after > self.max_retry_after_s:
+                raise RetryAfterTooLongError(
+                    f"poe.watch {where} answered HTTP {last.status} and asked to wait {_seconds(retry_after)} s "
+                    f"(Retry-After) before trying again, more than this client's cap of "
+                    f"{_seconds(self.max_retry_after_s)} s "
+                    f"(max_retry_after_s), so it gave up after {attempts} attempt(s) instead of holding the run. "
+                    "The next scheduled poll will try again; to wait that long instead, raise max_retry_after_s.",
+                    retry_after,
+                    self.max_retry_after_s,
+                ) from last
             raise PoeWatchUnavailableError(
                 f"poe.watch {where} failed after {attempts} attempt(s): {last}. "
                 "The API may be down or rate-limiting; the next scheduled poll will try again."
@@ -422,19 +462,28 @@ class PoeWatchClient:
             start = _parse_api_time(entry.get("start_date")) or datetime.min.replace(tzinfo=UTC)
             candidates.append((start, name))
         if not candidates:
-            names = ", ".join(str(e.get("name")) for e in leagues if isinstance(e, dict)) or "none"
+            names = ", ".join(_shown_name(e.get("name")) for e in leagues if isinstance(e, dict)) or "none"
             raise NoActiveLeagueError(
                 f"poe.watch /leagues lists no active challenge league (leagues: {names}); "
                 "pass the league explicitly, e.g. --league Sanctum"
             )
-        return max(candidates)[1]
+        active = max(candidates)[1]
+        try:  # the name becomes a lake path: never trust it
+            return check_league_name(active, source="poe.watch /leagues")
+        except InvalidLeagueNameError as exc:
+            raise NoActiveLeagueError(str(exc)) from None
 
     def poll(self, league: str, categories: Iterable[str] = DEFAULT_CATEGORIES) -> list[tuple[str, list]]:
-        """One breaker-guarded poll of every category. ``CircuitOpenError`` (no request sent) while open."""
+        """One breaker-guarded poll of every category. ``CircuitOpenError`` (no request sent) while open;
+        ``SchemaDriftError`` (counted as a failed poll) when no record validates."""
         categories = tuple(categories)
 
         def _poll() -> list[tuple[str, list]]:
-            return [(category, self.get_items(league, category)) for category in categories]
+            polled = [(category, self.get_items(league, category)) for category in categories]
+            drift = schema_drift(polled, league)
+            if drift is not None:  # raised inside the breaker: a drifted poll is a failed poll
+                raise drift
+            return polled
 
         try:
             return self.breaker.call(_poll)
@@ -469,6 +518,14 @@ class PoeWatchClient:
             "opened_at": opened_at.isoformat() if opened_at else None,
             "retry_after": retry_after,
         }
+
+
+def _shown_name(name: Any) -> str:
+    """A league name for a one-line message: as is when it is a valid name, else quoted and cut."""
+    try:
+        return check_league_name(name)
+    except InvalidLeagueNameError:
+        return _short(name)
 
 
 def is_challenge_league_name(name: str) -> bool:
@@ -569,6 +626,89 @@ def _reason(exc: ValidationError, record: dict) -> str:
     return "; ".join(parts)
 
 
+def _validates(record: Any) -> bool:
+    if not isinstance(record, dict):
+        return False
+    try:
+        PoeWatchItem.model_validate(record)
+    except ValidationError:
+        return False
+    return True
+
+
+def _counted(counter: Counter) -> str:
+    return ", ".join(f"'{name}' ({n} record{'s' if n != 1 else ''})" for name, n in sorted(counter.items()))
+
+
+def schema_drift(polled: list[tuple[str, list]], league: str) -> SchemaDriftError | None:
+    """``SchemaDriftError`` naming the missing, unknown and invalid fields when no record of the poll validates;
+    None when at least one does (or the poll is empty). Cheap on a healthy poll: it stops at the first good
+    record."""
+    total = sum(len(records) for _, records in polled)
+    if total == 0 or any(_validates(r) for _, records in polled for r in records):
+        return None
+    missing, invalid, unknown, not_objects = Counter(), Counter(), Counter(), 0
+    for _, records in polled:
+        for record in records:
+            if not isinstance(record, dict):
+                not_objects += 1
+                continue
+            unknown.update(set(record) - _DOCUMENTED_FIELDS)
+            try:
+                PoeWatchItem.model_validate(record)
+            except ValidationError as exc:
+                fields = {(e["type"], str(e["loc"][0]) if e["loc"] else "record") for e in exc.errors()}
+                missing.update(f for kind, f in fields if kind == "missing")
+                invalid.update(f for kind, f in fields if kind != "missing")
+    per_category = ", ".join(f"{category} {len(records)}" for category, records in polled)
+    found = [
+        f"missing fields {_counted(missing)}" if missing else "",
+        f"unknown fields {_counted(unknown)}" if unknown else "",
+        f"invalid fields {_counted(invalid)}" if invalid else "",
+        f"{not_objects} record(s) not a JSON object" if not_objects else "",
+    ]
+    return SchemaDriftError(
+        f"poe.watch schema drift: all {total} records of the {league!r} poll ({per_category}) failed validation; "
+        f"{'; '.join(f for f in found if f)}. The API has probably renamed or retyped fields: update PoeWatchItem "
+        "in poe_pipeline/sources/poe_watch.py to the new names. The poll was not stored and counts as a failure "
+        "toward the circuit breaker.",
+        polled,
+    )
+
+
+def _liquidity(row: dict) -> tuple[int, int, int]:
+    return tuple(-1 if row[k] is None else row[k] for k in ("daily", "current", "accepted"))
+
+
+def _describe_record(index: int, row: dict) -> str:
+    return (
+        f"record #{index + 1} (id {row['id']}, name {row['name']!r}, mean {row['mean']:g}, daily {row['daily']}, "
+        f"current {row['current']}, accepted {row['accepted']})"
+    )
+
+
+def _one_per_currency(rows: list[tuple[int, dict, dict]]) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """Where a currency appears twice in a category, keep the more liquid record: higher ``daily``, then
+    ``current``, then ``accepted`` listings, then the first. Returns (kept rows, [(record, reason)])."""
+    by_currency: dict[str, list[tuple[int, dict, dict]]] = {}
+    for entry in rows:
+        by_currency.setdefault(entry[2]["currency"], []).append(entry)
+    kept_index: set[int] = set()
+    dropped: list[tuple[int, dict, str]] = []
+    for currency, entries in by_currency.items():
+        # max() keeps the first of equals; -index makes that explicit
+        best = max(entries, key=lambda e: (*_liquidity(e[2]), -e[0]))
+        kept_index.add(best[0])
+        for index, record, row in entries:
+            if index != best[0]:
+                dropped.append((index, record, (
+                    f"duplicate of currency {currency!r} in this poll: kept the more liquid "
+                    f"{_describe_record(best[0], best[2])} over this {_describe_record(index, row)}"
+                )))
+    kept = [row for index, _, row in rows if index in kept_index]
+    return kept, [(record, reason) for _, record, reason in sorted(dropped, key=lambda d: d[0])]
+
+
 def _record_json(record: Any) -> str:
     try:
         return json.dumps(record, ensure_ascii=False, default=str)
@@ -583,13 +723,17 @@ def validate_poll(
     category: str,
     polled_at: datetime,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Split one category's records into (snapshots, quarantine), both in their contract schemas."""
+    """Split one category's records into (snapshots, quarantine), both in their contract schemas.
+
+    A record that fails the schema is quarantined with its reason; of two records of the same currency (canonical
+    name), the less liquid one is quarantined with a reason naming the one kept.
+    """
     if polled_at.tzinfo is None:
         raise ValueError(f"polled_at {polled_at.isoformat()} has no time zone; pass an aware UTC datetime")
     polled_at = polled_at.astimezone(UTC)
-    good: list[dict] = []
-    bad: list[dict] = []
-    for record in records:
+    good: list[tuple[int, dict, dict]] = []  # (position in the poll, record as sent, snapshot row)
+    bad: list[tuple[Any, str]] = []
+    for index, record in enumerate(records):
         if not isinstance(record, dict):
             reason = f"record is a JSON {type(record).__name__}, not an object"
         else:
@@ -598,37 +742,39 @@ def validate_poll(
             except ValidationError as exc:
                 reason = _reason(exc, record)
             else:
-                good.append(
-                    {
-                        "polled_at": polled_at,
-                        "league": league,
-                        "category": category,
-                        "id": item.id,
-                        "name": item.name,
-                        "currency": canonical_currency_name(item.name),
-                        "mean": item.mean,
-                        "min": item.min,
-                        "max": item.max,
-                        "mode": item.mode,
-                        "exalted": item.exalted,
-                        "daily": item.daily,
-                        "total": item.total,
-                        "current": item.current,
-                        "accepted": item.accepted,
-                        "change": item.change,
-                        "low_confidence": item.lowConfidence,
-                        "history": item.history,
-                    }
-                )
+                row = {
+                    "polled_at": polled_at,
+                    "league": league,
+                    "category": category,
+                    "id": item.id,
+                    "name": item.name,
+                    "currency": canonical_currency_name(item.name),
+                    "mean": item.mean,
+                    "min": item.min,
+                    "max": item.max,
+                    "mode": item.mode,
+                    "exalted": item.exalted,
+                    "daily": item.daily,
+                    "total": item.total,
+                    "current": item.current,
+                    "accepted": item.accepted,
+                    "change": item.change,
+                    "low_confidence": item.lowConfidence,
+                    "history": item.history,
+                }
+                good.append((index, record, row))
                 continue
-        bad.append(
-            {
-                "polled_at": polled_at,
-                "league": league,
-                "source": SOURCE,
-                "category": category,
-                "reason": reason,
-                "record_json": _record_json(record),
-            }
-        )
-    return pl.DataFrame(good, schema=SNAPSHOT_SCHEMA), pl.DataFrame(bad, schema=QUARANTINE_SCHEMA)
+        bad.append((record, reason))
+    kept, duplicates = _one_per_currency(good)
+    quarantined = [
+        {
+            "polled_at": polled_at,
+            "league": league,
+            "source": SOURCE,
+            "category": category,
+            "reason": reason,
+            "record_json": _record_json(record),
+        }
+        for record, reason in bad + duplicates
+    ]
+    return pl.DataFrame(kept, schema=SNAPSHOT_SCHEMA), pl.DataFrame(quarantined, schema=QUARANTINE_SCHEMA)
