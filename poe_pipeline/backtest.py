@@ -7,11 +7,12 @@
   calendar forgets end dates after the origin, and the currency universe, when not given, is decided on the first
   origin's data. Models never see a target that was realised after the origin; ``tests/test_backtest.py`` proves it
   by multiplying every later price by 100 and getting the same predictions.
-- **Refits.** Every ``refit_every`` origins, each (currency, horizon) is retrained with
-  ``modeling.train_partition`` (no MLflow; artifacts in a temporary folder, loaded and then deleted); between
-  refits the latest models predict from each day's fresh features. Intervals and confidence are computed exactly as
-  live (``forecasting.forecast``). With ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates;
-  the refits between keep that tuning (hyperparameters, weights, shrink, residuals) and refit the final models.
+- **Refits.** Every ``refit_every`` origins, the global model of each horizon is retrained
+  (``global_model.train_global``) and specialised to every currency (``currency_model.train_currency``), without
+  MLflow (artifacts in a temporary folder, loaded and then deleted); between refits the latest models predict from
+  each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``). With
+  ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates; the refits between keep that tuning
+  (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data.
 - **Outputs.** A predictions file with the live columns plus ``actual_price`` (the price observed on
   ``origin + horizon``; null when that day was not observed) and, per horizon: log-MAE, MAPE, directional accuracy
   on moves of at least 1 %, skill against persistence, interval coverage against nominal, the mean Winkler score
@@ -54,10 +55,9 @@ from poe_pipeline.forecasting import (
 from poe_pipeline.global_model import OOF_FILE, GlobalResult, GlobalValidation, pooled_rows, train_global
 from poe_pipeline.lake import Lake, write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import league_calendar, training_leagues
-from poe_pipeline.markdown import markdown_table
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
 from poe_pipeline.names import canonical_currency_name, slug
-from poe_pipeline.reporting import REPORT_FEATURE_COLUMNS
+from poe_pipeline.reporting import REPORT_FEATURE_COLUMNS, markdown_table
 from poe_pipeline.settings import HORIZONS_DAYS, Profile, get_profile, resolve_lake_root
 
 FIRST_ORIGIN_DAY = 7  # forecasts start on league day 7, as live (the universe's 30 most liquid are known by then)
@@ -442,7 +442,7 @@ class BacktestOutput:
 
 
 def backtest_dir(lake: Lake, league: str) -> Path:
-    return lake.root / "backtests" / f"league={league}"
+    return lake.backtests / f"league={league}"
 
 
 def write_backtest(lake: Lake, run: BacktestRun, prices: pl.DataFrame) -> BacktestOutput:

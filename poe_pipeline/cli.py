@@ -1,28 +1,40 @@
-"""``poe-pipeline``: run the pipeline in-process, or serve real prices offline.
+"""``poe-pipeline``: run the pipeline, replay a league as a backtest, or serve real prices offline.
 
     poe-pipeline run --history DIR --league L [--currencies "A,B"] [--profile test|dev|prod] [--lake DIR]
     poe-pipeline backtest --history DIR --league L [--refit-every 7] [--retune-every 1] [--profile test]
         [--currencies "A,B"]
     poe-pipeline serve-replay --history DIR --league L [--speed 288] [--port 8765]
+
+``run`` is a Dagster run like any other: it executes the code location's named jobs (prices_job, features_job,
+retrain_models_job, forecast_job) with their asset checks, on the lake's Dagster instance, so the UI shows them.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from poe_pipeline.settings import PROFILES, REPO_ROOT, resolve_lake_root
+from poe_pipeline.settings import DEFAULT_PROFILE, PROFILES, REPO_ROOT, resolve_lake_root
+
+PIPELINE_JOBS = ("prices_job", "features_job", "retrain_models_job", "forecast_job")
 
 
 class UsageError(Exception):
     """Bad input: printed as one line that names the fix."""
 
 
-def _split_names(text: str | None) -> list[str]:
-    return [n.strip() for n in (text or "").split(",") if n.strip()]
+def _split_names(text: str | None, flag: str = "--currencies") -> list[str]:
+    if text is None:
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError(f'{flag} {text!r} names no currency: leave {flag} out for every eligible currency, or name '
+                         'some, e.g. --currencies "Divine Orb,Chaos Orb"')
+    return names
 
 
 def prepare_dagster_home(lake_root: Path) -> Path:
@@ -32,7 +44,7 @@ def prepare_dagster_home(lake_root: Path) -> Path:
     template = REPO_ROOT / "dagster.yaml"
     if template.exists() and not (home / "dagster.yaml").exists():
         shutil.copyfile(template, home / "dagster.yaml")
-    os.environ["DAGSTER_HOME"] = str(home)
+    os.environ["DAGSTER_HOME"] = str(home)  # the Dagster instance reads it
     return home
 
 
@@ -52,26 +64,95 @@ def check_run_inputs(history: Path, league: str) -> None:
         raise UsageError(f"--history {history}: no poe.ninja dumps (<League>.currency.csv or .csv.gz) in it; "
                          "copy dumps there or use --history sample_data")
     if league not in leagues:
-        raise UsageError(f"Unknown league {league!r}: known leagues in {history} are {', '.join(leagues)}")
+        close = difflib.get_close_matches(league, leagues, n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise UsageError(f"Unknown league {league!r}{hint}: known leagues in {history} are {', '.join(leagues)}")
+
+
+def check_lake(lake_root: Path, flag: str = "--lake") -> None:
+    """The lake must be a directory we can write (created when missing)."""
+    if lake_root.exists() and not lake_root.is_dir():
+        raise UsageError(f"{flag} {lake_root}: is a file, not a directory; point it at a folder for the lake, "
+                         "e.g. --lake data_lake")
+    try:
+        lake_root.mkdir(parents=True, exist_ok=True)
+        probe = lake_root / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{flag} {lake_root}: cannot write there ({exc.strerror}); choose a writable folder, "
+                         "e.g. --lake ./data_lake") from None
+
+
+def check_currencies(history: Path, currencies: list[str]) -> None:
+    """Every asked-for currency must exist in the dumps (a typo gets its close matches)."""
+    from poe_pipeline.history import find_dumps
+    from poe_pipeline.names import canonical_currency_name
+    from poe_pipeline.sources.poe_ninja import read_dump
+
+    if not currencies:
+        return
+    known: set[str] = set()
+    for path in find_dumps([history]):
+        rows = read_dump(path)
+        known |= set(rows["get"].unique()) | set(rows["pay"].unique())
+    by_key = {k.casefold(): k for k in known}
+    for name in currencies:
+        if canonical_currency_name(name).casefold() not in by_key:
+            close = difflib.get_close_matches(canonical_currency_name(name), sorted(known), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UsageError(f"Unknown currency {name!r} in the dumps of {history}.{hint}")
+
+
+def run_pipeline(lake_root: Path, history_dirs: list[Path], league: str, currencies: list[str], profile: str,
+                 echo=print) -> str:
+    """Execute the pipeline's named jobs on the lake's Dagster instance; returns the text summary."""
+    import dagster as dg
+
+    from poe_pipeline.assets.models import retrain_run_config
+    from poe_pipeline.definitions import defs
+    from poe_pipeline.lake import Lake
+    from poe_pipeline.scope import RunScope
+    from poe_pipeline.summary import summarize
+
+    lake = Lake(lake_root)
+    scope_config = {"history_dirs": [str(d) for d in history_dirs], "league": league, "currencies": currencies,
+                    "profile": profile}
+    resources = {"lake": {"config": {"root": str(lake_root)}}, "run_scope": {"config": scope_config}}
+    tags = {"poe/league": league, "poe/profile": profile, "poe/trigger": "cli"}
+    logging = {"console": {"config": {"log_level": "INFO"}}}
+    not_eligible: list[str] = []
+    with dg.DagsterInstance.get() as instance:
+        for name in PIPELINE_JOBS:
+            run_config: dict = {"resources": resources, "loggers": logging}
+            if name == "retrain_models_job":
+                chosen, not_eligible = RunScope(lake, requested_league=league, currencies=tuple(currencies),
+                                                profile_name=profile).chosen()
+                if not chosen:
+                    raise SystemExit(f"poe-pipeline run: no currency to forecast in {league}: "
+                                     + (f"{', '.join(not_eligible)} are not eligible (see the currency_universe view)"
+                                        if not_eligible else "none is eligible (see the currency_universe view)"))
+                run_config |= retrain_run_config(chosen)
+            echo(f"poe-pipeline run: {name}")
+            result = defs.resolve_job_def(name).execute_in_process(
+                run_config=run_config, instance=instance, tags=tags, raise_on_error=False)
+            if not result.success:
+                failures = [e.message for e in result.all_events if e.is_step_failure]
+                raise SystemExit(f"poe-pipeline run failed in {name} (run {result.run_id}):\n  "
+                                 + "\n  ".join(failures or ["see the log above"]))
+    return summarize(lake, league, not_eligible)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     history = Path(args.history).expanduser().resolve()
     check_run_inputs(history, args.league)
+    currencies = _split_names(args.currencies)
+    check_currencies(history, currencies)
     lake_root = resolve_lake_root(args.lake)
-    os.environ["POE_DATA_LAKE"] = str(lake_root)
+    check_lake(lake_root, "--lake" if args.lake else "POE_DATA_LAKE")
     prepare_dagster_home(lake_root)
-
-    from poe_pipeline.jobs import run_pipeline
-
-    summary = run_pipeline(
-        lake_root=lake_root,
-        history_dirs=[history],
-        league=args.league,
-        currencies=_split_names(args.currencies),
-        profile=args.profile,
-    )
-    print(summary)
+    print(run_pipeline(lake_root, [history], args.league, currencies, args.profile,
+                       echo=lambda m: print(m, file=sys.stderr)))
     return 0
 
 
@@ -90,9 +171,11 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
     history = Path(args.history).expanduser().resolve()
     check_run_inputs(history, args.league)
+    lake_root = resolve_lake_root(args.lake)
+    check_lake(lake_root, "--lake" if args.lake else "POE_DATA_LAKE")
     try:
         summary = run_backtest_cli(history, args.league, refit_every=args.refit_every, profile=args.profile,
-                                   lake_root=resolve_lake_root(args.lake), currencies=_split_names(args.currencies),
+                                   lake_root=lake_root, currencies=_split_names(args.currencies) or None,
                                    max_origins=args.max_origins, retune_every=args.retune_every)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -105,11 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="materialize the pipeline in-process on poe.ninja dumps")
+    run = sub.add_parser("run", help="run the pipeline's jobs on poe.ninja dumps, on the lake's Dagster instance")
     run.add_argument("--history", required=True, help="folder of poe.ninja dumps (<League>.currency.csv[.gz])")
     run.add_argument("--league", required=True, help="the current league: forecasts start from its last day")
-    run.add_argument("--currencies", help='limit models and predictions to these, e.g. "Divine Orb,Exalted Orb"')
-    run.add_argument("--profile", choices=sorted(PROFILES), default="test", help="training effort (default: test)")
+    run.add_argument("--currencies", help='limit the partitions and forecasts to these, e.g. "Divine Orb,Exalted Orb"')
+    run.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
+                     help=f"training effort (default: {DEFAULT_PROFILE})")
     run.add_argument("--lake", help="lake root (default: $POE_DATA_LAKE or ./data_lake)")
     run.set_defaults(func=cmd_run)
 
@@ -118,11 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     backtest.add_argument("--league", required=True, help="the league to replay")
     backtest.add_argument("--refit-every", type=int, default=7, help="retrain every N days (default: 7)")
     backtest.add_argument("--retune-every", type=int, default=1,
-                          help="re-tune hyperparameters every N refits; the refits between only refit the final "
-                               "models (default: 1, every refit re-tunes, as the weekly retrain does)")
-    backtest.add_argument("--profile", choices=sorted(PROFILES), default="test")
+                          help="re-tune the global models every N refits; the refits between only refit the final "
+                               "models (default: 1, every refit re-tunes)")
+    backtest.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE)
     backtest.add_argument("--currencies", help="limit to these currencies (default: the league's universe)")
-    backtest.add_argument("--max-origins", type=int, help="replay at most this many days (the last ones)")
+    backtest.add_argument("--max-origins", type=int, help="replay at most this many days (the first ones)")
     backtest.add_argument("--lake", help="lake root for the backtest's files (default: $POE_DATA_LAKE or ./data_lake)")
     backtest.set_defaults(func=cmd_backtest)
 

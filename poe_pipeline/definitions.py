@@ -1,30 +1,28 @@
-"""The Dagster code location: assets, checks, resources, jobs, schedules and sensors of the pipeline.
+"""The Dagster code location: each stage's definitions (``poe_pipeline.assets``), merged, with the resources.
 
-What runs when is in ``poe_pipeline.schedules`` (schedules, AutomationConditions, the freshness policy); what the
-sensors watch is in ``poe_pipeline.sensors``; the asset checks are in ``poe_pipeline.assets.checks``.
+``dagster dev -w workspace.yaml``, ``dg dev`` and ``dg check defs`` all load ``defs`` from here.
 """
 
 import dagster as dg
 
-from poe_pipeline.assets.checks import checks_for
-from poe_pipeline.jobs import ALL_ASSETS, ingestion_job, retrain_models_job
-from poe_pipeline.resources import resources_from_env
-from poe_pipeline.schedules import SCHEDULES, automation_conditions, daily_refresh_sensor, with_automation
-from poe_pipeline.sensors import SENSORS, MonitoringResource
+from poe_pipeline.assets import alerts, features, forecasts, ingestion, models, prices
+from poe_pipeline.resources import resources_from_settings
 
+STAGES = (ingestion, prices, features, models, forecasts, alerts)
 
-def build_definitions() -> dg.Definitions:
-    assets = ALL_ASSETS
-    asset_names = {key.to_user_string() for asset in assets for key in asset.keys}
-    automated = sorted(set(automation_conditions()) & asset_names)
-    return dg.Definitions(
-        assets=with_automation(assets),
-        asset_checks=checks_for(asset_names),
-        jobs=[ingestion_job, retrain_models_job],
-        schedules=SCHEDULES,
-        sensors=[*SENSORS, daily_refresh_sensor(automated)],
-        resources={**resources_from_env(), "monitoring": MonitoringResource.from_env()},
-    )
+# Declarative Automation: one sensor evaluates every asset's automation condition (daily_prices after 00:10 UTC,
+# then features, the universe, the predictions and the report as soon as their inputs update).
+daily_refresh = dg.AutomationConditionSensorDefinition(
+    "daily_refresh",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    minimum_interval_seconds=60,
+    run_tags={"poe/trigger": "daily_refresh"},
+    description="Evaluates the assets' AutomationConditions: daily_prices each day after 00:10 UTC, then the "
+    "features, the universe, the predictions and the report as soon as their inputs update.",
+)
 
-
-defs = build_definitions()
+defs = dg.Definitions.merge(
+    *(stage.defs for stage in STAGES),
+    dg.Definitions(sensors=[daily_refresh], resources=resources_from_settings()),
+)

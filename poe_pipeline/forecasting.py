@@ -122,7 +122,7 @@ JOIN daily_prices AS d
 
 
 def predictions_dir(lake: Lake) -> Path:
-    return lake.root / "predictions"
+    return lake.predictions
 
 
 # --- intervals --------------------------------------------------------------------------------------------------
@@ -462,7 +462,7 @@ def origin_feature_rows(lake: Lake, league: str, origin: date | None = None) -> 
 
 def training_reasons(lake: Lake) -> dict[tuple[str, int], str]:
     """The latest training outcome per (currency, horizon) that did not train, from ``model_metrics``."""
-    files = lake.parquet_files(lake.root / "model_metrics")
+    files = lake.parquet_files(lake.model_metrics)
     if not files:
         return {}
     latest = (

@@ -1,6 +1,6 @@
 """The models' shared machinery: inputs, the three model kinds, walk-forward tuning and the saved ensemble.
 
-Two kinds of model are built on it (DESIGN: ``global_models`` and ``currency_models``):
+Two kinds of model are built on it (the assets ``global_models`` and ``currency_models``):
 
 - ``global_model``: one ensemble per horizon, pooled over many currencies and every past league;
 - ``currency_model``: one per (currency, horizon), the global model specialised to that currency.
@@ -506,6 +506,28 @@ def forest_predict(forest: RandomForestRegressor, X: np.ndarray) -> np.ndarray:
 
 
 def limit_threads() -> None:
-    """One thread per model: processes, not threads, give the parallelism (never oversubscribe 2 cores)."""
+    """A training worker's initializer: one thread per model (processes, not threads, give the parallelism; never
+    oversubscribe 2 cores), and the worker dies with the process that started it."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
+    die_with_parent()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies. A pool worker otherwise trains on for minutes after
+    its parent was killed (it only notices at its next task), holding ~300 MB each."""
+    import ctypes
+    import multiprocessing
+    import signal
+    import sys
+
+    parent = multiprocessing.parent_process()
+    if not sys.platform.startswith("linux") or parent is None:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent.pid:  # the parent died before the request took effect
+        os._exit(1)

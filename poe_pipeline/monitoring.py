@@ -1,7 +1,7 @@
 """What the sensors decide, as plain Python: new currencies, model degradation, the active league, alerts.
 
-The Dagster sensors in ``poe_pipeline.sensors`` are thin wrappers around these functions. Everything here reads and
-writes the lake; nothing imports Dagster.
+The Dagster sensors in ``poe_pipeline.assets`` (models, alerts) are thin wrappers around these functions.
+Everything here reads and writes the lake; nothing imports Dagster.
 
 Alerts are JSON records under ``<lake>/alerts/date=<YYYY-MM-DD>/``, one immutable file per alert, published
 atomically (a reader never sees half a record) and keyed by a stable id, so a sensor that evaluates the same failure
@@ -34,22 +34,17 @@ DEFAULT_MIN_ERRORS = 3
 DEFAULT_RETRAIN_COOLDOWN_HOURS = 24.0
 
 
-# --- the currency universe --------------------------------------------------------------------------------------
+# --- partitions to train ----------------------------------------------------------------------------------------
 
 
-def eligible_currencies(lake: Lake) -> list[str]:
-    """Every currency marked eligible in any league's stored universe (``currency_universe/league=*/part.parquet``)."""
-    files = sorted((lake.root / "currency_universe").glob("league=*/part.parquet"))
+def trained_currencies(lake: Lake) -> set[str]:
+    """Currencies with at least one trained partition (``model_metrics``): the others still need training."""
+    files = lake.parquet_files(lake.model_metrics)
     if not files:
-        return []
-    frame = pl.scan_parquet(files, hive_partitioning=False).filter(pl.col("eligible")).select("currency").collect()
-    return sorted(set(frame["currency"].to_list()))
-
-
-def missing_partitions(eligible: list[str], known: list[str] | set[str]) -> list[str]:
-    """Eligible currencies that are not partitions yet. Never proposes a removal: a partition may have history."""
-    known = set(known)
-    return [c for c in eligible if c not in known]
+        return set()
+    frame = (pl.scan_parquet(files, hive_partitioning=False, missing_columns="insert")
+             .filter(pl.col("trained") & pl.col("currency").is_not_null()).select("currency").unique().collect())
+    return set(frame["currency"].to_list())
 
 
 # --- degradation ------------------------------------------------------------------------------------------------
@@ -289,11 +284,11 @@ def _safe(text: str) -> str:
 
 def alert_path(lake: Lake, alert: Alert) -> Path:
     day = datetime.fromisoformat(alert.created_at).astimezone(UTC).date().isoformat()
-    return lake.root / "alerts" / f"date={day}" / f"{_safe(alert.alert_id)}.json"
+    return lake.alerts / f"date={day}" / f"{_safe(alert.alert_id)}.json"
 
 
 def _stored_ids(lake: Lake) -> set[str]:
-    return {p.stem for p in (lake.root / "alerts").glob("date=*/*.json")}
+    return {p.stem for p in (lake.alerts).glob("date=*/*.json")}
 
 
 def write_alert(lake: Lake, alert: Alert) -> Path | None:
@@ -307,7 +302,7 @@ def write_alert(lake: Lake, alert: Alert) -> Path | None:
 
 def read_alerts(lake: Lake) -> list[dict]:
     """Every stored alert, oldest first."""
-    files = sorted((lake.root / "alerts").glob("date=*/*.json"))
+    files = sorted((lake.alerts).glob("date=*/*.json"))
     alerts = [json.loads(p.read_text(encoding="utf-8")) for p in files]
     return sorted(alerts, key=lambda a: a["created_at"])
 

@@ -23,7 +23,7 @@ REBUILD_HINT = "materialize daily_prices again: refresh_daily_prices rewrites it
 
 log = logging.getLogger(__name__)
 
-# The public contract (DESIGN.md); extra columns follow these.
+# The public contract (the warehouse's daily_prices view); extra columns follow these.
 DAILY_PRICES_SCHEMA: dict[str, pl.DataType] = {
     "league": pl.Utf8,
     "currency": pl.Utf8,

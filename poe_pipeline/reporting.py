@@ -26,7 +26,6 @@ a Markdown twin with the PNGs beside it, and the table ``investment_report/leagu
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from dataclasses import dataclass, field
@@ -34,12 +33,13 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from statistics import NormalDist
 
+import jinja2
+import markupsafe
 import numpy as np
 import polars as pl
 
 from poe_pipeline.forecasting import FALLBACK_DAILY_VOL, VOL_FLOOR
 from poe_pipeline.lake import Lake, hive_dir, write_bytes_atomic, write_parquet_atomic, write_text_atomic
-from poe_pipeline.markdown import markdown_table
 from poe_pipeline.names import slug
 
 DEFAULT_BUDGET_CHAOS = 10_000.0  # about 40 Divine Orbs in 3.20: enough to buy one unit of the dear currencies
@@ -102,6 +102,15 @@ REPORT_SCHEMA: dict[str, pl.DataType] = {
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------
+
+
+def markdown_table(frame: pl.DataFrame, decimals: int = 4) -> str:
+    """A frame as a GitHub Markdown table, laid out by Polars: floats rounded, nulls blank, pipes escaped."""
+    cells = frame.with_columns(pl.col(pl.Float32, pl.Float64).round(decimals)).select(
+        pl.all().cast(pl.Utf8).fill_null("").str.replace_all("|", "\\|", literal=True))
+    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
+                   tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=1000, tbl_width_chars=65_000):
+        return str(cells)
 
 
 def liquidity_scores(origin_rows: pl.DataFrame) -> pl.DataFrame:
@@ -376,11 +385,11 @@ class ReportFiles:
 
 
 def report_table_path(lake: Lake, league: str, origin: date) -> Path:
-    return hive_dir(lake.root / "investment_report", league=league, origin_date=origin.isoformat()) / "part.parquet"
+    return hive_dir(lake.investment_report, league=league, origin_date=origin.isoformat()) / "part.parquet"
 
 
 def report_dir(lake: Lake, origin: date) -> Path:
-    return lake.root / "reports" / origin.isoformat()
+    return lake.reports / origin.isoformat()
 
 
 def _png(fig) -> bytes:
@@ -547,22 +556,19 @@ METHOD_TEXT = [
 ]
 
 
-def _html_table(df: pl.DataFrame) -> str:
-    def cell(v) -> str:
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return html.escape(str(v))
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
 
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
-    body = "".join(
-        "<tr" + (' class="buy"' if "advice" in df.columns and row[df.columns.index("advice")] == "buy" else
-                 ' class="sell"' if "advice" in df.columns and row[df.columns.index("advice")] == "sell" else "")
-        + ">" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>"
-        for row in df.rows()
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+def _html_table(df: pl.DataFrame) -> markupsafe.Markup:
+    """A table of the report, buy rows green and sell rows red (escaped by the template's autoescape)."""
+    advice = df.columns.index("advice") if "advice" in df.columns else None
+    return _TEMPLATES.get_template("report_table.html.j2").module.table(
+        df.columns, [([_cell(v) for v in row], row[advice] if advice is not None else "") for row in df.rows()])
 
 
 CSS = """
@@ -576,33 +582,21 @@ tr.sell{background:#fff5f5}img{max-width:100%;border:1px solid #eee}.meta{color:
 """
 
 
+# autoescape: currency names and notes come from the data; nothing in them is markup
+_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("poe_pipeline", "templates"),
+                                autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True)
+
+
 def render_html(report: InvestmentReport, charts: dict[str, bytes]) -> str:
-    e = html.escape
-    ok = " ok" if report.confident else ""
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>PoE investment report: {e(report.league)} {report.origin_date}</title><style>{CSS}</style></head>",
-        "<body>",
-        f"<h1>Investment report: {e(report.league)}, {report.origin_date}</h1>",
-        f"<p class='meta'>Prices in chaos as of {report.origin_date}. Budget {report.budget_chaos:,.0f} chaos. "
-        f"Intervals at {report.interval_level:.0%}. Generated {report.generated_at:%Y-%m-%d %H:%M} UTC.</p>",
-        f"<p class='headline{ok}'>{e(report.headline())}</p>",
-        *[f"<p>{e(n)}</p>" for n in report.notes],
-    ]
-    if report.picks().height:
-        parts.append("<h2>Suggested allocation</h2>")
-        for h in report.horizons:
-            if plan := allocation_plan(report, h):
-                parts.append(f"<p><b>{h}-day plan</b>: {e(plan)}</p>")
-    parts.append("<h2>Charts</h2>")
-    for name, data in charts.items():
-        parts.append(f"<p><img alt='{e(name)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'></p>")
-    for title, table, caption in _sections(report):
-        parts += [f"<h2>{e(title)}</h2>", f"<p>{e(caption)}</p>", _html_table(table)]
-    parts += ["<h2>Model quality</h2>", _html_table(_model_quality(report)), "<h2>How to read this</h2><ul>"]
-    parts += [f"<li>{e(t)}</li>" for t in METHOD_TEXT]
-    parts.append("</ul></body></html>")
-    return "\n".join(parts)
+    """The self-contained HTML report (templates/investment_report.html.j2), charts inline as base64 PNG."""
+    plans = [(h, plan) for h in report.horizons if (plan := allocation_plan(report, h))] if report.picks().height \
+        else []
+    return _TEMPLATES.get_template("investment_report.html.j2").render(
+        report=report, css=markupsafe.Markup(CSS), plans=plans,
+        charts=[(name, base64.b64encode(data).decode()) for name, data in charts.items()],
+        sections=[{"title": t, "table": table, "caption": c} for t, table, c in _sections(report)],
+        quality=_model_quality(report), method=METHOD_TEXT, table=_html_table,
+    )
 
 
 def render_markdown(report: InvestmentReport, chart_files: dict[str, str]) -> str:
@@ -647,7 +641,7 @@ def write_report(lake: Lake, report: InvestmentReport, features: pl.DataFrame) -
 
 
 def read_report_table(lake: Lake, league: str | None = None) -> pl.DataFrame:
-    files = lake.parquet_files(lake.root / "investment_report")
+    files = lake.parquet_files(lake.investment_report)
     if league is not None:
         files = [p for p in files if p.parent.parent.name == f"league={league}"]
     return pl.read_parquet(files, hive_partitioning=False) if files else pl.DataFrame(schema=REPORT_SCHEMA)

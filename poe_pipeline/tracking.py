@@ -21,9 +21,12 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+import polars as pl
 
 from poe_pipeline.lake import Lake
 from poe_pipeline.names import slug
@@ -32,6 +35,7 @@ EXPERIMENT = "poe-pipeline"
 CHAMPION = "champion"
 MAX_SANE_MAE = 5.0  # a log-return MAE above this (a factor of e^5 = 148 off on average) is a poisoned input
 
+log = logging.getLogger(__name__)
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -45,7 +49,9 @@ def global_model_name(horizon: int) -> str:
 
 
 def tracking_uri(lake: Lake) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(lake.root / 'mlflow' / 'mlflow.db').as_posix()}"
+    from poe_pipeline.settings import Settings
+
+    return Settings.from_env().tracking_uri or f"sqlite:///{lake.mlflow_db.as_posix()}"
 
 
 def local_path(uri: str) -> Path:
@@ -61,6 +67,7 @@ class Registration:
     version: str
     promoted: bool
     reason: str
+    experiment_id: str = ""
 
 
 class ModelTracker:
@@ -71,28 +78,61 @@ class ModelTracker:
 
         self.lake = lake
         self.uri = tracking_uri(lake)
-        if self.uri.startswith("sqlite:///"):
-            (lake.root / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
+        self.local = self.uri.startswith("sqlite")
+        if self.local:
+            lake.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
         # An explicit client, never mlflow.set_tracking_uri: that sets MLFLOW_TRACKING_URI for the whole process.
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.experiment_id = self._experiment()
+
+    def _experiment(self) -> str:
+        """The experiment, created on first use and tagged as model development (MLflow 3 opens it in the model
+        view, not the GenAI one). A lake that moved keeps its old runs readable (``_local`` re-roots their paths)
+        and records new ones in a fresh experiment whose artifacts are under the lake's new place."""
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
-        if experiment is None:
-            local = self.uri.startswith("sqlite")
-            artifacts = (lake.root / "mlflow" / "artifacts").resolve().as_uri() if local else None
-            self.experiment_id = self.client.create_experiment(EXPERIMENT, artifact_location=artifacts)
-        else:
-            self.experiment_id = experiment.experiment_id
+        here = self.lake.mlflow_artifacts.resolve().as_uri() if self.local else None
+        if experiment is not None and self.local and experiment.artifact_location != here:
+            self.client.rename_experiment(experiment.experiment_id,
+                                          f"{EXPERIMENT}-moved-from-{experiment.experiment_id}")
+            experiment = None
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else self.client.create_experiment(EXPERIMENT, artifact_location=here))
+        self.client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+        return experiment_id
 
     # -- runs ------------------------------------------------------------------------------------------------------
 
     def start_parent_run(self, name: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        """A training session's run. It records the process and host that own it, so that a later session can
+        tell a run left RUNNING by a killed process from one still training (``fail_stale_runs``)."""
+        self.fail_stale_runs()
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**tags, OWNER_PID_TAG: str(os.getpid()), OWNER_HOST_TAG: _host()})
         return run.info.run_id
+
+    def fail_stale_runs(self) -> list[str]:
+        """Mark FAILED the runs still RUNNING whose owning process on this host is gone (killed mid-training);
+        returns their ids."""
+        import psutil
+
+        stale = []
+        for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           max_results=1000):
+            pid, host = run.data.tags.get(OWNER_PID_TAG), run.data.tags.get(OWNER_HOST_TAG)
+            if pid and host == _host() and not psutil.pid_exists(int(pid)):
+                self.client.set_tag(run.info.run_id, "poe.failure", f"its process {pid} died before it ended")
+                self.client.set_terminated(run.info.run_id, status="FAILED")
+                stale.append(run.info.run_id)
+        if stale:
+            log.warning("Marked %d MLflow run(s) FAILED: their training process died: %s", len(stale),
+                        ", ".join(stale))
+        return stale
 
     def end_run(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
-    def log_global(self, result, tags: dict[str, str], parent_run_id: str | None = None) -> Registration:
+    def log_global(self, result, tags: dict[str, str], parent_run_id: str | None = None,
+                   example: pl.DataFrame | None = None) -> Registration:
         """Log one global model's training run, register it, and promote it if it earned it."""
         params = {f"{kind}.{k}": v for kind, p in result.params.items() for k, v in p.items()}
         params |= {f"rounds.{k}": v for k, v in result.rounds.items()}
@@ -103,9 +143,11 @@ class ModelTracker:
                  "features.txt": "\n".join(result.feature_names) + "\n"}
         return self._log(global_model_name(result.horizon), f"global-{result.horizon}d", result, params, metrics,
                          files, {**tags, "kind": "global", "horizon": f"{result.horizon}d"}, parent_run_id,
-                         description=f"All currencies pooled, {result.horizon}-day log-return")
+                         description=f"All currencies pooled, {result.horizon}-day log-return", kind="global",
+                         example=example)
 
-    def log_currency(self, result, tags: dict[str, str], parent_run_id: str | None = None) -> Registration:
+    def log_currency(self, result, tags: dict[str, str], parent_run_id: str | None = None,
+                     example: pl.DataFrame | None = None) -> Registration:
         """Log one partition's training run, register it, and promote it if it earned it."""
         params = {"scale": result.scale, "own_scale": result.own_scale, "pooled_scale": result.pooled_scale,
                   "own_rows": result.own_rows, "global_model": f"{result.global_name} v{result.global_version}"}
@@ -114,13 +156,15 @@ class ModelTracker:
                          f"{slug(result.currency)}-{result.horizon}d", result, params, metrics, {},
                          {**tags, "kind": "currency", "currency": result.currency, "horizon": f"{result.horizon}d",
                           "global_model_version": result.global_version},
-                         parent_run_id, description=f"{result.currency}, {result.horizon}-day log-return")
+                         parent_run_id, description=f"{result.currency}, {result.horizon}-day log-return",
+                         kind="currency", example=example)
 
     def _log(self, name: str, run_name: str, result, params: dict, metrics: dict, files: dict[str, str],
-             tags: dict[str, str], parent_run_id: str | None, description: str) -> Registration:
+             tags: dict[str, str], parent_run_id: str | None, description: str, kind: str,
+             example: pl.DataFrame | None) -> Registration:
         from mlflow.entities import Metric, Param, RunTag
 
-        run_tags = {**tags, "mlflow.runName": run_name}
+        run_tags = {**tags, "mlflow.runName": run_name, OWNER_PID_TAG: str(os.getpid()), OWNER_HOST_TAG: _host()}
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, tags=run_tags)
@@ -137,13 +181,14 @@ class ModelTracker:
                 params=[Param(k, str(v)[:6000]) for k, v in params.items()],
                 tags=[RunTag("dataset_hash", str(result.data_window.get("data_hash", "")))],
             )
+            self._log_dataset(run_id, name, result)
             if files:
                 with tempfile.TemporaryDirectory() as tmp:
                     for file, text in files.items():
                         (Path(tmp) / file).write_text(text)
                     self.client.log_artifacts(run_id, tmp, "info")
-            self.client.log_artifacts(run_id, result.artifact_dir, "model")
-            registration = self._register(result, name, run_id, description)
+            model_id = self._log_model(run_id, name, kind, result, example)
+            registration = self._register(result, name, run_id, model_id, description)
             self.client.set_tag(run_id, "promoted", str(registration.promoted).lower())
             self.client.set_tag(run_id, "promotion_reason", registration.reason)
             self.end_run(run_id)
@@ -152,24 +197,75 @@ class ModelTracker:
             self.end_run(run_id, failed=True)
             raise
 
-    def _register(self, result, name: str, run_id: str, description: str) -> Registration:
+    def _log_dataset(self, run_id: str, name: str, result) -> None:
+        """The training data as the run's input dataset: the lake's feature store, with the rows' hash as digest."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        window = result.data_window
+        with warnings.catch_warnings():  # a file URI matches two registered local sources; either is right
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(self.lake.features.resolve().as_uri())
+        dataset = MetaDataset(source,
+                              name=f"features {name} ({window.get('first_date', '')}..{window.get('last_date', '')})",
+                              digest=str(window.get("data_hash") or "none")[:36])
+        self.client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                     tags=[InputTag("mlflow.data.context", "training")])])
+
+    def _log_model(self, run_id: str, name: str, kind: str, result, example: pl.DataFrame | None) -> str:
+        """Log the trained folder as an MLflow 3 logged model (a pyfunc with a signature and an input example);
+        returns its model id."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        from poe_pipeline.mlflow_models import save_pyfunc
+
+        native = Path(result.artifact_dir)
+        logged = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=run_id,
+                                                 model_type=f"poe-{kind}")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                example = example if example is not None and example.height else None
+                if example is None:
+                    raise ValueError(f"{name}: no example rows to describe the model's input")
+                logret = _example_forecast(native, kind, example)
+                save_pyfunc(Path(tmp) / "pyfunc", native, kind, self._input_features(kind, result, native),
+                            example, logret)
+                self.client.log_model_artifacts(logged.model_id, str(Path(tmp) / "pyfunc"))
+            self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        except BaseException:
+            self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        return logged.model_id
+
+    def _input_features(self, kind: str, result, native: Path) -> list[str]:
+        """The features a model reads: a partition reads those of the global model version it specialises."""
+        if kind == "global":
+            return result.feature_names or _feature_names(native)
+        return _feature_names(self.version_dir(result.global_name, result.global_version))
+
+    def _register(self, result, name: str, run_id: str, model_id: str, description: str) -> Registration:
         from mlflow.exceptions import MlflowException
 
         try:
             self.client.get_registered_model(name)
         except MlflowException:
             self.client.create_registered_model(name, description=description)
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
+        location = self.client.get_logged_model(model_id).artifact_location
+        native = self._native_dir(location)
+        # the logged model's own location, not "models:/<id>": MLflow's SQL registry resolves that URI through the
+        # process-wide tracking URI, not this client's (a TODO in MLflow's sqlalchemy_store)
         version = self.client.create_model_version(
-            name, source=source, run_id=run_id,
+            name, source=location, run_id=run_id, model_id=model_id,
             tags={"fold_signature": result.fold_signature, "validation_mae": repr(result.validation_mae),
-                  "validation_skill": repr(result.skill)},
+                  "validation_skill": repr(result.skill), CHECKSUMS_TAG: json.dumps(checksums(native))},
         )
         promoted, reason = self._promotion(name, result.fold_signature, result.validation_mae, result.skill)
         if promoted:
-            check_loads(local_path(source))  # loads, or raises before the alias moves
+            check_loads(native)  # loads, or raises before the alias moves
             self.client.set_registered_model_alias(name, CHAMPION, version.version)
-        return Registration(run_id, name, str(version.version), promoted, reason)
+        return Registration(run_id, name, str(version.version), promoted, reason, self.experiment_id)
 
     def _promotion(self, name: str, folds: str, mae: float, skill: float) -> tuple[bool, str]:
         validated = not (math.isnan(mae) and math.isnan(skill))
@@ -202,25 +298,103 @@ class ModelTracker:
             return None
 
     def champion(self, name: str) -> tuple[str, Path] | None:
-        """(version, local artifact folder) of a registered model's champion, or None when there is none."""
+        """(version, local folder of its native files) of a registered model's champion, or None."""
         version = self.champion_version(name)
         if version is None:
             return None
-        return str(version.version), self._local(name, version)
+        return str(version.version), self._verified(name, version)
 
     def version_dir(self, name: str, version: str) -> Path:
-        """The local artifact folder of one registered version."""
-        return self._local(name, self.client.get_model_version(name, str(version)))
+        """The local folder of one registered version's native files, verified."""
+        return self._verified(name, self.client.get_model_version(name, str(version)))
+
+    def _verified(self, name: str, version) -> Path:
+        """The version's native files, only from inside the lake's artifact root (or the configured MLflow
+        artifact store) and only when every file matches the checksum recorded at registration: a model file is
+        code (the forest is a pickle), so nothing else is ever loaded."""
+        directory = self._local(name, version)
+        expected = json.loads(version.tags.get(CHECKSUMS_TAG, "{}") or "{}")
+        if not expected:
+            raise UntrustedModel(f"{name} v{version.version} has no recorded checksums: retrain it")
+        found = checksums(directory)
+        if found != expected:
+            bad = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+            raise UntrustedModel(f"{name} v{version.version}: {', '.join(bad)} at {directory} do not match the "
+                                 "checksums recorded at registration (truncated or replaced): retrain it")
+        return directory
 
     def _local(self, name: str, version) -> Path:
-        if urlparse(version.source).scheme in ("file", ""):
-            return local_path(version.source)
-        import mlflow
+        if not self.local:
+            import mlflow
 
-        cache = self.lake.root / "mlflow" / "cache" / name / str(version.version)
-        if not (cache / "model").is_dir():  # a remote store: fetch once per version
-            mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(cache), tracking_uri=self.uri)
-        return cache / "model"
+            cache = self.lake.mlflow / "cache" / name / str(version.version)
+            if not (cache / "artifacts").is_dir():  # a remote store: fetch once per version
+                mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(cache),
+                                                    tracking_uri=self.uri)
+            return self._native_dir(cache.as_uri())
+        if version.source.startswith("models:/"):
+            return self._native_dir(self.client.get_logged_model(version.source.removeprefix("models:/"))
+                                    .artifact_location)
+        return self._native_dir(version.source)  # registered with the logged model's own location
+
+    def _native_dir(self, artifact_location: str) -> Path:
+        """A logged model's native files on this disk: re-rooted under this lake when the lake moved, and refused
+        when the path leads outside the lake's artifact root."""
+        from poe_pipeline.mlflow_models import native_dir
+
+        path = local_path(artifact_location)
+        root = self.lake.mlflow_artifacts.resolve()
+        if self.local:
+            parts = path.parts
+            anchors = [i for i in range(len(parts) - 1) if parts[i:i + 2] == ("mlflow", "artifacts")]
+            if anchors and not path.is_relative_to(root):
+                # recorded before the lake moved: the same place under the lake's artifact root
+                path = root.joinpath(*parts[anchors[-1] + 2:])
+            path = path.resolve()
+            if not path.is_relative_to(root):
+                raise UntrustedModel(f"model artifacts at {path} lie outside the lake's artifact root {root}: "
+                                     "refusing to load them")
+        return native_dir(path)
+
+
+OWNER_PID_TAG, OWNER_HOST_TAG = "poe.pid", "poe.host"
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+class UntrustedModel(ValueError):
+    """A model whose files cannot be trusted: outside the artifact root, or not matching their checksums."""
+
+
+CHECKSUMS_TAG = "poe.checksums"
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file in a model folder, by relative path."""
+    import hashlib
+
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _feature_names(native: Path) -> list[str]:
+    return json.loads((native / "ensemble.json").read_text()).get("feature_names", [])
+
+
+def _example_forecast(native: Path, kind: str, example: pl.DataFrame):
+    """The model's forecast of the example rows, for the signature's output."""
+    import numpy as np
+
+    from poe_pipeline.modeling import Ensemble
+
+    if kind == "global":
+        return Ensemble(native).predict(example)
+    return np.zeros(example.height)  # a partition's output has the same shape; its values need the global model
 
 
 def check_loads(directory: Path) -> None:

@@ -74,7 +74,7 @@ def _global_results(jobs: list[tuple], workers: int) -> Iterator[GlobalResult]:
 
 
 def _staging(lake: Lake) -> Path:
-    return lake.root / "models" / "staging" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    return lake.models_staging / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
 
 
 def train_globals(
@@ -102,6 +102,7 @@ def train_globals(
     rows = pooled_rows(features, league_order, current_league, currencies)
     jobs = [(rows, feature_columns, h, league_order, current_league, profile, staging / f"global-{h}d", seed)
             for h in horizons]
+    example = _example_rows(features.filter(pl.col("league") == current_league))
     outcomes: list[GlobalOutcome] = []
     failed = False
     try:
@@ -109,7 +110,8 @@ def train_globals(
             registration = None
             if result.trained:
                 registration = tracker.log_global(result, {**tags, "league": current_league, "profile": profile.name,
-                                                           "partition_key": f"{result.horizon}d"}, parent)
+                                                           "partition_key": f"{result.horizon}d"}, parent,
+                                                  example=example)
                 note = (f"holdout skill {result.skill:+.3f}, MAE {result.validation_mae:.4f}, "
                         f"{'promoted' if registration.promoted else 'kept, not promoted'} ({registration.reason})")
             else:
@@ -138,6 +140,7 @@ def train_currencies(
     requests = list(requests)
     tracker = ModelTracker(lake)
     staging = _staging(lake)
+    latest = latest_feature_rows(lake, current_league)
     parent = tracker.start_parent_run(f"currencies-{current_league}-{profile_name}",
                                       {**tags, "kind": "retrain-currencies", "league": current_league,
                                        "profile": profile_name})
@@ -160,9 +163,11 @@ def train_currencies(
             for r in todo:
                 result = train_currency(r.currency, horizon, oof, name, version,
                                         staging / f"{slug(r.currency)}-{horizon}d")
+                own = latest.filter(pl.col("currency") == r.currency)
                 registration = tracker.log_currency(result, {**tags, "league": current_league,
                                                              "profile": profile_name,
-                                                             "partition_key": r.partition_key}, parent)
+                                                             "partition_key": r.partition_key}, parent,
+                                                    example=own if own.height else _example_rows(latest))
                 progress(f"[{len(outcomes) + 1}/{len(requests)}] {r.partition_key}: skill {result.skill:+.3f} "
                          f"(scale {result.scale:.2f}, {result.own_rows} own rows), "
                          f"{'promoted' if registration.promoted else 'kept, not promoted'}")
@@ -245,8 +250,24 @@ def write_model_metrics(lake: Lake, outcomes: list[TrainOutcome], globals_: list
             "global_mae_logret": m.get("global", {}).get("mae_logret"),
         })
     frame = pl.DataFrame(rows, schema=MODEL_METRICS_SCHEMA)
-    path = lake.root / "model_metrics" / f"{now.strftime('%Y%m%dT%H%M%S%f')}-{slug(run_id)[:36]}.parquet"
+    path = lake.model_metrics / f"{now.strftime('%Y%m%dT%H%M%S%f')}-{slug(run_id)[:36]}.parquet"
     return write_parquet_atomic(frame, path)
+
+
+def _example_rows(rows: pl.DataFrame, n: int = 5) -> pl.DataFrame:
+    """A few real rows of the newest day: the input example of a logged model."""
+    if rows.height == 0:
+        return rows
+    return rows.filter(pl.col("date") == rows["date"].max()).sort("currency").head(n)
+
+
+def latest_feature_rows(lake: Lake, league: str) -> pl.DataFrame:
+    """The league's feature rows on its newest day (empty when it has none)."""
+    files = [p for p in lake.parquet_files(lake.features) if p.parent.name == f"league={league}"]
+    if not files:
+        return pl.DataFrame()
+    scan = pl.scan_parquet(files, hive_partitioning=False)
+    return scan.filter(pl.col("date") == pl.col("date").max()).collect()
 
 
 def load_training_features(lake: Lake, currencies: Iterable[str] | None = None) -> pl.DataFrame:

@@ -167,7 +167,7 @@ def restrict_universe(universe: pl.DataFrame, names: Iterable[str] | None) -> tu
 
 
 def universe_path(lake: Lake, league: str) -> Path:
-    return hive_dir(lake.root / "currency_universe", league=league) / "part.parquet"
+    return hive_dir(lake.currency_universe, league=league) / "part.parquet"
 
 
 def write_universe(universe: pl.DataFrame, lake: Lake, league: str) -> Path:

@@ -18,29 +18,31 @@ import yaml
 from dagster._core.test_utils import freeze_time  # Dagster's own clock freezer for its test harnesses
 
 from conftest import SAMPLE
-from poe_pipeline import monitoring, quality, schedules
-from poe_pipeline.assets import checks
+from poe_pipeline import monitoring, quality
+from poe_pipeline.assets import features as feature_assets
+from poe_pipeline.assets import forecasts as forecast_assets
+from poe_pipeline.assets import ingestion as ingestion_assets
+from poe_pipeline.assets import models as model_assets
+from poe_pipeline.assets.alerts import failure_alerts
 from poe_pipeline.assets.features import currency_partitions
+from poe_pipeline.assets.ingestion import ingestion_every_5_minutes as every_5_minutes
+from poe_pipeline.assets.ingestion import league_change
+from poe_pipeline.assets.models import model_degradation, new_currency_partitions
 from poe_pipeline.definitions import defs
 from poe_pipeline.features import build_league_features
-from poe_pipeline.jobs import ALL_ASSETS, OFFLINE_SELECTION, ingestion_job, retrain_models_job
 from poe_pipeline.lake import Lake
 from poe_pipeline.prices import read_daily_prices
-from poe_pipeline.resources import LakeResource, PoeWatchResource, RunScopeResource
-from poe_pipeline.sensors import (
-    MonitoringResource,
-    failure_alerts,
-    league_change,
-    model_degradation,
-    new_currency_partitions,
-)
+from poe_pipeline.resources import LakeResource, MonitoringResource, PoeWatchResource, RunScopeResource
 from poe_pipeline.sources.replay import ReplayServer
 from poe_pipeline.training import MODEL_METRICS_SCHEMA
 from poe_pipeline.warehouse import query, sync_views
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 LEAGUES = ("Sentinel", "Kalandra", "Sanctum")  # Sanctum needs two past leagues for its universe
-ASSET_NAMES = frozenset(k.to_user_string() for a in ALL_ASSETS for k in a.keys)
+ALL_ASSETS = [*defs.assets, *defs.asset_checks]
+ASSET_NAMES = frozenset(k.to_user_string() for a in defs.assets for k in a.keys)
+# The unpartitioned offline graph: no live poll, and models go through retrain_models_job.
+OFFLINE_SELECTION = dg.AssetSelection.assets("historical_prices", "daily_prices", "features", "currency_universe")
 
 
 def _resources(lake_root: Path, history: Path | None = None, **poe_watch) -> dict:
@@ -66,7 +68,7 @@ def prepared(tmp_path_factory, history):
     root = tmp_path_factory.mktemp("prepared") / "lake"
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [*ALL_ASSETS, *checks.checks_for(ASSET_NAMES)], selection=OFFLINE_SELECTION,
+            ALL_ASSETS, selection=OFFLINE_SELECTION,
             resources=_resources(root, history), instance=instance,
         )
     assert result.success
@@ -97,7 +99,7 @@ def test_checks_pass_on_real_prices_and_flag_real_jumps(prepared):
     for name in ("daily_prices_positive_finite", "daily_prices_unique_keys", "features_no_lookahead"):
         assert evaluations[name].passed, (name, evaluations[name].description)
     checked = evaluations["features_no_lookahead"].metadata["checked"].value
-    assert len(checked) == checks.FEATURE_CHECK_SAMPLES and checked[0].startswith("Sanctum cut at ")
+    assert len(checked) == feature_assets.FEATURE_CHECK_SAMPLES and checked[0].startswith("Sanctum cut at ")
 
     # the end of Sanctum really has thin currencies collapsing to 0.01 chaos: the non-blocking check warns
     jumps = evaluations["daily_prices_day_over_day_jumps"]
@@ -144,7 +146,7 @@ def test_a_failed_blocking_check_stops_downstream_assets(lake_copy, history, ins
 
     monkeypatch.setattr(price_assets, "refresh_daily_prices", buggy_refresh)
     result = dg.materialize(
-        [*ALL_ASSETS, *checks.checks_for(ASSET_NAMES)],
+        ALL_ASSETS,
         selection=dg.AssetSelection.assets("daily_prices", "features"),
         resources=_resources(lake_copy, history), instance=instance, raise_on_error=False,
     )
@@ -207,12 +209,12 @@ def test_prediction_interval_rule_and_check(lake_copy):
     ])
     assert quality.interval_violations(broken).height == 3
 
-    (lake.root / "predictions").mkdir()
-    predictions.write_parquet(lake.root / "predictions" / "part.parquet")
-    ok = checks.predictions_interval_contains_point(lake=LakeResource(root=str(lake.root)))
+    lake.predictions.mkdir()
+    predictions.write_parquet(lake.predictions / "part.parquet")
+    ok = forecast_assets.predictions_interval_contains_point(lake=LakeResource(root=str(lake.root)))
     assert ok.passed and ok.metadata["predictions"].value == predictions.height
-    broken.write_parquet(lake.root / "predictions" / "part.parquet")
-    bad = checks.predictions_interval_contains_point(lake=LakeResource(root=str(lake.root)))
+    broken.write_parquet(lake.predictions / "part.parquet")
+    bad = forecast_assets.predictions_interval_contains_point(lake=LakeResource(root=str(lake.root)))
     assert not bad.passed and bad.metadata["violations"].value == 3
     assert bad.severity == dg.AssetCheckSeverity.ERROR
 
@@ -221,7 +223,7 @@ def test_checks_exist_only_for_assets_in_the_graph():
     check_keys = {k.to_user_string() for k in defs.get_repository_def().asset_graph.asset_check_keys}
     assert "daily_prices:daily_prices_unique_keys" in check_keys
     assert ("predictions:predictions_interval_contains_point" in check_keys) == ("predictions" in ASSET_NAMES)
-    specs = {s.key.name: s for c in checks.checks_for(ASSET_NAMES) for s in c.check_specs}
+    specs = {s.key.name: s for c in defs.asset_checks for s in c.check_specs}
     assert specs["daily_prices_unique_keys"].blocking and specs["daily_prices_positive_finite"].blocking
     assert not specs["daily_prices_day_over_day_jumps"].blocking
 
@@ -240,26 +242,26 @@ def test_price_snapshots_freshness_policy():
 def test_ingestion_schedule_never_starts_a_second_run(instance):
     tick = datetime(2026, 3, 2, 12, 5, tzinfo=UTC)
     job = defs.resolve_job_def("ingestion_job")
-    first = schedules.ingestion_every_5_minutes(dg.build_schedule_context(instance, tick))
+    first = every_5_minutes(dg.build_schedule_context(instance, tick))
     assert isinstance(first, dg.RunRequest)
 
     finished = instance.create_run_for_job(job, tags=dict(job.tags), status=dg.DagsterRunStatus.SUCCESS)
-    assert isinstance(schedules.ingestion_every_5_minutes(dg.build_schedule_context(instance, tick)), dg.RunRequest)
+    assert isinstance(every_5_minutes(dg.build_schedule_context(instance, tick)), dg.RunRequest)
 
     running = instance.create_run_for_job(job, tags=dict(job.tags), status=dg.DagsterRunStatus.STARTED)
-    skipped = schedules.ingestion_every_5_minutes(dg.build_schedule_context(instance, tick))
+    skipped = every_5_minutes(dg.build_schedule_context(instance, tick))
     assert isinstance(skipped, dg.SkipReason) and running.run_id in skipped.skip_message
     assert finished.run_id not in skipped.skip_message
 
     instance.report_run_failed(running)
-    assert isinstance(schedules.ingestion_every_5_minutes(dg.build_schedule_context(instance, tick)), dg.RunRequest)
+    assert isinstance(every_5_minutes(dg.build_schedule_context(instance, tick)), dg.RunRequest)
 
 
 def test_a_late_scheduled_run_stores_its_poll_under_the_tick(tmp_path, instance):
     """A run that starts late (a busy queue, a daemon catching up) still stores the poll of its own tick."""
     tick = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=2)
     tick = tick.replace(minute=tick.minute - tick.minute % 5)
-    request = schedules.ingestion_every_5_minutes(dg.build_schedule_context(instance, tick))
+    request = every_5_minutes(dg.build_schedule_context(instance, tick))
     with ReplayServer(SAMPLE, "Sanctum", start_day=20) as server:
         result = defs.resolve_job_def("ingestion_job").execute_in_process(
             instance=instance, tags=request.tags,
@@ -275,7 +277,8 @@ def test_the_run_queue_limits_ingestion_and_training_to_one_run():
     limits = config["run_coordinator"]["config"]["tag_concurrency_limits"]
     assert {"key": "poe/queue", "value": "ingestion", "limit": 1} in limits
     assert {"key": "poe/queue", "value": "training", "limit": 1} in limits
-    assert ingestion_job.tags["poe/queue"] == "ingestion" and retrain_models_job.tags["poe/queue"] == "training"
+    assert ingestion_assets.ingestion_job.tags["poe/queue"] == "ingestion"
+    assert model_assets.retrain_models_job.tags["poe/queue"] == "training"
 
 
 def test_weekly_retrain_is_one_run_of_every_partition(instance, monkeypatch):
@@ -289,10 +292,10 @@ def test_weekly_retrain_is_one_run_of_every_partition(instance, monkeypatch):
     next_tick = next(cron_string_iterator(sunday.timestamp(), schedule.cron_schedule, "UTC"))
     assert (next_tick.weekday(), next_tick.hour, next_tick.minute) == (0, 4, 0)
 
-    request = schedules.weekly_retrain(dg.build_schedule_context(instance, next_tick))
+    request = model_assets.weekly_retrain(dg.build_schedule_context(instance, next_tick))
     assert isinstance(request, dg.RunRequest)
     op_config = request.run_config["ops"]["retrain_partitions"]["config"]
-    assert op_config == {"currencies": [], "horizons": ["1d", "3d", "7d"]}  # empty: every partition
+    assert op_config == {"currencies": [], "horizons": ["1d", "3d", "7d"], "retrain_global": True}  # empty: all
     scope = request.run_config["resources"]["run_scope"]["config"]
     assert scope["profile"] == "prod" and scope["league"] == "Sanctum"  # the deployment's league is kept
 
@@ -301,7 +304,7 @@ def test_weekly_retrain_is_one_run_of_every_partition(instance, monkeypatch):
     job = defs.resolve_job_def("retrain_models_job")
     dg.validate_run_config(job, request.run_config)
     monkeypatch.setenv("POE_RETRAIN_PROFILE", "test")
-    request = schedules.weekly_retrain(dg.build_schedule_context(instance, next_tick))
+    request = model_assets.weekly_retrain(dg.build_schedule_context(instance, next_tick))
     assert request.run_config["resources"]["run_scope"]["config"]["profile"] == "test"
     with pytest.raises(dg.DagsterInvalidConfigError):
         dg.validate_run_config(job, {**request.run_config, "resources": {"run_scope": {"config": {"x": 1}}}})
@@ -311,13 +314,13 @@ def test_weekly_retrain_shards_for_a_cluster(instance, monkeypatch):
     currencies = ["Divine Orb", "Exalted Orb", "Mirror of Kalandra", "Orb of Annulment", "Sacred Orb"]
     instance.add_dynamic_partitions(currency_partitions.name, currencies)
     monkeypatch.setenv("POE_RETRAIN_SHARDS", "2")
-    requests = schedules.weekly_retrain(dg.build_schedule_context(instance, datetime(2026, 3, 2, 4, tzinfo=UTC)))
+    requests = model_assets.weekly_retrain(dg.build_schedule_context(instance, datetime(2026, 3, 2, 4, tzinfo=UTC)))
     shards = [r.run_config["ops"]["retrain_partitions"]["config"]["currencies"] for r in requests]
     assert sorted(sum(shards, [])) == currencies and all(shards) and len(shards) == 2
     assert [r.tags["poe/shard"] for r in requests] == ["1/2", "2/2"]
     monkeypatch.setenv("POE_RETRAIN_SHARDS", "zero")
     with pytest.raises(ValueError, match="POE_RETRAIN_SHARDS"):
-        schedules.retrain_shards()
+        model_assets.weekly_retrain(dg.build_schedule_context(instance, datetime(2026, 3, 2, 4, tzinfo=UTC)))
 
 
 class AutomationClock:
@@ -382,24 +385,31 @@ def test_daily_refresh_reaches_the_forecasts(instance):
 # --- sensors ----------------------------------------------------------------------------------------------------
 
 
-def test_new_currency_sensor_adds_eligible_currencies_and_removes_none(prepared, instance):
-    root, _ = prepared
-    eligible = monitoring.eligible_currencies(Lake(root))
-    assert "Divine Orb" in eligible and "Chaos Orb" not in eligible and len(eligible) > 20
-    instance.add_dynamic_partitions(currency_partitions.name, ["Divine Orb", "Legacy Orb"])  # Legacy: history only
-    context = dg.build_sensor_context(instance=instance, resources={"lake": LakeResource(root=str(root))})
-    result = new_currency_partitions(context)
-    (add,) = result.dynamic_partitions_requests
-    assert isinstance(add, dg.AddDynamicPartitionsRequest)
-    assert sorted(add.partition_keys) == sorted(set(eligible) - {"Divine Orb"})
-    (run,) = result.run_requests
-    assert run.run_config["ops"]["retrain_partitions"]["config"]["currencies"] == list(add.partition_keys)
+def test_new_currency_sensor_trains_the_partitions_that_have_no_model(lake_copy, instance):
+    """currency_universe adds a partition per eligible currency; the sensor trains those with no model yet."""
+    lake = Lake(lake_copy)
+    eligible = ["Divine Orb", "Exalted Orb", "Orb of Fusing"]
+    instance.add_dynamic_partitions(currency_partitions.name, eligible)
+    trained = pl.DataFrame([{**{k: None for k in MODEL_METRICS_SCHEMA}, "run_id": "r", "league": "Sanctum",
+                             "currency": "Divine Orb", "horizon_days": h, "trained": True} for h in (1, 3, 7)],
+                           schema=MODEL_METRICS_SCHEMA)
+    lake.model_metrics.mkdir(parents=True, exist_ok=True)
+    trained.write_parquet(lake.model_metrics / "metrics.parquet")
 
-    instance.add_dynamic_partitions(currency_partitions.name, list(add.partition_keys))
-    again = new_currency_partitions(dg.build_sensor_context(instance=instance,
-                                                            resources={"lake": LakeResource(root=str(root))}))
-    assert isinstance(again, dg.SkipReason)
-    assert "Legacy Orb" in instance.get_dynamic_partitions(currency_partitions.name)
+    def evaluate():
+        return new_currency_partitions(dg.build_sensor_context(
+            instance=instance, resources={"lake": LakeResource(root=str(lake.root))}))
+
+    run = evaluate()
+    assert isinstance(run, dg.RunRequest) and run.tags["poe/trigger"] == "new_currencies"
+    config = run.run_config["ops"]["retrain_partitions"]["config"]
+    assert config["currencies"] == ["Exalted Orb", "Orb of Fusing"] and config["retrain_global"] is False
+    assert run.run_key == evaluate().run_key  # evaluated again before the run lands: the same run, not a second
+
+    trained.with_columns(pl.lit("Exalted Orb").alias("currency")).write_parquet(lake.model_metrics / "b.parquet")
+    trained.with_columns(pl.lit("Orb of Fusing").alias("currency")).write_parquet(lake.model_metrics / "c.parquet")
+    skipped = evaluate()
+    assert isinstance(skipped, dg.SkipReason) and "All 3 currency partitions have a model" in skipped.skip_message
 
 
 def _persistence_forecasts(lake: Lake, currencies: list[str]) -> pl.DataFrame:
@@ -451,9 +461,9 @@ def test_degradation_sensor_retrains_exactly_the_degraded_partitions(lake_copy, 
     metrics = pl.DataFrame(
         [{**{k: None for k in MODEL_METRICS_SCHEMA}, "run_id": "r", "league": "Sanctum", "trained": True,
           "profile": "test", **row} for row in rows], schema=MODEL_METRICS_SCHEMA)
-    shutil.rmtree(lake.root / "model_metrics", ignore_errors=True)
-    (lake.root / "model_metrics").mkdir()
-    metrics.write_parquet(lake.root / "model_metrics" / "metrics.parquet")
+    shutil.rmtree(lake.model_metrics, ignore_errors=True)
+    lake.model_metrics.mkdir()
+    metrics.write_parquet(lake.model_metrics / "metrics.parquet")
     sync_views(lake)
 
     def evaluate(**settings):

@@ -25,9 +25,9 @@ from e2e.postgres import start_server
 from e2e.processes import BIN, REPO, base_env, start, stop, wait_for
 
 from conftest import SAMPLE
+from poe_pipeline.assets.ingestion import SCHEDULED_TIME_TAG, ingestion_every_5_minutes
 from poe_pipeline.ingestion import read_snapshots
 from poe_pipeline.lake import Lake
-from poe_pipeline.schedules import INGESTION_SCHEDULE, SCHEDULED_TIME_TAG
 from poe_pipeline.sources.replay import ReplayServer
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def instance_config(request, tmp_path):
 
 def _rewind_schedule_start(instance: dg.DagsterInstance, by: timedelta) -> None:
     (state,) = [s for s in instance.all_instigator_state(instigator_type=InstigatorType.SCHEDULE)
-                if s.name == INGESTION_SCHEDULE]
+                if s.name == ingestion_every_5_minutes.name]
     data = state.instigator_data
     started = datetime.now(UTC) - by
     instance.update_instigator_state(state.with_data(ScheduleInstigatorData(
@@ -69,7 +69,7 @@ def test_daemon_launches_the_scheduled_ingestion(instance_config, tmp_path, monk
                        FRESHNESS_DAEMON_INTERVAL_SECONDS="3", **extra)
         for key, value in extra.items():
             monkeypatch.setenv(key, value)
-        started = subprocess.run([str(BIN / "dagster"), "schedule", "start", INGESTION_SCHEDULE, "-w",
+        started = subprocess.run([str(BIN / "dagster"), "schedule", "start", ingestion_every_5_minutes.name, "-w",
                                   "workspace.yaml"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
         _keep_clear_of_a_slot_boundary()
@@ -80,7 +80,7 @@ def test_daemon_launches_the_scheduled_ingestion(instance_config, tmp_path, monk
             try:
                 def scheduled_run():
                     runs = instance.get_runs(filters=dg.RunsFilter(
-                        tags={"dagster/schedule_name": INGESTION_SCHEDULE}))
+                        tags={"dagster/schedule_name": ingestion_every_5_minutes.name}))
                     if runs and runs[0].status == dg.DagsterRunStatus.FAILURE:
                         raise AssertionError(f"the scheduled run failed:\n{_run_errors(instance, runs[0])}")
                     return runs[0] if runs and runs[0].status == dg.DagsterRunStatus.SUCCESS else None

@@ -261,3 +261,20 @@ def test_unknown_league_names_the_fix(world):
     with pytest.raises(ValueError, match="Unknown league 'Foo'"):
         predict_league(lake, "Foo", [MODELLED], store=world[3])
     assert Path(lake.features).is_dir()
+
+
+def test_a_champion_loaded_with_mlflow_forecasts_what_the_predictions_asset_wrote(world, monkeypatch):
+    """An ML engineer's one line: ``mlflow.pyfunc.load_model("models:/<name>@champion").predict(features rows)``
+    gives the predicted prices the pipeline wrote (the partition goes through its global model version)."""
+    import mlflow
+
+    lake, _, features, tracker = world
+    run = predict_league(lake, "Sanctum", [MODELLED], store=tracker)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
+    rows = features.filter((pl.col("league") == "Sanctum") & (pl.col("currency") == MODELLED)
+                           & (pl.col("date") == run.origin_date))
+    for h in (1, 3, 7):
+        model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(MODELLED, h)}@champion")
+        out = model.predict(rows.to_pandas())
+        written = run.predictions.filter(pl.col("horizon_days") == h)
+        assert out["predicted_price"].to_numpy() == pytest.approx(written["predicted_price"].to_numpy(), rel=1e-6)

@@ -164,19 +164,23 @@ def test_a_partition_specialises_the_global_model_on_its_own_rows(global_3d, tmp
 # --- MLflow --------------------------------------------------------------------------------------------------
 
 
-def test_promotion_refused_for_a_worse_model_and_for_poisoned_metrics(global_3d, lake, tmp_path):
+def _example(real) -> pl.DataFrame:
+    return real[0].filter(pl.col("league") == "Sanctum").tail(5)
+
+
+def test_promotion_refused_for_a_worse_model_and_for_poisoned_metrics(global_3d, real, lake, tmp_path):
     tracker = ModelTracker(lake)
-    first = tracker.log_global(global_3d, {"dagster_run_id": "test"})
+    first = tracker.log_global(global_3d, {"dagster_run_id": "test"}, example=_example(real))
     assert first.promoted and first.reason == "first version"
     holdout = global_3d.metrics["holdout"]
     worse = dataclasses.replace(global_3d, metrics={**global_3d.metrics, "holdout": {
         **holdout, "ensemble": {**holdout["ensemble"], "mae_logret": global_3d.validation_mae * 1.5}}})
-    second = tracker.log_global(worse, {"dagster_run_id": "test"})
+    second = tracker.log_global(worse, {"dagster_run_id": "test"}, example=_example(real))
     assert not second.promoted and "worse than champion v1" in second.reason
     # a poisoned price upstream: the MAE is absurd and the skill NaN; never promoted, even on changed folds
     poisoned = dataclasses.replace(global_3d, folds=["league:Other"], metrics={**global_3d.metrics, "holdout": {
         **holdout, "ensemble": {**holdout["ensemble"], "mae_logret": 1e36, "skill": float("nan")}}})
-    third = tracker.log_global(poisoned, {"dagster_run_id": "test"})
+    third = tracker.log_global(poisoned, {"dagster_run_id": "test"}, example=_example(real))
     assert not third.promoted and "not sane" in third.reason
     version, path = tracker.champion(global_model_name(3))
     assert version == "1" and (path / "ensemble.json").exists()
@@ -186,15 +190,15 @@ def test_promotion_refused_for_a_worse_model_and_for_poisoned_metrics(global_3d,
     assert registered_model_name("Divine Orb", 1) == "poe-divine-orb-1d" and global_model_name(1) == "poe-global-1d"
 
 
-def test_a_broken_model_never_becomes_champion(global_3d, lake, tmp_path):
+def test_a_broken_model_never_becomes_champion(global_3d, real, lake, tmp_path):
     tracker = ModelTracker(lake)
-    assert tracker.log_global(global_3d, {}).promoted
+    assert tracker.log_global(global_3d, {}, example=_example(real)).promoted
     broken_dir = tmp_path / "broken"
     shutil.copytree(global_3d.artifact_dir, broken_dir)
     (broken_dir / "xgboost.ubj").write_bytes(b"not a model")
     broken = dataclasses.replace(global_3d, artifact_dir=str(broken_dir))
     with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises, the alias must not move
-        tracker.log_global(broken, {})
+        tracker.log_global(broken, {}, example=_example(real))
     version, path = tracker.champion(global_model_name(3))
     assert version == "1"
     Ensemble(path)
@@ -209,3 +213,20 @@ def test_the_fast_forest_prediction_is_the_forests_own(real):
                          data.X, data.y, data.weight, 20)
     np.testing.assert_allclose(forest_predict(forest, data.X[:40]), forest.predict(data.X[:40]), rtol=1e-6,
                                atol=1e-9)
+
+
+def test_the_champion_loads_as_an_mlflow_pyfunc_and_forecasts_like_the_pipeline(global_3d, real, lake, monkeypatch):
+    """What an ML engineer does with a registered model: load it by alias, feed it rows of the features view."""
+    import mlflow
+
+    tracker = ModelTracker(lake)
+    tracker.log_global(global_3d, {}, example=_example(real))
+    rows = real[0].filter(pl.col("currency") == "Divine Orb").tail(4)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{global_model_name(3)}@champion")
+    out = model.predict(rows.to_pandas())
+    expected = Ensemble(global_3d.artifact_dir).predict(rows)
+    np.testing.assert_allclose(out["predicted_logret"].to_numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(out["predicted_price"].to_numpy(), rows["price_chaos"].to_numpy() * np.exp(expected),
+                               rtol=1e-6)
+    assert model.metadata.signature is not None and "price_chaos" in model.metadata.signature.inputs.input_names()

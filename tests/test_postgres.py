@@ -18,13 +18,11 @@ import pytest
 from e2e.postgres import start_server
 
 from conftest import REPO, SAMPLE
-from poe_pipeline.assets.checks import checks_for
+from poe_pipeline.assets.ingestion import SCHEDULED_TIME_TAG, ingestion_every_5_minutes
 from poe_pipeline.definitions import defs
 from poe_pipeline.ingestion import poll_slot, read_snapshots
-from poe_pipeline.jobs import ALL_ASSETS
 from poe_pipeline.lake import Lake
-from poe_pipeline.resources import LakeResource, PoeWatchResource, RunScopeResource
-from poe_pipeline.schedules import SCHEDULED_TIME_TAG, ingestion_every_5_minutes
+from poe_pipeline.resources import LakeResource, MonitoringResource, PoeWatchResource, RunScopeResource
 from poe_pipeline.sources.replay import ReplayServer
 from poe_pipeline.warehouse import query
 
@@ -88,10 +86,11 @@ def test_materialization_on_postgres(pg_instance, pg_url, tmp_path):
     (history / "Sanctum.currency.csv.gz").symlink_to(SAMPLE / "Sanctum.currency.csv.gz")
     lake = Lake(tmp_path / "lake")
     result = dg.materialize(
-        [*ALL_ASSETS, *checks_for({"daily_prices"})],
+        [*defs.assets, *defs.asset_checks],
         selection=dg.AssetSelection.assets("historical_prices", "daily_prices"),
         resources={"lake": LakeResource(root=str(lake.root)), "poe_watch": PoeWatchResource(),
-                   "run_scope": RunScopeResource(history_dirs=[str(history)], league="Sanctum")},
+                   "run_scope": RunScopeResource(history_dirs=[str(history)], league="Sanctum"),
+                   "monitoring": MonitoringResource()},
         instance=pg_instance,
     )
     assert result.success

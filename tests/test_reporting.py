@@ -159,9 +159,9 @@ def test_report_files_are_self_contained_and_the_table_is_in_duckdb(lake):
     expected = {"Divine Orb": 0.05, "Exalted Orb": 0.04, "Orb of Fusing": -0.001}
     report = build_report(predictions(expected, width=0.02), sanctum(), budget_chaos=2000)
     files = write_report(lake, report, sanctum())
-    assert files.directory == lake.root / "reports" / "2023-04-04"
+    assert files.directory == lake.reports / "2023-04-04"
     page = files.html.read_text()
-    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    images = re.findall(r"src=[\"']data:image/png;base64,([^\"']+)[\"']", page)
     assert len(images) == 2 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert not re.search(r"(src|href)=['\"]?https?:", page)  # nothing to fetch: it opens offline
     assert "Divine Orb" in page and "Suggested allocation" in page

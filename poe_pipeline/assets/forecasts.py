@@ -1,17 +1,23 @@
-"""``predictions`` (forecasts with calibrated intervals) and ``investment_report`` (what to buy, sell or leave)."""
+"""Forecasts: the predictions with calibrated intervals, and the investment report a player reads.
+
+| definition | what it does |
+| --- | --- |
+| ``predictions`` | every currency x horizon from the champions, appended per origin day; after new features or models |
+| ``predictions_interval_contains_point`` | a blocking check: each interval contains its forecast, all finite |
+| ``investment_report`` | what to buy, hold or sell: HTML, Markdown and a table; after new predictions |
+| ``forecast_job`` | both assets with their check |
+"""
+
+import base64
 
 import dagster as dg
 import polars as pl
 
-from poe_pipeline import forecasting, reporting
+from poe_pipeline import forecasting, quality, reporting
+from poe_pipeline.assets import column_schema, rounded, table, view_description
 from poe_pipeline.features import read_features
-from poe_pipeline.lake import Lake
-from poe_pipeline.leagues import current_league_of, league_calendar
-from poe_pipeline.markdown import markdown_table
-from poe_pipeline.prices import read_daily_prices
 from poe_pipeline.resources import LakeResource, RunScopeResource
 from poe_pipeline.settings import HORIZONS_DAYS
-from poe_pipeline.universe import read_universe, restrict_universe
 
 
 class PredictionsConfig(dg.Config):
@@ -23,53 +29,84 @@ class ReportConfig(dg.Config):
     top_k: int = reporting.TOP_K
 
 
-def _league(store: Lake, run_scope: RunScopeResource) -> str:
-    return current_league_of(league_calendar(read_daily_prices(store)), run_scope.league)
+def _eager_despite_missing(*ignored: str) -> dg.AutomationCondition:
+    """``eager()``, except that missing partitions of ``ignored`` deps do not block: a currency partition whose model
+    is not trained yet must not hold back the forecasts of every other currency."""
+    return (
+        (dg.AutomationCondition.newly_missing() | dg.AutomationCondition.any_deps_updated()).since_last_handled()
+        & ~dg.AutomationCondition.any_deps_missing().ignore(dg.AssetSelection.assets(*ignored))
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label("eager (untrained partitions do not block)")
 
 
 @dg.asset(
     group_name="forecasts",
     kinds={"parquet", "duckdb"},
     deps=["global_models", "currency_models", "features", "currency_universe"],
-    description="1, 3 and 7-day forecasts of every currency in the universe from its `champion` model, with "
-    "volatility-scaled conformal intervals and a confidence score; appended per origin date under "
-    "predictions/league=<L>/origin_date=<D>/. A currency without a champion gets no row; the metadata says why.",
+    # after new features (daily) and after retrained models (weekly, or a degradation retrain)
+    automation_condition=_eager_despite_missing("global_models", "currency_models"),
+    metadata=column_schema("predictions"),
+    description=view_description("predictions", "1, 3 and 7-day forecasts of every currency in the universe from its "
+                                 "partition's champion (or the global champion alone for a currency without one), with "
+                                 "volatility-scaled conformal intervals and a confidence score, appended per origin "
+                                 "day. A currency without a forecast is listed with the reason."),
 )
 def predictions(
     context: dg.AssetExecutionContext, config: PredictionsConfig, lake: LakeResource, run_scope: RunScopeResource
 ) -> dg.MaterializeResult:
     store = lake.lake
-    league = _league(store, run_scope)
-    universe, left_out = restrict_universe(read_universe(store, league), run_scope.currencies or None)
-    currencies = universe["currency"].to_list()
-    run = forecasting.predict_league(store, league, currencies, level=config.interval_level)
-    paths = forecasting.write_predictions(store, run.predictions) if run.predictions.height else []
+    scope = run_scope.scope(store)
+    currencies, left_out = scope.chosen()
+    run = forecasting.predict_league(store, scope.league, currencies, level=config.interval_level)
+    if run.predictions.height == 0:
+        raise dg.Failure(
+            description=f"No forecast for {scope.league} on {run.origin_date}: "
+            + ("no currency is eligible (see currency_universe)" if not currencies else
+               f"{len(run.skipped)} (currency, horizon) pairs could not be forecast, e.g. {run.skipped[0].reason}"),
+            metadata={"without_forecast": table(run.skipped_frame(), rows=50)})
+    paths = forecasting.write_predictions(store, run.predictions)
     lake.publish_views(context.log)
-    for skip in run.skipped:
-        context.log.warning(f"{skip.currency} {skip.horizon}d: no prediction: {skip.reason}")
     frame = run.predictions
-    per_horizon = {f"{h}d": frame.filter(pl.col("horizon_days") == h).height for h in HORIZONS_DAYS}
+    if run.skipped:
+        context.log.warning(f"{len(run.skipped)} (currency, horizon) pair(s) without a forecast; the reasons are in "
+                            "this materialization's metadata (without_forecast)")
+    global_only = frame.filter(pl.col("model_version").str.starts_with("global-"))["currency"].n_unique()
+    context.log.info(f"predictions: {frame.height} rows for {scope.league} from {run.origin_date}; "
+                     f"{global_only} currencies by the global model alone")
     preview = frame.select(
-        "currency", pl.col("horizon_days").alias("h"), "current_price", "predicted_price", "pred_lower",
-        "pred_upper", pl.col("confidence").round(3), pl.col("interval_method").alias("method"), "model_version",
-    )
-    context.log.info(f"predictions: {frame.height} rows for {league} from {run.origin_date}; "
-                     f"{len(run.skipped)} (currency, horizon) without a prediction")
-    return dg.MaterializeResult(
-        metadata={
-            "league": league,
-            "origin_date": str(run.origin_date),
-            "dagster/row_count": frame.height,
-            "rows_per_horizon": dg.MetadataValue.json(per_horizon),
-            "interval_level": config.interval_level,
-            "interval_methods": dg.MetadataValue.json(
-                dict(frame.group_by("interval_method").len().iter_rows()) if frame.height else {}),
-            "without_champion": dg.MetadataValue.md(
-                markdown_table(run.skipped_frame()) if run.skipped else "Every currency has a champion."),
-            "not_in_universe": left_out,
-            "predictions": dg.MetadataValue.md(markdown_table(preview.head(60)) if frame.height else "No rows."),
-            "path": dg.MetadataValue.path(str(paths[0]) if paths else str(forecasting.predictions_dir(store))),
-        }
+        "currency", pl.col("horizon_days").alias("h"), "current_price", "predicted_price", "pred_lower", "pred_upper",
+        "confidence", pl.col("interval_method").alias("method"), "model_version")
+    return dg.MaterializeResult(metadata={
+        "league": scope.league,
+        "origin_date": str(run.origin_date),
+        "dagster/row_count": frame.height,
+        "rows_per_horizon": dg.MetadataValue.json(
+            {f"{h}d": frame.filter(pl.col("horizon_days") == h).height for h in HORIZONS_DAYS}),
+        "interval_level": rounded(config.interval_level, 3),
+        "currencies_by_the_global_model_alone": global_only,
+        "without_forecast": table(run.skipped_frame(), rows=50) if run.skipped else "none",
+        "not_eligible": left_out,
+        "predictions": table(preview, rows=60),
+        "path": dg.MetadataValue.path(str(paths[0].parent)),
+    })
+
+
+@dg.asset_check(
+    asset=predictions,
+    blocking=True,
+    description="Every prediction interval contains its point forecast, and all three are finite prices above zero.",
+)
+def predictions_interval_contains_point(lake: LakeResource) -> dg.AssetCheckResult:
+    frame = forecasting.read_predictions(lake.lake)
+    if frame.height == 0:
+        return dg.AssetCheckResult(passed=False, description="no predictions in the lake")
+    bad = quality.interval_violations(frame)
+    keys = ["league", "currency", "origin_date", "horizon_days", "pred_lower", "predicted_price", "pred_upper"]
+    return dg.AssetCheckResult(
+        passed=bad.height == 0,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"predictions": frame.height, "violations": bad.height, "examples": table(bad.select(keys))},
     )
 
 
@@ -78,19 +115,20 @@ def predictions(
     kinds={"html", "parquet", "duckdb"},
     deps=[predictions],
     automation_condition=dg.AutomationCondition.eager(),
-    description="Ranks currencies per horizon by expected, risk-adjusted return with liquidity, correlation-aware "
-    "picks, a capped allocation of a chaos budget and rebalancing triggers; says 'no confident opportunity' "
-    "when nothing beats its interval noise. HTML and Markdown under reports/<date>/, a table in DuckDB.",
+    metadata=column_schema("investment_report"),
+    description=view_description("investment_report", "Ranks currencies per horizon by expected, risk-adjusted return "
+                                 "with liquidity, correlation-aware picks, a capped allocation of a chaos budget and "
+                                 "rebalancing triggers; says 'no confident opportunity' when nothing beats its "
+                                 "interval noise. HTML, Markdown and a table under the lake's reports/<date>/."),
 )
 def investment_report(
     context: dg.AssetExecutionContext, config: ReportConfig, lake: LakeResource, run_scope: RunScopeResource
 ) -> dg.MaterializeResult:
     store = lake.lake
-    league = _league(store, run_scope)
+    league = run_scope.scope(store).league
     origin = forecasting.latest_origin(store, league)
     if origin is None:
-        context.log.warning(f"No predictions for {league}: nothing to report (see the predictions asset's metadata)")
-        return dg.MaterializeResult(metadata={"league": league, "status": f"no predictions for {league}"})
+        raise dg.Failure(f"No predictions for {league}: nothing to report (materialize predictions first)")
     preds = forecasting.read_predictions(store, league, origin)
     features = read_features(store, [league]).select(reporting.REPORT_FEATURE_COLUMNS)
     report = reporting.build_report(preds, features, budget_chaos=config.budget_chaos, top_k=config.top_k)
@@ -99,20 +137,29 @@ def investment_report(
     context.log.info(report.headline())
     picks = report.picks().select(
         "currency", pl.col("horizon_days").alias("h"), "current_price", "predicted_price", "pred_lower",
-        "allocation_chaos", "units", "trigger",
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "league": league,
-            "origin_date": str(origin),
-            "status": "confident opportunity" if report.confident else reporting.NO_CONFIDENT,
-            "headline": report.headline(),
-            "budget_chaos": config.budget_chaos,
-            "top_10": dg.MetadataValue.md(markdown_table(report.top(10))),
-            "picks": dg.MetadataValue.md(markdown_table(picks) if picks.height else reporting.NO_CONFIDENT),
-            "html": dg.MetadataValue.path(str(files.html)),
-            "markdown": dg.MetadataValue.path(str(files.markdown)),
-            "table": dg.MetadataValue.path(str(files.table)),
-            "dagster/row_count": report.table.height,
-        }
-    )
+        "expected_return", "allocation_chaos", "units", "trigger")
+    chart = next((p for p in files.charts.values() if p.suffix == ".png"), None)
+    return dg.MaterializeResult(metadata={
+        "league": league,
+        "origin_date": str(origin),
+        "status": "confident opportunity" if report.confident else reporting.NO_CONFIDENT,
+        "headline": report.headline(),
+        "budget_chaos": rounded(config.budget_chaos, 0),
+        "picks": table(picks) if picks.height else reporting.NO_CONFIDENT,
+        "top_10": table(report.top(10)),
+        "chart": dg.MetadataValue.md(
+            f"![{chart.stem}](data:image/png;base64,{base64.b64encode(chart.read_bytes()).decode()})")
+        if chart else "no chart",
+        "html": dg.MetadataValue.url(files.html.resolve().as_uri()),
+        "markdown": dg.MetadataValue.path(str(files.markdown)),
+        "table": dg.MetadataValue.path(str(files.table)),
+        "dagster/row_count": report.table.height,
+    })
+
+
+forecast_job = dg.define_asset_job(
+    "forecast_job", selection=[predictions, investment_report],
+    description="Forecast every eligible currency from the champions and write the investment report.")
+
+defs = dg.Definitions(assets=[predictions, investment_report], asset_checks=[predictions_interval_contains_point],
+                      jobs=[forecast_job])

@@ -1,21 +1,34 @@
-"""``global_models`` (one pooled ensemble per horizon) and ``currency_models`` (each one specialised to a currency).
+"""Models: one global model per horizon, and each currency's partition that specialises it.
 
-A single partition trains in-process. Retraining goes through ``retrain_models_job``: one run whose op trains the
-global models in parallel processes, then their partitions, and records a materialization, with its own metadata,
-per partition of each asset.
+| definition | what it does |
+| --- | --- |
+| ``global_models`` | partitioned by horizon: an ensemble pooled over the liquid currencies of every league |
+| ``currency_models`` | partitioned by currency x horizon: the global model specialised to one currency |
+| ``retrain_models_job`` | one run: the global models in parallel, then the partitions; a materialization each |
+| ``weekly_retrain`` | Monday 04:00 UTC, every partition, the ``prod`` profile (``POE_RETRAIN_PROFILE``) |
+| ``new_currency_partitions`` | a sensor: trains the partitions the universe added that have no model yet |
+| ``model_degradation`` | a sensor: retrains the partitions whose realized error degraded |
+
+The asset and the job share one training path (``train``) and one run config (``retrain_run_config``). Dagster 1.13
+cannot record per-partition results from a multi-partition run (a backfill with ``BackfillPolicy.single_run`` would
+materialize them all with one result), so the retrain stays a job whose op logs one ``AssetMaterialization`` per
+partition, each with its own metrics.
 """
 
+import hashlib
+import json
+from datetime import UTC, datetime
+
 import dagster as dg
+import duckdb
 import polars as pl
 
+from poe_pipeline import monitoring as mon
+from poe_pipeline.assets import TRAINING_QUEUE, mlflow_link, rounded, table
 from poe_pipeline.assets.features import currency_partitions
 from poe_pipeline.features import FEATURE_COLUMNS
-from poe_pipeline.lake import Lake
-from poe_pipeline.leagues import current_league_of, league_calendar, training_leagues
-from poe_pipeline.markdown import markdown_table
-from poe_pipeline.names import canonical_currency_name
-from poe_pipeline.prices import read_daily_prices
-from poe_pipeline.resources import LakeResource, RunScopeResource
+from poe_pipeline.resources import LakeResource, MonitoringResource, RunScopeResource
+from poe_pipeline.settings import Settings
 from poe_pipeline.training import (
     HORIZON_KEYS,
     GlobalOutcome,
@@ -25,84 +38,90 @@ from poe_pipeline.training import (
     train_currencies,
     train_globals,
 )
-from poe_pipeline.universe import read_universe
 
+WEEKLY_RETRAIN_CRON = "0 4 * * 1"  # Monday 04:00 UTC
 horizon_partitions = dg.StaticPartitionsDefinition(list(HORIZON_KEYS))
 model_partitions = dg.MultiPartitionsDefinition({"currency": currency_partitions, "horizon": horizon_partitions})
-TRAINING_TAGS = {"poe/queue": "training"}
 
 
-def _scope(store: Lake, run_scope: RunScopeResource) -> tuple[str, list[str], list[str]]:
-    """(current league, training leagues, the currencies being forecast)."""
-    calendar = league_calendar(read_daily_prices(store))
-    league = current_league_of(calendar, run_scope.league)
-    universe = read_universe(store, league).filter(pl.col("eligible"))["currency"].to_list()
-    return league, training_leagues(calendar, league), universe
+class RetrainConfig(dg.Config):
+    currencies: list[str] = []  # empty: every `currency` partition
+    horizons: list[str] = list(HORIZON_KEYS)
+    retrain_global: bool = True  # False: specialise the current global champions only
 
 
-def _train_globals(context, lake: LakeResource, run_scope: RunScopeResource, horizons: list[int]):
-    store: Lake = lake.lake
-    league, order, universe = _scope(store, run_scope)
-    outcomes = train_globals(store, load_training_features(store), FEATURE_COLUMNS, horizons, order, league,
-                             universe, run_scope.profile_config(), tags={"dagster_run_id": context.run_id},
-                             progress=context.log.info)
-    lake.publish_views(context.log)
-    return outcomes
+def retrain_run_config(currencies: list[str], horizons: list[str] | None = None, retrain_global: bool = True,
+                       run_scope: dict | None = None) -> dict:
+    """The one run config of ``retrain_models_job`` (the CLI, the weekly schedule and the sensors use it);
+    ``run_scope``: the whole run_scope resource config, when the run's scope differs from the deployment's."""
+    config: dict = {"ops": {"retrain_partitions": {"config": {
+        "currencies": list(currencies), "horizons": list(horizons or HORIZON_KEYS),
+        "retrain_global": retrain_global}}}}
+    if run_scope is not None:
+        config["resources"] = {"run_scope": {"config": run_scope}}
+    return config
 
 
-def _train_currencies(context, lake: LakeResource, run_scope: RunScopeResource, requests: list[TrainRequest]):
-    store: Lake = lake.lake
-    league, _, _ = _scope(store, run_scope)
-    outcomes = train_currencies(store, requests, league, run_scope.profile, tags={"dagster_run_id": context.run_id},
-                                progress=context.log.info)
-    lake.publish_views(context.log)
-    return outcomes
-
-
-def _metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    return markdown_table(pl.DataFrame([
-        {"model": name, **{k: round(v, 5) for k, v in m.items() if k != "n"}} for name, m in metrics.items()]))
-
-
-def global_metadata(outcome: GlobalOutcome) -> dict:
+def global_metadata(outcome: GlobalOutcome, mlflow_url: str) -> dict:
     r, reg = outcome.result, outcome.registration
     if not r.trained:
         return {"trained": False, "reason": r.reason}
     return {
         "trained": True,
-        "holdout_skill_vs_persistence": r.skill,
-        "holdout_mae_logret": r.validation_mae,
-        "holdout_metrics": dg.MetadataValue.md(_metrics_table(r.metrics.get("holdout", {}))),
-        "weights": dg.MetadataValue.json({k: round(v, 3) for k, v in r.weights.items()}),
+        "holdout_skill_vs_persistence": rounded(r.skill),
+        "holdout_mae_logret": rounded(r.validation_mae, 5),
+        "holdout_metrics": table(pl.DataFrame([{"model": k, **v} for k, v in r.metrics.get("holdout", {}).items()])),
+        "weights": dg.MetadataValue.json({k: rounded(v, 3) for k, v in r.weights.items()}),
         "folds": r.folds,
         "rows": r.data_window.get("rows", 0),
         "currencies_pooled": r.data_window.get("currencies", 0),
-        "mlflow_run_id": reg.run_id if reg else "",
+        "mlflow_run": mlflow_link(mlflow_url, reg.experiment_id, reg.run_id) if reg else "",
         "model": f"{reg.model_name} v{reg.version}" if reg else "",
         "promoted": bool(reg and reg.promoted),
         "promotion_reason": reg.reason if reg else "",
     }
 
 
-def partition_metadata(outcome: TrainOutcome) -> dict:
+def partition_metadata(outcome: TrainOutcome, mlflow_url: str) -> dict:
     r, reg = outcome.result, outcome.registration
     if not r.trained:
         return {"trained": False, "reason": r.reason}
     return {
         "trained": True,
-        "skill_vs_persistence": r.skill,
-        "mae_logret": r.validation_mae,
+        "skill_vs_persistence": rounded(r.skill),
+        "mae_logret": rounded(r.validation_mae, 5),
         "metrics_scope": r.metrics_scope,
-        "metrics": dg.MetadataValue.md(_metrics_table(r.metrics)) if r.metrics else "no rows of its own",
-        "scale_of_global_forecast": r.scale,
+        "metrics": table(pl.DataFrame([{"model": k, **v} for k, v in r.metrics.items()])) if r.metrics
+        else "no rows of its own",
+        "scale_of_global_forecast": rounded(r.scale, 3),
         "own_rows": r.own_rows,
         "global_model": f"{r.global_name} v{r.global_version}",
         "note": r.reason,
-        "mlflow_run_id": reg.run_id if reg else "",
+        "mlflow_run": mlflow_link(mlflow_url, reg.experiment_id, reg.run_id) if reg else "",
         "model": f"{reg.model_name} v{reg.version}" if reg else "",
         "promoted": bool(reg and reg.promoted),
         "promotion_reason": reg.reason if reg else "",
     }
+
+
+def train(context, lake: LakeResource, run_scope: RunScopeResource, horizons: list[int],
+          requests: list[TrainRequest], retrain_global: bool) -> tuple[list[GlobalOutcome], list[TrainOutcome]]:
+    """The one training path: the global models of ``horizons`` (when ``retrain_global``), then the partitions."""
+    store = lake.lake
+    scope = run_scope.scope(store)
+    tags = {"dagster_run_id": context.run_id}
+    globals_ = []
+    if retrain_global:
+        globals_ = train_globals(store, load_training_features(store), FEATURE_COLUMNS, horizons,
+                                 scope.training_leagues, scope.league, scope.eligible(), scope.profile, tags,
+                                 progress=context.log.info)
+        failed = [g for g in globals_ if not g.result.trained]
+        if failed:
+            raise dg.Failure("; ".join(f"global model {g.horizon}d not trained: {g.result.reason}" for g in failed))
+    partitions = train_currencies(store, requests, scope.league, scope.profile_name, tags,
+                                  progress=context.log.info) if requests else []
+    lake.publish_views(context.log)
+    return globals_, partitions
 
 
 @dg.asset(
@@ -110,7 +129,7 @@ def partition_metadata(outcome: TrainOutcome) -> dict:
     kinds={"lightgbm", "xgboost", "mlflow"},
     partitions_def=horizon_partitions,
     deps=["features", "currency_universe"],
-    op_tags=TRAINING_TAGS,
+    op_tags=TRAINING_QUEUE,
     description="One ensemble of LightGBM, XGBoost and RandomForest per horizon, pooled over the liquid currencies "
     "of every league; tuned with Optuna on league folds and scored on a holdout league that tuning never saw; "
     "logged to MLflow and registered as poe-global-<h>d (`champion` moves only to a model that is no worse).",
@@ -118,10 +137,8 @@ def partition_metadata(outcome: TrainOutcome) -> dict:
 def global_models(
     context: dg.AssetExecutionContext, lake: LakeResource, run_scope: RunScopeResource
 ) -> dg.MaterializeResult:
-    (outcome,) = _train_globals(context, lake, run_scope, [HORIZON_KEYS[context.partition_key]])
-    if not outcome.result.trained:
-        raise dg.Failure(f"global model {context.partition_key} not trained: {outcome.result.reason}")
-    return dg.MaterializeResult(metadata=global_metadata(outcome))
+    (outcome,), _ = train(context, lake, run_scope, [HORIZON_KEYS[context.partition_key]], [], True)
+    return dg.MaterializeResult(metadata=global_metadata(outcome, Settings.from_env().mlflow_url))
 
 
 @dg.asset(
@@ -131,67 +148,177 @@ def global_models(
     ins={"global_models": dg.AssetIn(
         partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="horizon"),
         dagster_type=dg.Nothing)},
-    op_tags=TRAINING_TAGS,
+    op_tags=TRAINING_QUEUE,
     description="The global model of the horizon specialised to one currency: a scale of its forecast chosen on the "
-    "currency's out-of-fold rows (partially pooled), and the residuals that calibrate its intervals. Records the "
-    "global version it was built on and forecasts through it; registered as poe-<currency>-<h>d.",
+    "currency's out-of-fold rows (partially pooled). Records the global version it was built on and forecasts "
+    "through it, so a new global champion marks it stale; registered as poe-<currency>-<h>d.",
 )
 def currency_models(
     context: dg.AssetExecutionContext, lake: LakeResource, run_scope: RunScopeResource
 ) -> dg.MaterializeResult:
     key = context.partition_key.keys_by_dimension
     request = TrainRequest(key["currency"], HORIZON_KEYS[key["horizon"]])
-    (outcome,) = _train_currencies(context, lake, run_scope, [request])
-    return dg.MaterializeResult(metadata=partition_metadata(outcome))
+    _, (outcome,) = train(context, lake, run_scope, [request.horizon], [request], False)
+    return dg.MaterializeResult(metadata=partition_metadata(outcome, Settings.from_env().mlflow_url))
 
 
-class RetrainConfig(dg.Config):
-    currencies: list[str] = []  # empty: every `currency` partition
-    horizons: list[str] = list(HORIZON_KEYS)
-    retrain_global: bool = True  # False: specialise the current global champions only
-
-
-@dg.op(tags=TRAINING_TAGS, out=dg.Out(dg.Nothing))
+@dg.op(tags=TRAINING_QUEUE, out=dg.Out(dg.Nothing))
 def retrain_partitions(
     context: dg.OpExecutionContext, config: RetrainConfig, lake: LakeResource, run_scope: RunScopeResource
 ) -> None:
     """Trains the global models in parallel, then the requested partitions, and records each as a materialization
     of global_models and currency_models."""
-    currencies = config.currencies or context.instance.get_dynamic_partitions(currency_partitions.name)
-    if run_scope.currencies:  # the user's --currencies, typed loosely ("divine orb")
-        wanted = {canonical_currency_name(c).casefold() for c in run_scope.currencies}
-        currencies = [c for c in currencies if c.casefold() in wanted]
     unknown = set(config.horizons) - set(HORIZON_KEYS)
     if unknown:
         raise dg.Failure(f"Unknown horizons {sorted(unknown)}: choose from {', '.join(HORIZON_KEYS)}")
+    currencies = config.currencies or context.instance.get_dynamic_partitions(currency_partitions.name)
+    scope = run_scope.scope(lake.lake)
+    if scope.currencies:  # the user's --currencies
+        wanted = {c.casefold() for c in scope.currencies}
+        currencies = [c for c in currencies if c.casefold() in wanted]
     horizons = [HORIZON_KEYS[h] for h in config.horizons]
-    if config.retrain_global:
-        context.log.info(f"Training the global models of {', '.join(config.horizons)}")
-        for outcome in _train_globals(context, lake, run_scope, horizons):
-            if not outcome.result.trained:
-                raise dg.Failure(f"global model {outcome.horizon}d not trained: {outcome.result.reason}")
-            context.log_event(dg.AssetMaterialization(asset_key=global_models.key, partition=f"{outcome.horizon}d",
-                                                      metadata=global_metadata(outcome)))
     requests = [TrainRequest(c, h) for c in currencies for h in horizons]
-    if not requests:
-        context.log.warning("No currency partitions to train: materialize currency_universe first")
-        return
-    context.log.info(f"Training {len(requests)} partitions ({len(currencies)} currencies x {len(horizons)})")
+    context.log.info(f"Training {'the global models and ' if config.retrain_global else ''}{len(requests)} "
+                     f"partitions ({len(currencies)} currencies x {len(horizons)} horizons)")
+    globals_, partitions = train(context, lake, run_scope, horizons, requests, config.retrain_global)
+    mlflow_url = Settings.from_env().mlflow_url
+    for outcome in globals_:
+        context.log_event(dg.AssetMaterialization(asset_key=global_models.key, partition=f"{outcome.horizon}d",
+                                                  metadata=global_metadata(outcome, mlflow_url)))
     skipped = []
-    for outcome in _train_currencies(context, lake, run_scope, requests):
+    for outcome in partitions:
         if not outcome.result.trained:
-            skipped.append(f"{outcome.request.partition_key}: {outcome.result.reason}")
+            skipped.append({"partition": outcome.request.partition_key, "reason": outcome.result.reason})
             continue
         context.log_event(dg.AssetMaterialization(
             asset_key=currency_models.key,
             partition=dg.MultiPartitionKey({"currency": outcome.request.currency,
                                             "horizon": f"{outcome.request.horizon}d"}),
-            metadata=partition_metadata(outcome),
+            metadata=partition_metadata(outcome, mlflow_url),
         ))
     if skipped:
-        context.log.warning(f"{len(skipped)} partition(s) not trained: " + "; ".join(skipped[:10]))
+        context.log.warning(f"{len(skipped)} of {len(partitions)} partitions not trained (reasons in the step's "
+                            "output metadata and in model_metrics)")
+        context.add_output_metadata({"not_trained": table(pl.DataFrame(skipped), rows=100)})
 
 
-@dg.job(tags=TRAINING_TAGS, description="Retrain the global models and many currency_models partitions in one run.")
+@dg.job(tags=TRAINING_QUEUE, description="Retrain the global models and many currency_models partitions in one run.")
 def retrain_models_job():
     retrain_partitions()
+
+
+# --- automation -------------------------------------------------------------------------------------------------
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def split_into_shards(names: list[str], shards: int) -> list[list[str]]:
+    """Round-robin over the sorted names, so the shards stay balanced as currencies are added."""
+    ordered = sorted(names)
+    return [ordered[i::shards] for i in range(shards) if ordered[i::shards]]
+
+
+def weekly_run_scope(settings: Settings) -> dict:
+    """The deployment's run scope with the retrain profile (run config replaces a resource's config as a whole)."""
+    return {"history_dirs": list(settings.history_dirs), "league": settings.league, "currencies": [],
+            "profile": settings.retrain_profile}
+
+
+@dg.schedule(
+    name="weekly_retrain",
+    job=retrain_models_job,
+    cron_schedule=WEEKLY_RETRAIN_CRON,
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Every Monday 04:00 UTC: retrain the global models and every currency_models partition in one run, "
+    "with the `prod` profile (POE_RETRAIN_PROFILE). POE_RETRAIN_SHARDS=N splits the partitions into N runs, the "
+    "first of which also retrains the global models.",
+)
+def weekly_retrain(context: dg.ScheduleEvaluationContext):
+    settings = Settings.from_env()
+    scope = weekly_run_scope(settings)
+    tags = {"poe/trigger": "weekly_retrain", "poe/profile": settings.retrain_profile}
+    if settings.retrain_shards == 1:  # empty: the op trains every partition that exists when it starts
+        return dg.RunRequest(run_config=retrain_run_config([], run_scope=scope), tags={**tags, "poe/shard": "all"})
+    currencies = context.instance.get_dynamic_partitions(currency_partitions.name)
+    if not currencies:
+        return dg.SkipReason("No currency partitions yet: materialize currency_universe first")
+    parts = split_into_shards(currencies, settings.retrain_shards)
+    return [dg.RunRequest(run_config=retrain_run_config(part, retrain_global=i == 0, run_scope=scope),
+                          tags={**tags, "poe/shard": f"{i + 1}/{len(parts)}"}) for i, part in enumerate(parts)]
+
+
+@dg.sensor(
+    name="new_currency_partitions",
+    job=retrain_models_job,
+    minimum_interval_seconds=300,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Requests the training of the `currency` partitions (added by currency_universe) that have no model "
+    "yet. The global models already forecast them; the run only specialises the current champions.",
+)
+def new_currency_partitions(context: dg.SensorEvaluationContext, lake: LakeResource):
+    partitions = context.instance.get_dynamic_partitions(currency_partitions.name)
+    trained = mon.trained_currencies(lake.lake)
+    new = [c for c in partitions if c not in trained]
+    if not new:
+        return dg.SkipReason(f"All {len(partitions)} currency partitions have a model")
+    context.log.info(f"Training {len(new)} new currency partition(s): {', '.join(new[:20])}")
+    return dg.RunRequest(run_key=f"new-currencies-{_key(new)}",
+                         run_config=retrain_run_config(new, retrain_global=False),
+                         tags={"poe/trigger": "new_currencies"})
+
+
+@dg.sensor(
+    name="model_degradation",
+    job=retrain_models_job,
+    minimum_interval_seconds=3600,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Requests a retrain of the currency_models partitions whose realized error over the last 7 days "
+    "(prediction_errors) exceeds their validation error (model_metrics) by the configured factor (1.5x).",
+)
+def model_degradation(context: dg.SensorEvaluationContext, lake: LakeResource, monitoring: MonitoringResource):
+    store = lake.lake
+    try:
+        loaded = mon.load_degradation_inputs(store)
+    except duckdb.IOException as exc:
+        return dg.SkipReason(f"warehouse.duckdb is locked by a writer; trying again next tick ({exc})")
+    if isinstance(loaded, str):
+        return dg.SkipReason(f"No verdict: {loaded}")
+    errors, metrics = loaded
+    rules = monitoring.rules()
+    report = mon.degradation_report(errors, metrics, rules)
+    degraded = mon.degraded_partitions(report, rules)
+    if degraded.height == 0:
+        worst = report.row(0, named=True) if report.height else None
+        detail = (f"; worst: {worst['currency']} {worst['horizon_days']}d at {worst['ratio']:.2f}x validation"
+                  if worst else "")
+        return dg.SkipReason(f"No partition over {rules.factor}x its validation error in the {rules.window_days} "
+                             f"days to {report['window_end'].max() if report.height else 'now'}{detail}")
+    window_end = degraded["window_end"].max()
+    requests = [dg.RunRequest(run_key=f"degradation-{window_end}-{_key(currencies, horizons)}",
+                              run_config=retrain_run_config(currencies, horizons),
+                              tags={"poe/trigger": "degradation", "poe/window_end": str(window_end)})
+                for currencies, horizons in mon.retrain_batches(degraded)]
+    rows = degraded.select("currency", "horizon_days", "errors", "realized_mae", "validation_mae", "ratio")
+    alert = mon.Alert(
+        alert_id=f"degradation-{window_end}-{_key(sorted(rows.select('currency', 'horizon_days').rows()))}",
+        kind="degradation", severity="warning",
+        title=f"{degraded.height} model partition(s) degraded: retrain requested",
+        message="; ".join(f"{r['currency']} {r['horizon_days']}d: realized MAE {r['realized_mae']:.4f} = "
+                          f"{r['ratio']:.2f}x validation {r['validation_mae']:.4f} ({r['errors']} forecasts)"
+                          for r in rows.iter_rows(named=True)),
+        created_at=datetime.now(UTC).isoformat(),
+        details={"window_end": str(window_end), "factor": rules.factor, "partitions": rows.to_dicts()},
+    )
+    context.log.info(monitoring.dispatch(alert, lake, context.log))
+    return requests
+
+
+defs = dg.Definitions(
+    assets=[global_models, currency_models],
+    jobs=[retrain_models_job],
+    schedules=[weekly_retrain],
+    sensors=[new_currency_partitions, model_degradation],
+)

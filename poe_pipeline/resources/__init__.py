@@ -1,15 +1,18 @@
-"""Dagster resources: the lake, the live price API, and the scope of a run."""
+"""Dagster resources: the lake, the live price API, the scope of a run, and where alerts go.
+
+``resources_from_settings`` builds them from ``settings.Settings`` (the environment, read in one place); the CLI
+and tests pass their own values as run config, so a run's scope is always visible in the UI.
+"""
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
-import duckdb
+from pydantic import PrivateAttr
 
+from poe_pipeline import monitoring as mon
 from poe_pipeline.lake import Lake
-from poe_pipeline.settings import get_profile, resolve_lake_root
-from poe_pipeline.warehouse import sync_views
+from poe_pipeline.scope import RunScope
+from poe_pipeline.settings import DEFAULT_PROFILE, WEBHOOK_ENV, Settings, resolve_lake_root
 
 POE_WATCH_URL = "https://api.poe.watch"
 
@@ -24,12 +27,14 @@ class LakeResource(dg.ConfigurableResource):
         return Lake(resolve_lake_root(self.root or None))
 
     def publish_views(self, log) -> list[str]:
-        """Refresh the warehouse views; an analyst holding the file read-write only delays that."""
-        try:
-            return sync_views(self.lake)
-        except duckdb.IOException as exc:
-            log.warning(f"warehouse.duckdb is locked by another process, views not refreshed: {exc}")
-            return []
+        """Refresh the warehouse views. A warehouse that another process holds read-write only delays that (the
+        run still succeeds and says so); a corrupt one is set aside and rebuilt from the lake."""
+        from poe_pipeline.warehouse import publish_views
+
+        outcome = publish_views(self.lake)
+        if outcome.note:
+            log.warning(outcome.note)
+        return outcome.views
 
 
 class PoeWatchResource(dg.ConfigurableResource):
@@ -45,34 +50,77 @@ class PoeWatchResource(dg.ConfigurableResource):
         return PoeWatchClient(
             self.base_url,
             min_interval_s=self.min_interval_s,
-            breaker_state_path=lake.state / "poe_watch_breaker.json",
+            breaker_state_path=lake.poe_watch_breaker_state,
         )
 
 
 class RunScopeResource(dg.ConfigurableResource):
-    """What a pipeline run covers: history to import, the current league, currencies and profile."""
+    """What a pipeline run covers: history to import, the current league, the currencies and the profile.
+
+    ``scope(lake)`` resolves it once per run (``scope.RunScope``): every asset reads the same league.
+    """
 
     history_dirs: list[str] = []
     league: str = ""  # empty: the newest league in the data
     currencies: list[str] = []  # empty: every eligible currency
-    profile: str = "test"
+    profile: str = DEFAULT_PROFILE
+    _scope: RunScope | None = PrivateAttr(default=None)
 
-    def profile_config(self):
-        return get_profile(self.profile)
+    def scope(self, lake: Lake) -> RunScope:
+        if self._scope is None or self._scope.lake != lake:
+            from pathlib import Path
+
+            self._scope = RunScope(lake, tuple(Path(d) for d in self.history_dirs), self.league,
+                                   tuple(self.currencies), self.profile)
+        return self._scope
 
 
-def resources_from_env() -> dict[str, dg.ConfigurableResource]:
-    """Defaults for ``dagster dev`` and the daemon, overridable by environment variables."""
-    history = os.environ.get("POE_HISTORY_DIR", "")
+class MonitoringResource(dg.ConfigurableResource):
+    """Thresholds of the sensors and where alerts go besides the lake (empty or None: the defaults of
+    ``monitoring.DegradationRules``)."""
+
+    degradation_factor: float | None = None
+    degradation_window_days: int | None = None
+    degradation_min_errors: int | None = None
+    retrain_cooldown_hours: float | None = None
+    jump_factor: float | None = None  # the day-over-day jump check's factor
+    webhook_url: str = ""  # Slack incoming webhook or any JSON webhook; empty: alerts are only logged and stored
+    dagster_url: str = ""  # the UI's base URL, for links in alerts
+
+    def rules(self) -> mon.DegradationRules:
+        given = {"factor": self.degradation_factor, "window_days": self.degradation_window_days,
+                 "min_errors": self.degradation_min_errors, "cooldown_hours": self.retrain_cooldown_hours}
+        return mon.DegradationRules(**{k: v for k, v in given.items() if v is not None})
+
+    def dispatch(self, alert: mon.Alert, lake: LakeResource, log) -> str:
+        """Store the alert in the lake, log its webhook payload, and POST it when a webhook is configured."""
+        import json
+
+        path = mon.write_alert(lake.lake, alert)
+        if path is None:
+            return f"alert {alert.alert_id} was already stored"
+        payload = mon.webhook_payload(alert)
+        log.warning(f"ALERT {alert.severity}: {alert.title} -> {path}\nwebhook payload: {json.dumps(payload)}")
+        if self.webhook_url:
+            outcome = mon.post_webhook(self.webhook_url, payload)
+            log.info(outcome)
+            return f"stored {path}; {outcome}"
+        return f"stored {path}; no webhook configured (set {WEBHOOK_ENV})"
+
+
+def resources_from_settings(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
+    """The resources of ``dagster dev`` and the daemon, from the environment."""
+    s = settings or Settings.from_env()
     return {
-        "lake": LakeResource(root=os.environ.get("POE_DATA_LAKE", "")),
-        "poe_watch": PoeWatchResource(
-            base_url=os.environ.get("POE_WATCH_URL", POE_WATCH_URL),
-            league=os.environ.get("POE_LEAGUE", ""),
-        ),
-        "run_scope": RunScopeResource(
-            history_dirs=[d for d in history.split(os.pathsep) if d],
-            league=os.environ.get("POE_LEAGUE", ""),
-            profile=os.environ.get("POE_PROFILE", "test"),
+        "lake": LakeResource(root=str(s.lake_root)),
+        "poe_watch": PoeWatchResource(base_url=s.poe_watch_url or POE_WATCH_URL, league=s.league),
+        "run_scope": RunScopeResource(history_dirs=list(s.history_dirs), league=s.league, profile=s.profile),
+        "monitoring": MonitoringResource(
+            degradation_factor=s.degradation_factor, degradation_window_days=s.degradation_window_days,
+            degradation_min_errors=s.degradation_min_errors, retrain_cooldown_hours=s.retrain_cooldown_hours,
+            jump_factor=s.jump_factor,
+            # a secret: read when the sensor runs, never shown in the UI
+            webhook_url=dg.EnvVar(WEBHOOK_ENV) if s.webhook_configured else "",
+            dagster_url=s.dagster_url,
         ),
     }
