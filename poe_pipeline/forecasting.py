@@ -578,18 +578,22 @@ def load_champions(
     skipped: list[Skip] = []
     for h in horizons:
         gname = global_model_name(h)
-        found = store.champion(gname)
-        if found is None:
-            skipped += [Skip(c, h, f"no champion model {gname}: train global_models first") for c in currencies]
-            continue
-        try:
+        try:  # a broken or untrusted artifact folder (checksums) must not stop the other horizons
+            found = store.champion(gname)
+            if found is None:
+                skipped += [Skip(c, h, f"no champion model {gname}: train global_models first") for c in currencies]
+                continue
             champion_global = cache.global_model(store, gname, found[0], vol_history)
-        except Exception as exc:  # a broken artifact folder must not stop the other horizons
-            skipped += [Skip(c, h, f"global model {gname} v{found[0]} failed to load: {exc}") for c in currencies]
+        except Exception as exc:
+            skipped += [Skip(c, h, f"global model {gname} failed to load: {exc}") for c in currencies]
             continue
         for currency in currencies:
             name = registered_model_name(currency, h)
-            partition = store.champion(name)
+            try:
+                partition = store.champion(name)
+            except Exception as exc:
+                skipped.append(Skip(currency, h, f"champion {name} failed to load: {exc}"))
+                continue
             if partition is None:
                 models[(currency, h)] = champion_global.for_currency(currency, h)
                 continue

@@ -8,8 +8,9 @@ from poe_pipeline.lake import Lake
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data"
-SHARED_DUMPS = REPO.parent / "shared" / "data" / "poe-ninja-dumps"
-NINJA_API = REPO.parent / "shared" / "data" / "poe-ninja-api"
+# Small real files for the tests, gzipped copies of poe.ninja's own (see tests/data/README.md)
+NINJA_API = REPO / "tests" / "data" / "poe-ninja-api"  # currencyoverview responses
+EVENT_DUMPS = REPO / "tests" / "data" / "event-dumps"  # two event leagues, names with spaces and parentheses
 
 
 @pytest.fixture

@@ -601,3 +601,15 @@ def test_sensor_and_schedule_inventory():
     assert sensors["failure_alerts"].default_status == dg.DefaultSensorStatus.RUNNING
     assert all(sensors[name].default_status == dg.DefaultSensorStatus.STOPPED
                for name in ("new_currency_partitions", "model_degradation", "league_change", "daily_refresh"))
+
+
+def test_a_run_that_forecasts_nothing_fails_and_says_why(lake_copy, history, instance):
+    """Features and a universe, but no model trained: the predictions step fails instead of a green run with an
+    empty (or yesterday's) report."""
+    result = dg.materialize(ALL_ASSETS, selection=dg.AssetSelection.assets("predictions"),
+                            resources=_resources(lake_copy, history), instance=instance, raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    text = str(failure.step_failure_data.error)
+    assert "No forecast for Sanctum" in text and "no champion model poe-global-1d" in text
+    assert not Lake(lake_copy).predictions.exists()

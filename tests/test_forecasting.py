@@ -278,3 +278,63 @@ def test_a_champion_loaded_with_mlflow_forecasts_what_the_predictions_asset_wrot
         out = model.predict(rows.to_pandas())
         written = run.predictions.filter(pl.col("horizon_days") == h)
         assert out["predicted_price"].to_numpy() == pytest.approx(written["predicted_price"].to_numpy(), rel=1e-6)
+
+
+@pytest.fixture
+def moved_lake(world, tmp_path, monkeypatch):
+    """A copy of the world's lake at another path, as after ``mv data_lake elsewhere``: MLflow's records still
+    name the old place, and every model file must be read from the new one. Fresh model cache."""
+    import shutil
+
+    from poe_pipeline import forecasting
+
+    monkeypatch.setattr(forecasting, "DEFAULT_CACHE", forecasting.ModelCache())
+    lake = Lake(tmp_path / "moved")
+    shutil.copytree(world[0].root, lake.root)
+    return lake
+
+
+def test_a_moved_lake_reads_its_models_where_they_are_now(moved_lake):
+    run = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=ModelTracker(moved_lake))
+    assert run.predictions.height == 6 and not run.skipped
+
+
+def test_a_truncated_model_file_is_refused_and_the_other_horizons_forecast(moved_lake, world):
+    tracker = ModelTracker(moved_lake)
+    _, directory = tracker.champion("poe-global-3d")
+    assert directory.is_relative_to(moved_lake.root)  # the copy's files, not the original's
+    model_file = next(directory / f for f in ("lightgbm.txt", "xgboost.ubj", "random_forest.joblib")
+                      if (directory / f).exists())  # the models the ensemble weights
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # cut short, as by a full disk
+    run = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=tracker)
+    assert sorted(set(run.predictions["horizon_days"].to_list())) == [1, 7]
+    assert {(s.currency, s.horizon) for s in run.skipped} == {(MODELLED, 3), (GLOBAL_ONLY, 3)}
+    assert all(model_file.name in s.reason and "checksums" in s.reason for s in run.skipped)
+    # the predictions asset turns it into an alert (stored in the lake, posted to the webhook when one is set)
+    import dagster as dg
+
+    from poe_pipeline.assets.forecasts import _alert_broken_models
+    from poe_pipeline.monitoring import read_alerts
+    from poe_pipeline.resources import LakeResource, MonitoringResource
+
+    _alert_broken_models(dg.build_asset_context(), run, LakeResource(root=str(moved_lake.root)), MonitoringResource())
+    (alert,) = read_alerts(moved_lake)
+    assert alert["kind"] == "model_load_failure" and alert["details"]["models"] == ["global model poe-global-3d"]
+    _, original = world[3].champion("poe-global-3d")  # the lake it was copied from is untouched
+    assert (original / model_file.name).stat().st_size > 1000
+
+
+def test_a_registered_version_pointing_outside_the_lake_is_never_loaded(world, tmp_path):
+    """A pickle is code: a model version whose source lies outside the lake's artifact root is refused, even when
+    its recorded checksums match the planted files."""
+    from poe_pipeline.tracking import CHECKSUMS_TAG, UntrustedModel, checksums
+
+    tracker = world[3]
+    planted = tmp_path / "elsewhere" / "artifacts" / "model"
+    planted.mkdir(parents=True)
+    (planted / "random_forest.joblib").write_bytes(b"a pickle that would run code")
+    version = tracker.client.create_model_version(
+        "poe-global-7d", source=planted.parents[1].as_uri(),
+        tags={CHECKSUMS_TAG: __import__("json").dumps(checksums(planted))})
+    with pytest.raises(UntrustedModel, match="outside the lake's artifact root"):
+        tracker.version_dir("poe-global-7d", version.version)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import polars as pl
@@ -10,11 +11,13 @@ import pytest
 from conftest import NINJA_API
 from poe_pipeline.sources.poe_ninja import NinjaOverviewClient, OverviewFormatError, parse_currency_overview
 
-pytestmark = pytest.mark.skipif(not NINJA_API.is_dir(), reason="../shared/data/poe-ninja-api is not beside the repo")
+
+def _response(name: str) -> dict:
+    return json.loads(gzip.decompress((NINJA_API / f"{name}.gz").read_bytes()))
 
 
 def test_parse_real_kalandra_overview_agrees_with_the_dump():
-    payload = json.loads((NINJA_API / "kalandra-2022-08-30.currencyoverview.json").read_text())
+    payload = _response("kalandra-2022-08-30.currencyoverview.json")
     rows = parse_currency_overview(payload, "Kalandra")
     assert rows.height == len(payload["lines"])
     divine = rows.filter(pl.col("currency") == "Divine Orb").row(0, named=True)
@@ -23,16 +26,17 @@ def test_parse_real_kalandra_overview_agrees_with_the_dump():
     assert divine["listing_count"] > 0
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in NINJA_API.glob("*.currencyoverview.json")))
+@pytest.mark.parametrize("name", sorted(p.name.removesuffix(".gz")
+                                        for p in NINJA_API.glob("*.currencyoverview.json.gz")))
 def test_every_saved_response_parses(name):
-    payload = json.loads((NINJA_API / name).read_text())
+    payload = _response(name)
     rows = parse_currency_overview(payload, name.split("-")[0])
     assert rows.height > 50
     assert rows["currency"].null_count() == 0
 
 
 def test_client_over_real_http(httpserver):
-    payload = json.loads((NINJA_API / "ritual-2021-02-22.currencyoverview.json").read_text())
+    payload = _response("ritual-2021-02-22.currencyoverview.json")
     httpserver.expect_request(
         "/api/data/currencyoverview", query_string={"league": "Ritual", "type": "Currency"}
     ).respond_with_json(payload)

@@ -66,10 +66,25 @@ def test_analyst_reads_while_pipeline_updates(filled_lake):
         analyst.kill()
 
 
-def test_views_only_for_data_that_exists(lake):
-    assert sync_views(lake) == []
+ALL_VIEWS = ["currency_universe", "daily_prices", "features", "historical_prices", "investment_report", "model_metrics",
+             "prediction_errors", "predictions", "price_snapshots", "quarantine"]
+
+
+def test_every_view_exists_and_is_documented_before_any_data_lands(lake):
+    assert sync_views(lake) == ALL_VIEWS
+    with duckdb.connect(str(lake.warehouse), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM prediction_errors").fetchone()[0] == 0
+        columns = con.execute("SELECT column_name, data_type, comment FROM duckdb_columns() "
+                              "WHERE table_name = 'predictions'").fetchall()
+        view_comment = con.execute("SELECT comment FROM duckdb_views() WHERE view_name = 'daily_prices'").fetchone()[0]
+    assert ("predicted_price", "DOUBLE", "point forecast, in chaos") in columns
+    assert view_comment.startswith("One daily price per (league, currency) in chaos")
     import_dumps(lake, [SAMPLE / "Sentinel.currency.csv.gz"])
     # Sentinel's dump holds 16 quirky rows (e.g. 15,000,000 Tribute to the Goddess per chaos): quarantined
-    assert sync_views(lake) == ["historical_prices", "quarantine"]
+    assert sync_views(lake) == ALL_VIEWS
     with duckdb.connect(str(lake.warehouse), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM historical_prices").fetchone()[0] > 10_000
+        assert con.execute("SELECT count(*) FROM quarantine WHERE line > 1").fetchone()[0] == 16
+        comment = con.execute("SELECT comment FROM duckdb_columns() WHERE table_name = 'quarantine' "
+                              "AND column_name = 'reason'").fetchone()[0]
+    assert "file:line" in comment

@@ -9,14 +9,17 @@
 """
 
 import base64
+import hashlib
+from datetime import UTC, datetime
 
 import dagster as dg
 import polars as pl
 
 from poe_pipeline import forecasting, quality, reporting
+from poe_pipeline import monitoring as mon
 from poe_pipeline.assets import column_schema, rounded, table, view_description
 from poe_pipeline.features import read_features
-from poe_pipeline.resources import LakeResource, RunScopeResource
+from poe_pipeline.resources import LakeResource, MonitoringResource, RunScopeResource
 from poe_pipeline.settings import HORIZONS_DAYS
 
 
@@ -53,12 +56,14 @@ def _eager_despite_missing(*ignored: str) -> dg.AutomationCondition:
                                  "day. A currency without a forecast is listed with the reason."),
 )
 def predictions(
-    context: dg.AssetExecutionContext, config: PredictionsConfig, lake: LakeResource, run_scope: RunScopeResource
+    context: dg.AssetExecutionContext, config: PredictionsConfig, lake: LakeResource, run_scope: RunScopeResource,
+    monitoring: MonitoringResource,
 ) -> dg.MaterializeResult:
     store = lake.lake
     scope = run_scope.scope(store)
     currencies, left_out = scope.chosen()
     run = forecasting.predict_league(store, scope.league, currencies, level=config.interval_level)
+    _alert_broken_models(context, run, lake, monitoring)
     if run.predictions.height == 0:
         raise dg.Failure(
             description=f"No forecast for {scope.league} on {run.origin_date}: "
@@ -90,6 +95,26 @@ def predictions(
         "predictions": table(preview, rows=60),
         "path": dg.MetadataValue.path(str(paths[0].parent)),
     })
+
+
+def _alert_broken_models(context, run: forecasting.PredictionRun, lake: LakeResource,
+                         monitoring: MonitoringResource) -> None:
+    """A champion that fails to load (a damaged file, checksums that do not match) is an alert, not only a skip."""
+    broken = [s for s in run.skipped if "failed to load" in s.reason]
+    if not broken:
+        return
+    models = sorted({s.reason.split(" failed to load")[0] for s in broken})
+    alert = mon.Alert(
+        alert_id=f"model-load-{run.origin_date}-{hashlib.sha256(' '.join(models).encode()).hexdigest()[:12]}",
+        kind="model_load_failure", severity="error",
+        title=f"{len(models)} model(s) failed to load: {len(broken)} forecast(s) skipped",
+        message="; ".join(sorted({s.reason for s in broken}))[:2000],
+        created_at=datetime.now(UTC).isoformat(),
+        details={"origin_date": str(run.origin_date), "models": models,
+                 "skipped": [{"currency": s.currency, "horizon_days": s.horizon} for s in broken],
+                 "hint": "retrain the models named (materialize global_models / currency_models)"},
+    )
+    context.log.info(monitoring.dispatch(alert, lake, context.log))
 
 
 @dg.asset_check(

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import REPO, SAMPLE, SHARED_DUMPS
+from conftest import EVENT_DUMPS, REPO, SAMPLE
 from poe_pipeline.features import feature_path, read_features, update_features
 from poe_pipeline.history import (
     dump_quarantine_path,
@@ -67,7 +67,7 @@ HOSTILE = [
 def _real_league_names() -> list[str]:
     with (REPO / "poe_pipeline" / "leagues.csv").open(newline="", encoding="utf-8") as fh:
         names = {row["league"] for row in csv.DictReader(fh)}
-    for folder in (SAMPLE, SHARED_DUMPS):
+    for folder in (SAMPLE, EVENT_DUMPS):
         if folder.is_dir():
             names |= {p.name.split(".currency.")[0] for p in folder.iterdir() if ".currency." in p.name}
     names |= {"Standard", "Hardcore", "SSF Hardcore", "Settlers of Kalguur", "Hardcore Settlers", "Ancestor's Trial"}
@@ -158,11 +158,10 @@ def test_a_dump_whose_name_is_not_a_league_is_rejected_and_the_others_import(tmp
     assert not (deep_lake.poe_ninja_raw / "league=..").exists()
 
 
-@pytest.mark.skipif(not SHARED_DUMPS.is_dir(), reason="needs ../shared/data/poe-ninja-dumps")
 def test_event_leagues_with_spaces_and_parentheses_work_end_to_end(tmp_path, deep_lake):
     # a live poll of an event league, served by the replay server from its real dump
     synthesis = "Synthesis Event (SRE001)"
-    with ReplayServer(SHARED_DUMPS, synthesis, speed=0, start_day=10) as replay:
+    with ReplayServer(EVENT_DUMPS, synthesis, speed=0, start_day=10) as replay:
         client = PoeWatchClient(replay.url, min_interval_s=0.0)
         assert client.active_challenge_league(now=datetime(2019, 5, 20, tzinfo=UTC)) == synthesis
         result = ingest_poll(deep_lake, client, synthesis, SLOT)
@@ -174,8 +173,8 @@ def test_event_leagues_with_spaces_and_parentheses_work_end_to_end(tmp_path, dee
     incursion = "Incursion Event HC (IRE002)"
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    shutil.copy(SHARED_DUMPS / f"{incursion}.currency.csv", inbox)
-    assert import_dumps(deep_lake, find_dumps([inbox])).imported == [f"{incursion}.currency.csv"]
+    shutil.copy(EVENT_DUMPS / f"{incursion}.currency.csv.gz", inbox)
+    assert import_dumps(deep_lake, find_dumps([inbox])).imported == [f"{incursion}.currency.csv.gz"]
     assert incursion in refresh_daily_prices(deep_lake)
     prices = read_daily_prices(deep_lake).filter(pl.col("league") == incursion)
     assert daily_prices_path(deep_lake, incursion).is_file() and prices.height > 100
