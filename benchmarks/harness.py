@@ -26,7 +26,10 @@ SAMPLE = REPO / "sample_data"
 
 
 def development_dumps_dir() -> tuple[Path, str]:
-    """All 24 development dumps when ../shared/data is beside the repo, else the bundled subset."""
+    """All 24 development dumps when they are beside the repo (the developers' machines), else the bundled subset;
+    ``POE_BENCH_DUMPS=sample_data`` forces the bundled subset."""
+    if os.environ.get("POE_BENCH_DUMPS") == "sample_data":
+        return SAMPLE, "sample_data (bundled subset)"
     if SHARED_DUMPS.is_dir():
         return SHARED_DUMPS, "shared/data/poe-ninja-dumps (24 leagues)"
     return SAMPLE, "sample_data (bundled subset)"
