@@ -39,7 +39,10 @@ def _split_names(text: str | None, flag: str = "--currencies") -> list[str]:
 
 def prepare_dagster_home(lake_root: Path) -> Path:
     """``DAGSTER_HOME`` under the lake (never a temporary directory), seeded with the repo's dagster.yaml."""
-    home = Path(os.environ.get("DAGSTER_HOME") or lake_root / ".dagster")
+    from poe_pipeline.lake import Lake
+    from poe_pipeline.settings import Settings
+
+    home = Path(Settings.from_env(lake_root).dagster_home or Lake(lake_root).dagster_home)
     home.mkdir(parents=True, exist_ok=True)
     template = REPO_ROOT / "dagster.yaml"
     if template.exists() and not (home / "dagster.yaml").exists():

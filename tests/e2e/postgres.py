@@ -5,6 +5,9 @@
 127.0.0.1 only, with trust authentication, and is removed when stopped.
 
 Without the binaries the tests skip, unless ``REQUIRE_POSTGRES=1`` (set by ``.ci/run``) turns that into a failure.
+
+Why not pytest-postgresql: its process fixture starts ``pg_ctl`` as the current user, and ``pg_ctl`` refuses root,
+which is what CI runs as; switching to the ``postgres`` user is the part this module adds.
 """
 
 from __future__ import annotations
