@@ -232,7 +232,7 @@ class Alert:
     """One alert. ``alert_id`` is stable for the same event, so storing it twice stores it once."""
 
     alert_id: str
-    kind: str  # run_failure, circuit_breaker_open, degradation, league_change
+    kind: str  # run_failure, circuit_breaker_open, degradation, league_change, model_load_failure, buy_signal
     severity: str  # critical, error, warning, info
     title: str
     message: str

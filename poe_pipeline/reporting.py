@@ -14,13 +14,19 @@ For each currency and horizon (``m`` the predicted log-return, ``w`` the interva
 - **Diversification.** Buys are taken best score first, skipping a currency whose daily log-returns over the last
   ``CORRELATION_DAYS`` days correlate above ``MAX_CORRELATION`` with one already picked; at most ``top_k``.
 - **Allocation.** A fraction of the chaos budget per pick: a quarter-Kelly ``KELLY_FRACTION x confidence x m /
-  sigma^2`` with ``sigma = w / z`` (the interval's own spread), capped at ``MAX_WEIGHT`` each and 100 % in total;
-  the rest stays in chaos.
+  sigma^2`` with ``sigma = w / z`` (the interval's own spread), capped at ``max_weight`` each and 100 % in total;
+  the rest stays in chaos. A pick whose share cannot buy one whole unit gets nothing (its note says what budget
+  would) and its share goes to the other picks, none above its own capped quarter-Kelly fraction.
+- **Divine Orbs.** Every price and amount also in Divine Orbs at the league's Divine Orb price on the origin day
+  (the last observed one before it when that day has none; chaos only when there is none at all).
+- **Trust.** Each row says in words how the model did against 'no change' out of sample (its ``skill``).
 - **Rebalancing triggers.** With the forecast's price levels held fixed, the advice flips at the interval's bounds:
   below ``pred_lower`` the expected move beats the noise upwards (buy), above ``pred_upper`` downwards (sell).
 
 Outputs: ``reports/<origin_date>/investment_report_<league>.html`` (self-contained, charts inline as base64 PNG),
-a Markdown twin with the PNGs beside it, and the table ``investment_report/league=<L>/origin_date=<D>/part.parquet``.
+a Markdown twin with the PNGs beside it, the table as CSV beside them, and the table
+``investment_report/league=<L>/origin_date=<D>/part.parquet``. ``new_buys`` compares a report with the league's
+previous one: the picks it did not have are the buy signals the asset alerts on.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ MIN_PICK_LIQUIDITY = 0.3
 SPREAD_SCALE = 0.25  # a typical poe.ninja buy/sell gap (median |ln(pay/receive)| of the dumps)
 HISTORY_DAYS = 45
 NO_CONFIDENT = "no confident opportunity"
+DIVINE = "Divine Orb"
+NOT_BOUGHT = "not bought: "
+MIN_SKILL_TO_MENTION = 0.02  # below this a positive skill is "barely" better than 'no change'
 # The feature columns the report reads (liquidity at the origin, return correlations, price history).
 REPORT_FEATURE_COLUMNS = [
     "league", "currency", "date", "price_chaos", "is_imputed", "logret_1d", "good_confidence_share_7",
@@ -72,6 +81,10 @@ REPORT_SCHEMA: dict[str, pl.DataType] = {
     "predicted_price": pl.Float64,
     "pred_lower": pl.Float64,
     "pred_upper": pl.Float64,
+    "current_price_divines": pl.Float64,
+    "predicted_price_divines": pl.Float64,
+    "pred_lower_divines": pl.Float64,
+    "pred_upper_divines": pl.Float64,
     "expected_return": pl.Float64,
     "downside_return": pl.Float64,
     "upside_return": pl.Float64,
@@ -85,6 +98,7 @@ REPORT_SCHEMA: dict[str, pl.DataType] = {
     "allocation_fraction": pl.Float64,
     "allocation_chaos": pl.Float64,
     "units": pl.Int64,
+    "allocation_divines": pl.Float64,
     "buy_below": pl.Float64,
     "sell_above": pl.Float64,
     "flip_price": pl.Float64,
@@ -96,7 +110,11 @@ REPORT_SCHEMA: dict[str, pl.DataType] = {
     "interval_method": pl.Utf8,
     "interval_level": pl.Float64,
     "skill": pl.Float64,
+    "trust": pl.Utf8,
     "budget_chaos": pl.Float64,
+    "max_weight": pl.Float64,
+    "divine_price_chaos": pl.Float64,
+    "divine_price_date": pl.Date,
     "generated_at": pl.Datetime("us", "UTC"),
 }
 
@@ -179,6 +197,9 @@ class InvestmentReport:
     correlations: pl.DataFrame
     generated_at: datetime
     notes: list[str] = field(default_factory=list)
+    max_weight: float = MAX_WEIGHT
+    divine_price_chaos: float | None = None  # chaos per Divine Orb; None: the report is in chaos only
+    divine_price_date: date | None = None
 
     @property
     def horizons(self) -> list[int]:
@@ -241,24 +262,96 @@ def _fmt_price(p: float) -> str:
     return f"{p:,.0f}" if p >= 1000 else f"{p:,.1f}" if p >= 100 else f"{p:.3g}" if p < 10 else f"{p:.1f}"
 
 
-def _trigger(advice: str, price: float, lower: float, upper: float) -> tuple[float, str]:
+def _fmt_divines(d: float) -> str:
+    return f"{d:,.0f}" if d >= 100 else f"{d:.1f}" if d >= 10 else f"{d:.2f}" if d >= 1 else f"{d:.2g}"
+
+
+def _money(chaos: float, divine: float | None) -> str:
+    """``6,720 chaos (28.0 div)``; chaos alone without a Divine Orb price."""
+    text = f"{_fmt_price(chaos)} chaos"
+    return f"{text} ({_fmt_divines(chaos / divine)} div)" if divine else text
+
+
+def trust_text(skill: float | None) -> str:
+    """How far to trust a model, in words, from its out-of-sample skill against 'no change'."""
+    if skill is None or not math.isfinite(skill):
+        return "no out-of-sample skill on record: treat as noise"
+    if skill <= 0:
+        return f"no better than 'no change' out of sample (skill {skill:+.2f}): treat as noise"
+    if skill < MIN_SKILL_TO_MENTION:
+        return f"barely beats 'no change' out of sample (by {skill:.1%})"
+    return f"beats 'no change' by {skill:.0%} out of sample"
+
+
+def has_skill(skill: float | None) -> bool:
+    return skill is not None and math.isfinite(skill) and skill > 0
+
+
+def divine_price(features: pl.DataFrame, league: str, origin: date) -> tuple[float | None, date | None]:
+    """(chaos per Divine Orb, the day it was observed): on the origin day, else the last observed day before it."""
+    rows = features.filter(
+        (pl.col("league") == league) & (pl.col("currency") == DIVINE) & (pl.col("date") <= origin)
+        & pl.col("price_chaos").is_finite() & (pl.col("price_chaos") > 0)
+    )
+    if "is_imputed" in rows.columns:  # a carried price is the last observed one, which has its own day
+        rows = rows.filter(~pl.col("is_imputed").fill_null(False))
+    if rows.height == 0:
+        return None, None
+    last = rows.sort("date").row(-1, named=True)
+    return float(last["price_chaos"]), last["date"]
+
+
+def _trigger(advice: str, price: float, lower: float, upper: float, divine: float | None) -> tuple[float, str]:
     up, down = upper / price - 1, lower / price - 1
     if advice == "buy":
-        return lower, (f"edge gone if the price rises above {_fmt_price(lower)} ({lower / price - 1:+.1%}); "
-                       f"sell above {_fmt_price(upper)} ({up:+.1%})")
+        return lower, (f"edge gone if the price rises above {_money(lower, divine)}, {down:+.1%}; "
+                       f"sell above {_money(upper, divine)}, {up:+.1%}")
     if advice == "sell":
-        return upper, f"edge gone if the price falls below {_fmt_price(upper)} ({up:+.1%})"
+        return upper, f"edge gone if the price falls below {_money(upper, divine)}, {up:+.1%}"
     nearest = lower if abs(down) <= abs(up) else upper
-    return nearest, (f"buy below {_fmt_price(lower)} ({down:+.1%}), sell above {_fmt_price(upper)} ({up:+.1%})")
+    return nearest, (f"buy below {_money(lower, divine)}, {down:+.1%}; sell above {_money(upper, divine)}, "
+                     f"{up:+.1%}")
 
 
-def _allocation(rows: list[dict], z: float) -> list[float]:
-    raw = []
-    for r in rows:
-        sigma = max(r["half_width_logret"] / z, 1e-6)
-        raw.append(min(MAX_WEIGHT, max(0.0, KELLY_FRACTION * r["confidence"] * r["expected_logret"] / sigma**2)))
-    total = sum(raw)
-    return [f / total for f in raw] if total > 1.0 else raw
+def _kelly(r: dict, z: float, max_weight: float) -> float:
+    sigma = max(r["half_width_logret"] / z, 1e-6)
+    return min(max_weight, max(0.0, KELLY_FRACTION * r["confidence"] * r["expected_logret"] / sigma**2))
+
+
+def _whole_units(share: float, budget: float, price: float) -> int:
+    return math.floor(share * budget / price + 1e-9)
+
+
+def _unaffordable(price: float, share: float, budget: float, divine: float | None) -> str:
+    need = f": a budget of {_money(price / share, divine)} would buy one" if share > 0 else ""
+    return (f"{NOT_BOUGHT}one unit costs {_money(price, divine)}, more than its share of "
+            f"{_money(share * budget, divine)}, {share:.0%} of the budget{need}")
+
+
+def _allocate(picks: list[dict], z: float, budget: float, max_weight: float, divine: float | None) -> None:
+    """Set each pick's allocation_fraction, units and allocation_chaos; picks come best score first.
+
+    Shares are the capped quarter-Kelly fractions, scaled down to 100 % when they add up to more. A pick whose
+    share buys no whole unit gets nothing and a note; the shares of the others are then worked out again without
+    it, so its share goes to them, none above its own capped fraction. The worst-scored such pick goes first.
+    """
+    kelly = [_kelly(r, z, max_weight) for r in picks]
+    funded = list(range(len(picks)))
+    while True:
+        total = sum(kelly[i] for i in funded)
+        share = {i: kelly[i] / total if total > 1.0 else kelly[i] for i in funded}
+        short = [i for i in funded if _whole_units(share[i], budget, picks[i]["current_price"]) < 1]
+        if not short:
+            break
+        dropped = picks[short[-1]]
+        note = _unaffordable(dropped["current_price"], share[short[-1]], budget, divine)
+        dropped["note"] = "; ".join(x for x in (dropped["note"], note) if x)
+        funded.remove(short[-1])
+    for i, r in enumerate(picks):
+        f = share.get(i, 0.0)
+        r["allocation_fraction"] = f
+        r["units"] = _whole_units(f, budget, r["current_price"]) if f else 0
+        r["allocation_chaos"] = r["units"] * r["current_price"]
 
 
 def build_report(
@@ -267,12 +360,19 @@ def build_report(
     budget_chaos: float = DEFAULT_BUDGET_CHAOS,
     top_k: int = TOP_K,
     generated_at: datetime | None = None,
+    max_weight: float = MAX_WEIGHT,
 ) -> InvestmentReport:
-    """Rank, pick and allocate from the predictions of one (league, origin); ``features`` are that league's rows."""
+    """Rank, pick and allocate from the predictions of one (league, origin); ``features`` are that league's rows.
+
+    ``max_weight`` caps each pick's share of the budget.
+    """
     if predictions.height == 0:
         raise ValueError("No predictions to report on: materialize `predictions` first")
-    if budget_chaos <= 0:
+    if not budget_chaos > 0 or not math.isfinite(budget_chaos):
         raise ValueError(f"budget {budget_chaos!r} chaos: the budget must be positive, e.g. 1000")
+    if not 0 < max_weight <= 1:
+        raise ValueError(f"max_weight {max_weight!r}: the per-pick cap must be a fraction in (0, 1], e.g. "
+                         f"{MAX_WEIGHT}")
     origins = predictions.select("league", "origin_date").unique()
     if origins.height != 1:
         raise ValueError(f"Predictions span {origins.height} (league, origin) pairs: pass one league and origin")
@@ -285,6 +385,7 @@ def build_report(
     liquidity = liquidity_scores(at_origin)
     correlations = return_correlations(league_rows, origin, currencies)
     corr = {(a, b): r for a, b, r, _ in correlations.iter_rows()}
+    divine, divine_day = divine_price(league_rows, league, origin)
 
     base = (
         predictions.join(liquidity, on="currency", how="left")
@@ -346,25 +447,29 @@ def build_report(
                     r["picked"] = True
                     picked.append(r)
             r["note"] = "; ".join(notes)
-            flip, text = _trigger(r["advice"], r["current_price"], r["pred_lower"], r["pred_upper"])
+            flip, text = _trigger(r["advice"], r["current_price"], r["pred_lower"], r["pred_upper"], divine)
             r["buy_below"], r["sell_above"] = r["pred_lower"], r["pred_upper"]
             r["flip_price"], r["flip_move"], r["trigger"] = flip, flip / r["current_price"] - 1, text
             r["allocation_fraction"], r["allocation_chaos"], r["units"] = 0.0, 0.0, 0
-        for r, f in zip(picked, _allocation(picked, z), strict=True):
-            units = math.floor(f * budget_chaos / r["current_price"])
-            r["allocation_fraction"], r["units"] = f, units
-            r["allocation_chaos"] = units * r["current_price"]
-            if units == 0:
-                r["note"] = "; ".join(x for x in (r["note"], (
-                    f"one costs {_fmt_price(r['current_price'])} chaos, more than its share "
-                    f"({f * budget_chaos:,.0f} chaos) of the budget: a larger budget could buy it")) if x)
+        _allocate(picked, z, budget_chaos, max_weight, divine)
         out += ranked
 
     for r in out:
-        r["budget_chaos"] = budget_chaos
+        for col in ("current_price", "predicted_price", "pred_lower", "pred_upper"):
+            r[f"{col}_divines"] = r[col] / divine if divine else None
+        r["allocation_divines"] = r["allocation_chaos"] / divine if divine else None
+        r["trust"] = trust_text(r["skill"])
+        r["budget_chaos"], r["max_weight"] = budget_chaos, max_weight
+        r["divine_price_chaos"], r["divine_price_date"] = divine, divine_day
         r["generated_at"] = generated_at
     table = pl.DataFrame([{k: r.get(k) for k in REPORT_SCHEMA} for r in out], schema=REPORT_SCHEMA)
-    report = InvestmentReport(league, origin, budget_chaos, level, table, correlations, generated_at)
+    report = InvestmentReport(league, origin, budget_chaos, level, table, correlations, generated_at,
+                              max_weight=max_weight, divine_price_chaos=divine, divine_price_date=divine_day)
+    if divine is None:
+        report.notes.append(f"No {DIVINE} price for {league} up to {origin}: amounts are in chaos only.")
+    elif divine_day != origin:
+        report.notes.append(f"No {DIVINE} price observed on {origin}: amounts in divines use the last observed "
+                            f"one, {_fmt_price(divine)} chaos on {divine_day}.")
     stale = predictions.filter(pl.col("days_since_observed") > 0)
     if stale.height:
         names = ", ".join(sorted(set(stale["currency"])))
@@ -380,6 +485,7 @@ class ReportFiles:
     directory: Path
     html: Path
     markdown: Path
+    csv: Path
     table: Path
     charts: dict[str, Path]
 
@@ -390,6 +496,11 @@ def report_table_path(lake: Lake, league: str, origin: date) -> Path:
 
 def report_dir(lake: Lake, origin: date) -> Path:
     return lake.reports / origin.isoformat()
+
+
+def report_stem(lake: Lake, league: str, origin: date) -> Path:
+    """The report's files without their suffix: ``<stem>.html``, ``.md``, ``.csv``."""
+    return report_dir(lake, origin) / f"investment_report_{slug(league)}"
 
 
 def _png(fig) -> bytes:
@@ -455,15 +566,39 @@ def fan_chart(report: InvestmentReport, features: pl.DataFrame, currencies: list
     return data
 
 
-def risk_return_chart(report: InvestmentReport) -> bytes:
-    """Expected return against interval half-width per currency and horizon; above the diagonal beats the noise."""
+LABEL_FONT_PT = 7
+MAX_LABELS = 12
+
+
+def _stagger(ys: list[float], gap: float, low: float, high: float) -> list[float]:
+    """Label positions near ``ys`` (display units), at least ``gap`` apart, above ``low`` and under ``high`` where
+    they fit (the ceiling wins)."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = [0.0] * len(ys)
+    last = -math.inf
+    for i in order:
+        last = max(ys[i], last + gap, low)
+        placed[i] = last
+    ceiling = high + gap
+    for i in reversed(order):  # push the top ones back under the ceiling, keeping the gaps
+        ceiling = min(placed[i], ceiling - gap)
+        placed[i] = ceiling
+    return placed
+
+
+def risk_return_figure(report: InvestmentReport):
+    """Expected return against interval half-width per currency and horizon; above the diagonal beats the noise.
+
+    The y axis spans the data (and 0) with a margin; only picks and sells are labelled, staggered so no two
+    labels overlap.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.5, 5.6))
-    t = report.table
+    t = report.table.filter(pl.col("half_width_logret").is_finite() & pl.col("expected_logret").is_finite())
     markers = {1: "o", 3: "s", 7: "^"}
     colors = {"buy": "#2b8a3e", "sell": "#c92a2a", "hold": "#868e96"}
     for (h, advice), g in t.group_by("horizon_days", "advice"):
@@ -472,41 +607,77 @@ def risk_return_chart(report: InvestmentReport) -> bytes:
             s=(20 + 180 * g["confidence"]).to_list(), marker=markers.get(int(h), "D"), c=colors.get(advice, "#333"),
             alpha=0.75, edgecolors="white", linewidths=0.5, label=f"{h}d {advice}",
         )
-    xmax = float(max(t["half_width_logret"].max() * 100 * 1.1, 1.0))
+    ys = (t["expected_logret"] * 100).to_list() or [0.0]
+    xmax = max(max((t["half_width_logret"] * 100).to_list(), default=0.0) * 1.1, 1.0)
+    y_lo, y_hi = min(min(ys), 0.0), max(max(ys), 0.0)
+    margin = max(0.15 * (y_hi - y_lo), 0.5)
     ax.plot([0, xmax], [0, xmax], color="#2b8a3e", lw=0.8, ls="--")
     ax.plot([0, xmax], [0, -xmax], color="#c92a2a", lw=0.8, ls="--")
     ax.axhline(0, color="#444", lw=0.6)
-    for r in t.sort("score", descending=True, nulls_last=True).head(8).iter_rows(named=True):
-        ax.annotate(f"{r['currency']} {r['horizon_days']}d", (r["half_width_logret"] * 100, r["expected_logret"] * 100),
-                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlim(0, xmax)
+    ax.set_ylim(y_lo - margin, y_hi + margin)
     ax.set_xlabel(f"noise: half-width of the {report.interval_level:.0%} interval (% log-price)")
     ax.set_ylabel("expected return (% log-price)")
     ax.set_title("Risk and return: only points outside the dashed wedge beat their noise", fontsize=11)
     ax.grid(alpha=0.25)
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: labels[i])
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, ncol=3, loc="best",
-              markerscale=0.6)
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), markerscale=0.6, frameon=False)
     fig.tight_layout()
+
+    labelled = pl.concat([
+        t.filter(pl.col("picked")).sort("score", descending=True, nulls_last=True),
+        t.filter(pl.col("advice") == "sell").sort("score", nulls_last=True),
+    ]).head(MAX_LABELS)
+    if labelled.height:
+        points = ax.transData.transform(np.column_stack([labelled["half_width_logret"].to_numpy() * 100,
+                                                         labelled["expected_logret"].to_numpy() * 100]))
+        box = ax.get_window_extent()
+        gap = LABEL_FONT_PT * fig.dpi / 72 * 1.6
+        label_ys = _stagger(points[:, 1].tolist(), gap, box.y0 + gap / 2, box.y1 - gap / 2)
+        to_data = ax.transData.inverted()
+        for r, (px, _), ly in zip(labelled.iter_rows(named=True), points, label_ys, strict=True):
+            left = px > (box.x0 + box.x1) / 2  # labels point inwards, away from the legend
+            tx, ty = to_data.transform((px - 10 if left else px + 10, ly))
+            ax.annotate(f"{r['currency']} {r['horizon_days']}d", (r["half_width_logret"] * 100,
+                        r["expected_logret"] * 100), xytext=(tx, ty), textcoords="data", fontsize=LABEL_FONT_PT,
+                        va="center", ha="right" if left else "left",
+                        arrowprops={"arrowstyle": "-", "color": "#888", "lw": 0.5})
+    return fig
+
+
+def risk_return_chart(report: InvestmentReport) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = risk_return_figure(report)
     data = _png(fig)
     plt.close(fig)
     return data
 
 
+def _divines(column: str) -> pl.Expr:
+    return pl.col(column).map_elements(_fmt_divines, return_dtype=pl.Utf8)
+
+
 def _sections(report: InvestmentReport) -> list[tuple[str, pl.DataFrame, str]]:
     """(title, table, caption) blocks shared by the HTML and the Markdown."""
+    div = report.divine_price_chaos is not None
     blocks = []
     for h in report.horizons:
         rows = report.table.filter(pl.col("horizon_days") == h).sort("rank")
         view = rows.select(
-            "rank", "currency", "advice", pl.col("current_price").alias("price"),
-            pl.col("predicted_price").alias("forecast"),
+            "rank", "currency", "advice", pl.col("current_price").alias("price (chaos)"),
+            *([_divines("current_price_divines").alias("price (div)")] if div else []),
+            pl.col("predicted_price").alias("forecast (chaos)"),
+            *([_divines("predicted_price_divines").alias("forecast (div)")] if div else []),
             (pl.col("expected_return") * 100).round(2).alias("expected %"),
             (pl.col("downside_return") * 100).round(2).alias("downside %"),
             (pl.col("upside_return") * 100).round(2).alias("upside %"),
             pl.col("confidence").round(2), pl.col("liquidity_score").round(2).alias("liquidity"),
             pl.col("score").round(3), "units", pl.col("allocation_chaos").round(0).alias("allocate (chaos)"),
-            pl.col("trigger"), pl.col("note"),
+            *([_divines("allocation_divines").alias("allocate (div)")] if div else []),
+            "trust", "trigger", "note",
         )
         picks = rows.filter(pl.col("picked"))
         caption = (f"{picks.height} pick(s): " + ", ".join(picks["currency"]) if picks.height
@@ -520,40 +691,53 @@ def allocation_plan(report: InvestmentReport, horizon: int) -> str:
     picks = report.picks(horizon)
     if picks.height == 0:
         return ""
+    d = report.divine_price_chaos
     items = []
     for r in picks.iter_rows(named=True):
-        share = r["allocation_fraction"] * report.budget_chaos
         if r["units"]:
-            items.append(f"{r['currency']}: {r['units']:,} x {_fmt_price(r['current_price'])} = "
-                         f"{r['allocation_chaos']:,.0f} chaos ({r['allocation_fraction']:.0%} of the budget)")
+            item = (f"{r['currency']}: {r['units']:,} x {_money(r['current_price'], d)} = "
+                    f"{_money(r['allocation_chaos'], d)}, {r['allocation_fraction']:.0%} of the budget")
         else:
-            items.append(f"{r['currency']}: none; one costs {_fmt_price(r['current_price'])} chaos, more than its "
-                         f"{share:,.0f}-chaos share ({r['allocation_fraction']:.0%}) of this budget")
+            item = f"{r['currency']}: none, since {(r['note'] or 'its share buys no unit').removeprefix(NOT_BOUGHT)}"
+        items.append(item if has_skill(r["skill"]) else f"{item} [model {r['trust']}]")
     kept = report.budget_chaos - float(picks["allocation_chaos"].sum())
-    return "; ".join(items) + f". Keep {kept:,.0f} chaos."
+    return "; ".join(items) + f". Keep {_money(kept, d)}."
 
 
 def _model_quality(report: InvestmentReport) -> pl.DataFrame:
     return (
-        report.table.select("currency", "horizon_days", "skill", "interval_method", "model_version")
+        report.table.select("currency", "horizon_days", "skill", "trust", "interval_method", "model_version")
         .sort("currency", "horizon_days")
         .rename({"horizon_days": "h", "skill": "validation skill vs no-change"})
     )
 
 
-METHOD_TEXT = [
-    "Forecasts are log-returns from an ensemble (LightGBM, XGBoost, RandomForest) shrunk towards 'no change'. "
-    "On daily PoE prices, 'no change' is very hard to beat: most models here are barely better than it, and some "
-    "are worse (see the skill column).",
-    "Intervals are split-conformal from the models' out-of-fold errors, scaled by each currency's recent "
-    "volatility. They are built to contain the realised price about as often as their level says, not more.",
-    "A buy needs the whole interval above today's price. Allocation is a capped quarter-Kelly fraction "
-    f"(at most {MAX_WEIGHT:.0%} per currency), scaled by confidence; the rest stays in chaos.",
-    "Triggers assume the forecast's price levels hold. After a big move, re-run the forecast rather than trading "
-    "on a stale trigger.",
-    "This is not financial advice, and it is a game: prices react to patch notes and league events that no model "
-    "sees coming.",
-]
+def method_text(report: InvestmentReport) -> list[str]:
+    return [
+        "Forecasts are log-returns from an ensemble (LightGBM, XGBoost, RandomForest) shrunk towards 'no change'. "
+        "On daily PoE prices, 'no change' is very hard to beat: most models here are barely better than it, and "
+        "some are worse (see the trust column: a model no better than 'no change' is noise, whatever it says).",
+        "Intervals are split-conformal from the models' out-of-fold errors, scaled by each currency's recent "
+        "volatility. They are built to contain the realised price about as often as their level says, not more.",
+        "A buy needs the whole interval above today's price. Allocation is a capped quarter-Kelly fraction "
+        f"(at most {report.max_weight:.0%} per currency), scaled by confidence; a pick whose share cannot buy one "
+        "whole unit gets nothing and its share goes to the other picks; the rest stays in chaos.",
+        "Divine Orb amounts use one Divine Orb price for every row, that of the origin day (see the top), also for "
+        "forecasts: they are chaos amounts restated, not a forecast of the Divine Orb.",
+        "Triggers assume the forecast's price levels hold. After a big move, re-run the forecast rather than "
+        "trading on a stale trigger.",
+        "This is not financial advice, and it is a game: prices react to patch notes and league events that no "
+        "model sees coming.",
+    ]
+
+
+def meta_line(report: InvestmentReport) -> str:
+    d = report.divine_price_chaos
+    rate = (f" 1 {DIVINE} = {_fmt_price(d)} chaos (price of {report.divine_price_date})." if d
+            else f" No {DIVINE} price: chaos only.")
+    return (f"Prices in chaos as of {report.origin_date}.{rate} Budget {_money(report.budget_chaos, d)}, at most "
+            f"{report.max_weight:.0%} per pick. Intervals at {report.interval_level:.0%}. Generated "
+            f"{report.generated_at:%Y-%m-%d %H:%M} UTC.")
 
 
 def _cell(v) -> str:
@@ -577,8 +761,10 @@ line-height:1.45;padding:0 1em}h1{font-size:1.6em;margin-bottom:.2em}h2{margin-t
 .headline{padding:.8em 1em;border-radius:6px;background:#fff4e6;border:1px solid #f08c00;font-size:1.05em}
 .headline.ok{background:#ebfbee;border-color:#2b8a3e}table{border-collapse:collapse;font-size:.82em;margin:.6em 0}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;vertical-align:top}th{background:#f1f3f5}
-td:nth-child(2),td:nth-child(3),td:last-child,td:nth-last-child(2){text-align:left}tr.buy{background:#ebfbee}
-tr.sell{background:#fff5f5}img{max-width:100%;border:1px solid #eee}.meta{color:#666;font-size:.9em}
+td:nth-child(2),td:nth-child(3),td:last-child,td:nth-last-child(2),td:nth-last-child(3){text-align:left}
+td:nth-last-child(-n+3){min-width:14em}.wide{overflow-x:auto}
+tr.buy{background:#ebfbee}tr.sell{background:#fff5f5}img{max-width:100%;border:1px solid #eee}
+.meta{color:#666;font-size:.9em}
 """
 
 
@@ -592,10 +778,10 @@ def render_html(report: InvestmentReport, charts: dict[str, bytes]) -> str:
     plans = [(h, plan) for h in report.horizons if (plan := allocation_plan(report, h))] if report.picks().height \
         else []
     return _TEMPLATES.get_template("investment_report.html.j2").render(
-        report=report, css=markupsafe.Markup(CSS), plans=plans,
+        report=report, css=markupsafe.Markup(CSS), plans=plans, meta=meta_line(report),
         charts=[(name, base64.b64encode(data).decode()) for name, data in charts.items()],
         sections=[{"title": t, "table": table, "caption": c} for t, table, c in _sections(report)],
-        quality=_model_quality(report), method=METHOD_TEXT, table=_html_table,
+        quality=_model_quality(report), method=method_text(report), table=_html_table,
     )
 
 
@@ -603,8 +789,7 @@ def render_markdown(report: InvestmentReport, chart_files: dict[str, str]) -> st
     lines = [
         f"# Investment report: {report.league}, {report.origin_date}",
         "",
-        f"Prices in chaos as of {report.origin_date}. Budget {report.budget_chaos:,.0f} chaos. Intervals at "
-        f"{report.interval_level:.0%}. Generated {report.generated_at:%Y-%m-%d %H:%M} UTC.",
+        meta_line(report),
         "",
         f"**{report.headline()}**",
         "",
@@ -618,14 +803,14 @@ def render_markdown(report: InvestmentReport, chart_files: dict[str, str]) -> st
     for title, table, caption in _sections(report):
         lines += [f"## {title}", "", caption, "", markdown_table(table), ""]
     lines += ["## Model quality", "", markdown_table(_model_quality(report)), "", "## How to read this", ""]
-    lines += [f"- {t}" for t in METHOD_TEXT] + [""]
+    lines += [f"- {t}" for t in method_text(report)] + [""]
     return "\n".join(lines)
 
 
 def write_report(lake: Lake, report: InvestmentReport, features: pl.DataFrame) -> ReportFiles:
-    """The HTML and Markdown reports with their charts, and the Parquet table, each written atomically."""
+    """The HTML and Markdown reports with their charts, the CSV and the Parquet table, each written atomically."""
     directory = report_dir(lake, report.origin_date)
-    stem = f"investment_report_{slug(report.league)}"
+    stem = report_stem(lake, report.league, report.origin_date).name
     names, are_picks = _chart_currencies(report)
     charts = {
         "forecast fan": fan_chart(report, features, names, are_picks),
@@ -636,26 +821,76 @@ def write_report(lake: Lake, report: InvestmentReport, features: pl.DataFrame) -
     html_path = write_text_atomic(render_html(report, charts), directory / f"{stem}.html")
     md_path = write_text_atomic(render_markdown(report, {k: p.name for k, p in chart_paths.items()}),
                                 directory / f"{stem}.md")
+    csv_path = write_text_atomic(report.table.write_csv(), directory / f"{stem}.csv")
     table_path = write_parquet_atomic(report.table, report_table_path(lake, report.league, report.origin_date))
-    return ReportFiles(directory, html_path, md_path, table_path, chart_paths)
+    return ReportFiles(directory, html_path, md_path, csv_path, table_path, chart_paths)
+
+
+def _as_report_schema(frame: pl.DataFrame) -> pl.DataFrame:
+    """A stored table in today's REPORT_SCHEMA: columns an older report lacks are null."""
+    return frame.select([pl.col(c).cast(t) if c in frame.columns else pl.lit(None, dtype=t).alias(c)
+                         for c, t in REPORT_SCHEMA.items()])
 
 
 def read_report_table(lake: Lake, league: str | None = None) -> pl.DataFrame:
     files = lake.parquet_files(lake.investment_report)
     if league is not None:
         files = [p for p in files if p.parent.parent.name == f"league={league}"]
-    return pl.read_parquet(files, hive_partitioning=False) if files else pl.DataFrame(schema=REPORT_SCHEMA)
+    if not files:
+        return pl.DataFrame(schema=REPORT_SCHEMA)
+    return pl.concat([_as_report_schema(pl.read_parquet(p, hive_partitioning=False)) for p in files])
 
 
-def latest_report(lake: Lake, league: str) -> InvestmentReport | None:
-    """The stored report of the league's latest origin, rebuilt from its table (None before the first report)."""
+def _report_from_table(league: str, table: pl.DataFrame) -> InvestmentReport:
+    first = table.row(0, named=True)
+    return InvestmentReport(
+        league, first["origin_date"], first["budget_chaos"], first["interval_level"], table, pl.DataFrame(),
+        first["generated_at"], max_weight=first["max_weight"] or MAX_WEIGHT,
+        divine_price_chaos=first["divine_price_chaos"], divine_price_date=first["divine_price_date"])
+
+
+def latest_report(lake: Lake, league: str, before: date | None = None) -> InvestmentReport | None:
+    """The stored report of the league's latest origin (before ``before`` if given), rebuilt from its table; None
+    when there is none."""
     table = read_report_table(lake, league)
+    if before is not None:
+        table = table.filter(pl.col("origin_date") < before)
     if table.height == 0:
         return None
-    table = table.filter(pl.col("origin_date") == table["origin_date"].max())
-    first = table.row(0, named=True)
-    return InvestmentReport(league, first["origin_date"], first["budget_chaos"], first["interval_level"], table,
-                            pl.DataFrame(), first["generated_at"])
+    return _report_from_table(league, table.filter(pl.col("origin_date") == table["origin_date"].max()))
+
+
+def new_buys(lake: Lake, report: InvestmentReport) -> pl.DataFrame:
+    """The report's picks (confident buys) that the league's previous stored report did not pick at the same horizon.
+
+    "Previous" is the latest stored origin before this report's, so re-running a report finds the same new buys.
+    Every pick is new when there is no earlier report.
+    """
+    previous = latest_report(lake, report.league, before=report.origin_date)
+    picks = report.picks().sort("horizon_days", "rank")
+    if previous is None:
+        return picks
+    before = previous.picks().select("currency", "horizon_days").unique()
+    return picks.join(before, on=["currency", "horizon_days"], how="anti", maintain_order="left")
+
+
+def buy_signal_text(row: dict, interval_level: float) -> tuple[str, str]:
+    """(title, message) of the alert for one new buy, a row of the report's table."""
+    d = row["divine_price_chaos"]
+    h = row["horizon_days"]
+    days = f"{h} day{'s' if h != 1 else ''}"
+    title = f"New buy signal: {row['currency']}, {h}-day horizon ({row['league']})"
+    if row["units"]:
+        plan = f"Suggested: {row['units']:,} unit(s) for {_money(row['allocation_chaos'], d)} of the budget."
+    else:
+        plan = f"Not bought at this budget: {(row['note'] or 'its share buys no unit').removeprefix(NOT_BOUGHT)}."
+    message = (
+        f"Buy {row['currency']} for {days}: expected move {row['expected_return']:+.1%}, from "
+        f"{_money(row['current_price'], d)} to {_money(row['predicted_price'], d)}; {interval_level:.0%} interval "
+        f"{_money(row['pred_lower'], d)} to {_money(row['pred_upper'], d)}, all above today's price. {plan} "
+        f"Model: {row['trust']}. {row['trigger'].capitalize()}. Forecast from {row['origin_date']}."
+    )
+    return title, message
 
 
 def report_summary(lake: Lake, league: str, top: int = 10) -> str:
@@ -663,9 +898,10 @@ def report_summary(lake: Lake, league: str, top: int = 10) -> str:
     report = latest_report(lake, league)
     if report is None:
         return f"No investment report for {league} yet: materialize `investment_report`."
-    stem = report_dir(lake, report.origin_date) / f"investment_report_{slug(league)}"
+    stem = report_stem(lake, league, report.origin_date)
     lines = [f"Investment report for {league}, prices of {report.origin_date}:", report.headline(), ""]
     lines += [f"{h}-day plan: {plan}" for h in report.horizons if (plan := allocation_plan(report, h))]
     lines += ["", f"Top {top} by risk-adjusted score (advice 'hold' means no edge beyond the noise):",
-              markdown_table(report.top(top)), "", f"Report: {stem}.html", f"         {stem}.md"]
+              markdown_table(report.top(top)), "", f"Report: {stem}.html", f"         {stem}.md",
+              f"         {stem}.csv"]
     return "\n".join(lines)

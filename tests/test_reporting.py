@@ -1,4 +1,5 @@
-"""The investment report on real Sanctum prices: honest refusals, diversified capped picks, triggers, files."""
+"""The investment report on real Sanctum prices: honest refusals, diversified capped picks that the budget can buy,
+chaos and divines, trust in words, triggers, files (HTML, Markdown, CSV, Parquet) and a readable risk chart."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from matplotlib.text import Text
+from polars.testing import assert_frame_equal
 
 from conftest import SAMPLE
 from poe_pipeline.features import build_features
@@ -23,8 +26,12 @@ from poe_pipeline.reporting import (
     MAX_WEIGHT,
     NO_CONFIDENT,
     REPORT_FEATURE_COLUMNS,
+    REPORT_SCHEMA,
+    allocation_plan,
     build_report,
+    render_markdown,
     report_summary,
+    risk_return_figure,
     write_report,
 )
 from poe_pipeline.sources.poe_ninja import read_dump
@@ -165,6 +172,10 @@ def test_report_files_are_self_contained_and_the_table_is_in_duckdb(lake):
     assert len(images) == 2 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert not re.search(r"(src|href)=['\"]?https?:", page)  # nothing to fetch: it opens offline
     assert "Divine Orb" in page and "Suggested allocation" in page
+    # the table as CSV beside the HTML and the Markdown, the same rows and values as the Parquet table
+    assert files.csv == files.directory / "investment_report_sanctum.csv" == files.html.with_suffix(".csv")
+    assert_frame_equal(pl.read_csv(files.csv, schema=REPORT_SCHEMA), report.table)
+    assert_frame_equal(pl.read_csv(files.csv, schema=REPORT_SCHEMA), pl.read_parquet(files.table))
     md = files.markdown.read_text()
     for name in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):
         assert (files.directory / name).read_bytes()[:4] == b"\x89PNG"
@@ -176,6 +187,7 @@ def test_report_files_are_self_contained_and_the_table_is_in_duckdb(lake):
     assert all(r[2] == "buy" and r[4] <= MAX_WEIGHT * 2000 for r in rows)
     summary = report_summary(lake, "Sanctum")  # what the command line prints, read back from the table
     assert report.headline() in summary and str(files.html) in summary and "Divine Orb" in summary
+    assert str(files.csv) in summary
 
 
 def test_bad_inputs_name_the_fix():
@@ -183,6 +195,182 @@ def test_bad_inputs_name_the_fix():
         build_report(pl.DataFrame(schema=PREDICTIONS_SCHEMA), sanctum())
     with pytest.raises(ValueError, match="budget must be positive"):
         build_report(predictions({"Divine Orb": 0.0}), sanctum(), budget_chaos=0)
+    with pytest.raises(ValueError, match=r"per-pick cap must be a fraction in \(0, 1\], e.g. 0.25"):
+        build_report(predictions({"Divine Orb": 0.0}), sanctum(), max_weight=1.5)
     two = pl.concat([predictions({"Divine Orb": 0.0}), predictions({"Divine Orb": 0.0}, origin=date(2023, 3, 1))])
     with pytest.raises(ValueError, match="pass one league and origin"):
         build_report(two, sanctum())
+
+
+# --- allocation that uses the budget ----------------------------------------------------------------------------
+
+MIRROR_SHARD_PRICE = 6720.0  # one Mirror Shard in Sanctum on its last day, in chaos
+
+
+def test_a_pick_the_budget_cannot_buy_gets_nothing_and_its_share_goes_to_the_next_picks():
+    # five diversified buys, each at the 25 % cap: 125 % in all, so each gets 20 % of the budget
+    expected = {"Mirror Shard": 0.08, "Divine Orb": 0.07, "Exalted Orb": 0.06, "Orb of Fusing": 0.05, "Vaal Orb": 0.04}
+    preds = predictions(expected, width=0.02, horizons=(7,))
+    assert sanctum().filter((pl.col("date") == ORIGIN) & (pl.col("currency") == "Mirror Shard"))[
+        "price_chaos"].item() == MIRROR_SHARD_PRICE
+    rich = build_report(preds, sanctum(), budget_chaos=40_000).picks()
+    assert rich.height == 5 and rich["allocation_fraction"].to_list() == pytest.approx([0.2] * 5)
+    assert rich.filter(pl.col("currency") == "Mirror Shard")["units"].item() == 1  # 8,000 chaos buys one
+
+    # 20 % of 10,000 chaos cannot buy one shard: it gets nothing, and the four others share its 20 %
+    report = build_report(preds, sanctum(), budget_chaos=10_000)
+    picks = report.picks()
+    assert set(picks["currency"]) == set(expected)  # still a confident buy, for a richer player
+    shard = picks.filter(pl.col("currency") == "Mirror Shard").row(0, named=True)
+    assert shard["units"] == 0 and shard["allocation_chaos"] == 0 and shard["allocation_fraction"] == 0
+    assert shard["allocation_divines"] == 0
+    assert "one unit costs 6,720 chaos (28.0 div), more than its share of 2,000 chaos" in shard["note"]
+    assert "a budget of 33,600 chaos (140 div) would buy one" in shard["note"]  # 6,720 / 20 %
+    others = picks.filter(pl.col("currency") != "Mirror Shard")
+    assert others["allocation_fraction"].to_list() == pytest.approx([MAX_WEIGHT] * 4)  # 20 % + 20 % / 4 each
+    assert others["allocation_fraction"].sum() == pytest.approx(rich["allocation_fraction"].sum())
+    assert (others["units"] >= 1).all()
+    assert (others["allocation_chaos"] > 0.2 * 10_000).all()  # more than their own 20 % would buy
+    plan = allocation_plan(report, 7)
+    assert plan.startswith("Mirror Shard: none, since one unit costs 6,720 chaos")
+    kept = 10_000 - others["allocation_chaos"].sum()
+    assert 100 < kept < 240 and plan.endswith(f"Keep {kept:,.1f} chaos ({kept / 240:.2g} div).")  # whole units
+
+
+def test_the_number_one_buy_too_dear_for_its_share_says_what_it_needs():
+    # what a player saw after the demo: a Mirror Shard buy and a Divine Orb buy, the default 10,000-chaos budget
+    report = build_report(predictions({"Mirror Shard": 0.08, "Divine Orb": 0.05}, width=0.02), sanctum())
+    for h in (1, 3, 7):
+        shard = report.picks(h).filter(pl.col("currency") == "Mirror Shard").row(0, named=True)
+        assert shard["rank"] == 1 and shard["units"] == 0
+        assert ("one unit costs 6,720 chaos (28.0 div), more than its share of 2,500 chaos (10.4 div), 25% of the "
+                "budget: a budget of 26,880 chaos (112 div) would buy one") in shard["note"]
+        divine = report.picks(h).filter(pl.col("currency") == "Divine Orb").row(0, named=True)
+        assert divine["units"] == 10 and divine["allocation_chaos"] == 2400  # 25 % of 10,000 at 240 chaos
+    assert "Keep 7,600 chaos (31.7 div)." in allocation_plan(report, 7)
+
+
+@pytest.mark.parametrize("budget", [300.0, 2_000.0, 10_000.0, 40_000.0, 500_000.0])
+def test_every_funded_pick_buys_at_least_one_whole_unit(budget):
+    expected = {"Mirror Shard": 0.08, "Divine Orb": 0.07, "Exalted Orb": 0.06, "Orb of Fusing": 0.05, "Vaal Orb": 0.04,
+                "Chromatic Orb": 0.045}
+    report = build_report(predictions(expected, width=0.02), sanctum(), budget_chaos=budget)
+    picks = report.picks()
+    assert picks.height == 15
+    assert ((picks["allocation_fraction"] > 0) == (picks["units"] >= 1)).all()
+    assert (picks["allocation_chaos"] == picks["units"] * picks["current_price"]).all()
+    assert (picks["allocation_chaos"] <= picks["allocation_fraction"] * budget + 1e-9).all()
+    assert (picks["allocation_fraction"] <= MAX_WEIGHT + 1e-12).all()
+    for h in (1, 3, 7):
+        assert report.picks(h)["allocation_chaos"].sum() <= budget
+    unfunded = picks.filter(pl.col("units") == 0)
+    assert unfunded["note"].str.contains("would buy one").all()
+    assert (unfunded["current_price"] > MAX_WEIGHT * budget).all() or budget < 1_000  # dear, or a tiny budget
+    # a lower cap is a setting too
+    capped = build_report(predictions(expected, width=0.02), sanctum(), budget_chaos=budget, max_weight=0.1)
+    assert (capped.picks()["allocation_fraction"] <= 0.1 + 1e-12).all()
+    assert capped.table["max_weight"].unique().to_list() == [0.1]
+
+
+# --- chaos and divines ------------------------------------------------------------------------------------------
+
+
+def _divine_on(day: date) -> float:
+    return sanctum().filter((pl.col("currency") == "Divine Orb") & (pl.col("date") == day))["price_chaos"].item()
+
+
+def test_every_price_and_allocation_is_also_in_divines(lake):
+    report = build_report(predictions({"Divine Orb": 0.05, "Exalted Orb": 0.04, "Orb of Fusing": -0.001},
+                                      width=0.02), sanctum(), budget_chaos=2000)
+    t = report.table
+    divine = _divine_on(ORIGIN)
+    assert 100 < divine < 300 and report.divine_price_chaos == divine and report.divine_price_date == ORIGIN
+    assert t["divine_price_chaos"].unique().to_list() == [divine]
+    assert t["divine_price_date"].unique().to_list() == [ORIGIN]
+    assert t["allocation_chaos"].sum() > 0
+    for chaos in ("current_price", "predicted_price", "pred_lower", "pred_upper"):
+        assert (t[f"{chaos}_divines"] * t["divine_price_chaos"] - t[chaos]).abs().max() < 1e-9
+    assert (t["allocation_divines"] * t["divine_price_chaos"] - t["allocation_chaos"]).abs().max() < 1e-9
+    assert t.filter(pl.col("currency") == "Divine Orb")["current_price_divines"].to_list() == pytest.approx([1.0] * 3)
+    files = write_report(lake, report, sanctum())
+    page, md = files.html.read_text(), files.markdown.read_text()
+    for text in (page, md):
+        assert f"1 Divine Orb = {divine:,.1f} chaos" in text and "Budget 2,000 chaos (8.33 div)" in text
+        for column in ("price (div)", "forecast (div)", "allocate (div)"):
+            assert column in text
+    divine_pick = report.picks(7).filter(pl.col("currency") == "Divine Orb").row(0, named=True)
+    assert 100 <= divine_pick["allocation_chaos"] < 1000
+    assert (f"Divine Orb: {divine_pick['units']} x {divine:,.1f} chaos (1.00 div) = "
+            f"{divine_pick['allocation_chaos']:,.1f} chaos ({divine_pick['allocation_divines']:.2f} div)") in md
+
+
+def test_without_a_divine_price_that_day_the_last_one_is_used_and_said():
+    day_before = date(2023, 4, 3)
+    without_today = sanctum().filter(~((pl.col("currency") == "Divine Orb") & (pl.col("date") == ORIGIN)))
+    report = build_report(predictions({"Exalted Orb": 0.04}, width=0.02), without_today)
+    assert report.divine_price_chaos == _divine_on(day_before) != _divine_on(ORIGIN)
+    assert report.table["divine_price_date"].unique().to_list() == [day_before]
+    assert any("No Divine Orb price observed on 2023-04-04" in n and "on 2023-04-03" in n for n in report.notes)
+    assert "(price of 2023-04-03)" in render_markdown(report, {})
+
+    no_divine = sanctum().filter(pl.col("currency") != "Divine Orb")
+    report = build_report(predictions({"Exalted Orb": 0.04}, width=0.02), no_divine)
+    assert report.divine_price_chaos is None and report.picks().height == 3
+    for column in ("divine_price_chaos", "current_price_divines", "allocation_divines"):
+        assert report.table[column].null_count() == report.table.height
+    assert any("chaos only" in n for n in report.notes)
+    md = render_markdown(report, {})
+    assert " div" not in md and "(div)" not in md and "allocate (chaos)" in md
+
+
+# --- trust, stated ----------------------------------------------------------------------------------------------
+
+
+def test_each_row_says_how_far_its_model_beat_no_change():
+    skills = {"Divine Orb": 0.05, "Exalted Orb": -0.56, "Orb of Fusing": None, "Vaal Orb": 0.004}
+    preds = predictions({"Divine Orb": 0.05, "Exalted Orb": 0.04, "Orb of Fusing": 0.0, "Vaal Orb": 0.0},
+                        width=0.02).with_columns(pl.col("currency").replace_strict(skills, default=None,
+                                                                                     return_dtype=pl.Float64)
+                                                 .alias("skill"))
+    report = build_report(preds, sanctum())
+    trust = dict(zip(report.table["currency"], report.table["trust"], strict=False))
+    assert trust["Divine Orb"] == "beats 'no change' by 5% out of sample"
+    assert trust["Exalted Orb"] == "no better than 'no change' out of sample (skill -0.56): treat as noise"
+    assert trust["Orb of Fusing"] == "no out-of-sample skill on record: treat as noise"
+    assert trust["Vaal Orb"].startswith("barely beats 'no change'")
+    assert report.table["trust"].null_count() == 0
+    plan = allocation_plan(report, 7)  # a pick from a model without skill carries its warning into the plan
+    assert "Exalted Orb" in plan and "[model no better than 'no change'" in plan
+    assert "Divine Orb: " in plan and plan.count("treat as noise") == 1
+    assert "| trust" in render_markdown(report, {})
+
+
+# --- the risk-and-return chart ----------------------------------------------------------------------------------
+
+
+def test_the_risk_chart_labels_do_not_overlap_and_its_y_axis_fits_the_data():
+    # two buys with the same interval width: six labels on top of each other without the stagger; one wide hold
+    # (+-30 %) that used to stretch the y axis to +-33 %
+    preds = predictions({"Divine Orb": 0.05, "Exalted Orb": 0.045, "Orb of Fusing": 0.0, "Orb of Annulment": -0.1},
+                        width={"Divine Orb": 0.02, "Exalted Orb": 0.02, "Orb of Fusing": 0.3,
+                               "Orb of Annulment": 0.02})
+    report = build_report(preds, sanctum())
+    fig = risk_return_figure(report)
+    try:
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes = {t.get_text(): Text.get_window_extent(t, renderer) for t in ax.texts}  # the text, not its leader
+        assert set(boxes) == {f"{c} {h}d" for c in ("Divine Orb", "Exalted Orb", "Orb of Annulment")
+                              for h in (1, 3, 7)}  # the picks and the sells, and nothing else
+        names = sorted(boxes)
+        overlaps = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if boxes[a].overlaps(boxes[b])]
+        assert not overlaps
+        lo, hi = ax.get_ylim()
+        y = report.table["expected_logret"] * 100
+        assert lo < y.min() and hi > y.max()
+        assert -20 < lo and hi < 10  # the data span -10 % .. +5 %, with a margin
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

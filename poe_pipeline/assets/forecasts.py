@@ -4,7 +4,7 @@
 | --- | --- |
 | ``predictions`` | every currency x horizon from the champions, appended per origin day; after new features or models |
 | ``predictions_interval_contains_point`` | a blocking check: each interval contains its forecast, all finite |
-| ``investment_report`` | what to buy, hold or sell: HTML, Markdown and a table; after new predictions |
+| ``investment_report`` | what to buy, hold or sell: HTML, Markdown, CSV and a table; alerts on new buys |
 | ``forecast_job`` | both assets with their check |
 """
 
@@ -30,6 +30,7 @@ class PredictionsConfig(dg.Config):
 class ReportConfig(dg.Config):
     budget_chaos: float = reporting.DEFAULT_BUDGET_CHAOS
     top_k: int = reporting.TOP_K
+    max_weight: float = reporting.MAX_WEIGHT  # the cap on each pick's share of the budget
 
 
 def _eager_despite_missing(*ignored: str) -> dg.AutomationCondition:
@@ -147,7 +148,8 @@ def predictions_interval_contains_point(lake: LakeResource) -> dg.AssetCheckResu
                                  "interval noise. HTML, Markdown and a table under the lake's reports/<date>/."),
 )
 def investment_report(
-    context: dg.AssetExecutionContext, config: ReportConfig, lake: LakeResource, run_scope: RunScopeResource
+    context: dg.AssetExecutionContext, config: ReportConfig, lake: LakeResource, run_scope: RunScopeResource,
+    monitoring: MonitoringResource,
 ) -> dg.MaterializeResult:
     store = lake.lake
     league = run_scope.scope(store).league
@@ -156,13 +158,18 @@ def investment_report(
         raise dg.Failure(f"No predictions for {league}: nothing to report (materialize predictions first)")
     preds = forecasting.read_predictions(store, league, origin)
     features = read_features(store, [league]).select(reporting.REPORT_FEATURE_COLUMNS)
-    report = reporting.build_report(preds, features, budget_chaos=config.budget_chaos, top_k=config.top_k)
+    try:
+        report = reporting.build_report(preds, features, budget_chaos=config.budget_chaos, top_k=config.top_k,
+                                        max_weight=config.max_weight)
+    except ValueError as exc:
+        raise dg.Failure(f"investment_report config: {exc}") from exc
     files = reporting.write_report(store, report, features)
     lake.publish_views(context.log)
     context.log.info(report.headline())
+    signals = _alert_new_buys(report, lake, monitoring, context.log)
     picks = report.picks().select(
-        "currency", pl.col("horizon_days").alias("h"), "current_price", "predicted_price", "pred_lower",
-        "expected_return", "allocation_chaos", "units", "trigger")
+        "currency", pl.col("horizon_days").alias("h"), "current_price", "current_price_divines", "predicted_price",
+        "pred_lower", "expected_return", "allocation_chaos", "allocation_divines", "units", "trust", "trigger")
     chart = next((p for p in files.charts.values() if p.suffix == ".png"), None)
     return dg.MaterializeResult(metadata={
         "league": league,
@@ -170,16 +177,44 @@ def investment_report(
         "status": "confident opportunity" if report.confident else reporting.NO_CONFIDENT,
         "headline": report.headline(),
         "budget_chaos": rounded(config.budget_chaos, 0),
+        "divine_price_chaos": rounded(report.divine_price_chaos, 1) if report.divine_price_chaos else "none",
         "picks": table(picks) if picks.height else reporting.NO_CONFIDENT,
+        "new_buy_signals": dg.MetadataValue.json(signals),
         "top_10": table(report.top(10)),
         "chart": dg.MetadataValue.md(
             f"![{chart.stem}](data:image/png;base64,{base64.b64encode(chart.read_bytes()).decode()})")
         if chart else "no chart",
         "html": dg.MetadataValue.url(files.html.resolve().as_uri()),
         "markdown": dg.MetadataValue.path(str(files.markdown)),
+        "csv": dg.MetadataValue.path(str(files.csv)),
         "table": dg.MetadataValue.path(str(files.table)),
         "dagster/row_count": report.table.height,
     })
+
+
+def _alert_new_buys(report: reporting.InvestmentReport, lake: LakeResource, monitoring: MonitoringResource,
+                    log) -> list[str]:
+    """One alert per confident buy the league's previous report did not have; the id is the signal's own, so a
+    re-run stores and sends nothing new. Returns the alert ids."""
+    ids = []
+    for row in reporting.new_buys(lake.lake, report).iter_rows(named=True):
+        title, message = reporting.buy_signal_text(row, report.interval_level)
+        alert = mon.Alert(
+            alert_id=f"buy-signal-{report.league}-{row['currency']}-{row['horizon_days']}d-{report.origin_date}",
+            kind="buy_signal", severity="info", title=title, message=message,
+            created_at=datetime.now(UTC).isoformat(),
+            details={
+                "league": report.league, "currency": row["currency"], "horizon_days": row["horizon_days"],
+                "origin_date": str(report.origin_date), "expected_return_pct": round(row["expected_return"] * 100, 2),
+                **{c: row[c] for c in ("current_price", "pred_lower", "pred_upper", "current_price_divines",
+                                       "pred_lower_divines", "pred_upper_divines", "divine_price_chaos", "units",
+                                       "allocation_chaos", "allocation_divines", "skill")},
+                "hint": f"the report: {reporting.report_stem(lake.lake, report.league, report.origin_date)}.html",
+            },
+        )
+        log.info(monitoring.dispatch(alert, lake, log))
+        ids.append(alert.alert_id)
+    return ids
 
 
 forecast_job = dg.define_asset_job(
