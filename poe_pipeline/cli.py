@@ -1,6 +1,7 @@
-"""``poe-pipeline``: run the pipeline, replay a league as a backtest, or serve real prices offline.
+"""``poe-pipeline``: run the pipeline, poll once, replay a league as a backtest, or serve real prices offline.
 
     poe-pipeline run --history DIR --league L [--currencies "A,B"] [--profile test|dev|prod] [--lake DIR]
+    poe-pipeline ingest [--league L] [--url URL] [--lake DIR]
     poe-pipeline backtest --history DIR --league L [--refit-every 7] [--retune-every 1] [--profile test]
         [--currencies "A,B"]
     poe-pipeline serve-replay --history DIR --league L [--speed 288] [--port 8765]
@@ -16,6 +17,7 @@ import difflib
 import os
 import shutil
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from poe_pipeline.settings import DEFAULT_PROFILE, PROFILES, REPO_ROOT, resolve_lake_root
@@ -48,7 +50,21 @@ def prepare_dagster_home(lake_root: Path) -> Path:
     if template.exists() and not (home / "dagster.yaml").exists():
         shutil.copyfile(template, home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)  # the Dagster instance reads it
+    _create_instance_once(home)
     return home
+
+
+def _create_instance_once(home: Path) -> None:
+    """Create the instance's SQLite storage under a lock: processes that open a brand-new instance at the same time
+    race in Dagster's schema migration ("alembic_version has more than one head") and one of them crashes."""
+    import fcntl
+
+    import dagster as dg
+
+    with open(home / ".instance.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with dg.DagsterInstance.get():
+            pass
 
 
 def _leagues_in(history_dir: Path) -> list[str]:
@@ -159,6 +175,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """One poll of poe.watch now, as the 5-minute schedule would, recorded on the lake's Dagster instance."""
+    from poe_pipeline.definitions import defs
+    from poe_pipeline.ingestion import poll_slot
+
+    lake_root = resolve_lake_root(args.lake)
+    check_lake(lake_root, "--lake" if args.lake else "POE_DATA_LAKE")
+    prepare_dagster_home(lake_root)
+    import dagster as dg
+
+    from poe_pipeline.settings import Settings
+
+    settings = Settings.from_env(lake_root)
+    poe_watch: dict = {"min_interval_s": 1.0}
+    if args.url or settings.poe_watch_url:
+        poe_watch["base_url"] = args.url or settings.poe_watch_url
+    if args.league or settings.league:
+        poe_watch["league"] = args.league or settings.league
+    run_config = {"resources": {"lake": {"config": {"root": str(lake_root)}}, "poe_watch": {"config": poe_watch}}}
+    with dg.DagsterInstance.get() as instance:
+        result = defs.resolve_job_def("ingestion_job").execute_in_process(
+            run_config=run_config, instance=instance, raise_on_error=False,
+            tags={"poe/trigger": "cli", "poe/scheduled_execution_time": poll_slot(datetime.now(UTC)).isoformat()})
+    if not result.success:
+        failures = [e.message for e in result.all_events if e.is_step_failure]
+        raise SystemExit("poe-pipeline ingest failed:\n  " + "\n  ".join(failures or ["see the log above"]))
+    (materialization,) = result.asset_materializations_for_node("price_snapshots")
+    meta = {k: v.value for k, v in materialization.metadata.items()}
+    stored = "stored in" if meta["written"] else "this slot was already stored in"
+    print(f"poe-pipeline ingest: {meta['league']}: {meta['dagster/row_count']} records, {meta['quarantined']} "
+          f"quarantined; {stored} {meta['snapshot_path']}")
+    return 0
+
+
 def cmd_serve_replay(args: argparse.Namespace) -> int:
     from poe_pipeline.sources.replay import serve_replay
 
@@ -199,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"training effort (default: {DEFAULT_PROFILE})")
     run.add_argument("--lake", help="lake root (default: $POE_DATA_LAKE or ./data_lake)")
     run.set_defaults(func=cmd_run)
+
+    ingest = sub.add_parser("ingest", help="poll poe.watch once now (the 5-minute schedule's run, by hand)")
+    ingest.add_argument("--league", help="the league to poll (default: $POE_LEAGUE, else the active one)")
+    ingest.add_argument("--url", help="the API's base URL (default: $POE_WATCH_URL, else the live poe.watch)")
+    ingest.add_argument("--lake", help="lake root (default: $POE_DATA_LAKE or ./data_lake)")
+    ingest.set_defaults(func=cmd_ingest)
 
     backtest = sub.add_parser("backtest", help="replay a league day by day: daily forecasts, weekly refits, scores")
     backtest.add_argument("--history", required=True, help="folder of poe.ninja dumps")
