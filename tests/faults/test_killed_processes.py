@@ -3,20 +3,24 @@ RUNNING is marked FAILED by the next session. Real subprocesses, real signals, a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 
+import dagster as dg
 import psutil
 import pytest
 import yaml
-from e2e.processes import wait_for
+from e2e.processes import BIN, base_env, start, stop, wait_for
 
 from conftest import REPO, SAMPLE
 from poe_pipeline.assets.ingestion import ingestion_job
 from poe_pipeline.lake import Lake
+from poe_pipeline.monitoring import read_alerts
+from poe_pipeline.sources.replay import ReplayServer
 from poe_pipeline.tracking import OWNER_PID_TAG, ModelTracker
 
 TRAIN = textwrap.dedent("""
@@ -83,15 +87,63 @@ def test_a_killed_training_takes_its_workers_along_and_its_run_is_failed_later(t
     assert tracker.fail_stale_runs() == []  # a run still owned by a live process is never touched
 
 
-def test_a_run_left_started_by_a_killed_ingestion_is_failed_by_run_monitoring():
-    """The daemon's run monitoring cancels an ingestion run that outlives its maximum runtime; a worker killed
-    with SIGKILL never answers the cancel, so after the cancel timeout the run is marked failed, the failure sensor
-    alerts, and the 5-minute schedule (which skips while a run is in progress) polls again."""
-    config = yaml.safe_load((REPO / "dagster.yaml").read_text())["run_monitoring"]
-    max_runtime = float(ingestion_job.tags["dagster/max_runtime"])
-    assert config["enabled"] and max_runtime < 300  # a poll takes seconds; the next tick is 5 minutes away
-    worst = max_runtime + config["poll_interval_seconds"] + config["cancel_timeout_seconds"]
-    assert worst <= 15 * 60, f"a killed run blocks polling for up to {worst} s"
+def _run_processes(daemon: subprocess.Popen) -> list[psutil.Process] | None:
+    """The code server the daemon started and the run worker it spawned for the one run (``StartRun``), once the
+    worker exists: killing both is what a crash of the machine's process tree does to a run."""
+    try:
+        servers = [p for p in psutil.Process(daemon.pid).children(recursive=True)
+                   if "api grpc" in " ".join(p.cmdline())]
+        for server in servers:
+            workers = [p for p in server.children() if "spawn_main" in " ".join(p.cmdline())]
+            if workers:
+                return [*workers, server]
+    except psutil.NoSuchProcess:
+        pass
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_ingestion_run_is_failed_by_run_monitoring_and_alerted(tmp_path):
+    """The real daemon launches an ingestion run whose poll hangs; its worker is killed with SIGKILL. Run monitoring
+    (dagster.yaml, with shorter intervals here) cancels it past its maximum runtime, fails it when the dead worker
+    never answers, and the failure sensor writes the alert, so the 5-minute schedule is free to poll again."""
+    home = tmp_path / "dagster_home_daemon"
+    home.mkdir()
+    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    assert config["run_monitoring"]["enabled"] and float(ingestion_job.tags["dagster/max_runtime"]) < 300
+    config["run_monitoring"].update(poll_interval_seconds=2, cancel_timeout_seconds=5)
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    lake = Lake(tmp_path / "lake")
+    with ReplayServer(SAMPLE, "Sanctum", start_day=20) as replay:
+        replay.inject(*["timeout:60"] * 4)  # every attempt of the poll hangs: the run is in progress when killed
+        env = base_env(home, lake.root, POE_WATCH_URL=replay.url, POE_LEAGUE="Sanctum")
+        daemon = start([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], env=env,
+                       log=tmp_path / "daemon.log")
+        try:
+            launched = subprocess.run(
+                [str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "ingestion_job",
+                 "--tags", json.dumps({"dagster/max_runtime": "10"})],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+            assert launched.returncode == 0, launched.stdout + launched.stderr
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                (run,) = instance.get_runs()
+                wait_for(lambda: instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED, 120,
+                         "the run to start", process=daemon, log=tmp_path / "daemon.log")
+                for process in wait_for(lambda: _run_processes(daemon), 60, "the run's worker process",
+                                        process=daemon, log=tmp_path / "daemon.log"):
+                    os.kill(process.pid, signal.SIGKILL)
+
+                def ended():
+                    status = instance.get_run_by_id(run.run_id).status
+                    return status if status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED) else None
+
+                assert wait_for(ended, 120, "run monitoring to end the killed run", process=daemon,
+                                log=tmp_path / "daemon.log") == dg.DagsterRunStatus.FAILURE
+                alerts = wait_for(lambda: [a for a in read_alerts(lake) if a["details"].get("run_id") == run.run_id],
+                                  120, "the failure alert", process=daemon, log=tmp_path / "daemon.log")
+                assert alerts[0]["kind"] == "run_failure"
+        finally:
+            stop(daemon)
 
 
 @pytest.fixture(autouse=True)
