@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         doc["targets"][name] = out["targets"]
         for target, verdict in out["targets"].items():
             mark = "met" if verdict["met"] else "NOT met"
-            print(f"  target {name}.{target}: {verdict['value']:.4g} {verdict['target']}: {mark}", file=sys.stderr)
+            value = verdict["value"]
+            shown = f"{value:.4g}" if isinstance(value, int | float) else json.dumps(value, default=str)
+            print(f"  target {name}.{target}: {shown} {verdict['target']}: {mark}", file=sys.stderr)
         print(f"  {name} took {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     doc["total_s"] = time.perf_counter() - started
     doc["all_targets_met"] = not doc["errors"] and all(
