@@ -35,6 +35,7 @@ def two_leagues(tmp_path) -> Path:
     (["--currencies", " , "], "--currencies ' , ' names no currency: leave --currencies out"),
     (["--league", "Sanctom"], "Unknown league 'Sanctom' (did you mean Sanctum?)"),
     (["--lake", "{file}"], "--lake {file}: is a file, not a directory"),
+    (["--lake", "/proc/poe-lake"], "--lake /proc/poe-lake: cannot write there"),  # read-only even for root
 ])
 def test_bad_input_is_one_line_naming_the_fix(two_leagues, tmp_path, args, message):
     file = tmp_path / "a_file"
