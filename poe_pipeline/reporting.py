@@ -509,14 +509,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _chart_currencies(report: InvestmentReport, n: int = 4) -> tuple[list[str], bool]:
-    """The top picks (or, with none, the best-scored currencies) for the fan chart; True if they are picks."""
-    picks = report.picks().sort("score", descending=True)
-    names = list(dict.fromkeys(picks["currency"].to_list()))[:n]
-    if names:
-        return names, True
-    ranked = report.table.sort("score", descending=True, nulls_last=True)["currency"].to_list()
-    return list(dict.fromkeys(ranked))[:n], False
+CHART_MAX_CURRENCIES = 24  # small multiples: every currency of a demo-sized report, the best 24 of a full one
+
+
+def _chart_currencies(report: InvestmentReport, n: int = CHART_MAX_CURRENCIES) -> tuple[list[str], bool]:
+    """Every currency of the report for the fan chart, picks and sells first, then by best score (at most ``n``);
+    True if there are picks."""
+    ranked = report.table.sort("score", descending=True, nulls_last=True)
+    first = [*report.picks().sort("score", descending=True)["currency"].to_list(), *report.sells()["currency"]]
+    names = list(dict.fromkeys([*first, *ranked["currency"].to_list()]))[:n]
+    return names, report.picks().height > 0
 
 
 def fan_chart(report: InvestmentReport, features: pl.DataFrame, currencies: list[str], are_picks: bool) -> bytes:
@@ -527,9 +529,9 @@ def fan_chart(report: InvestmentReport, features: pl.DataFrame, currencies: list
     import matplotlib.pyplot as plt
 
     n = max(1, len(currencies))
-    cols = min(2, n)
+    cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.9 * rows), squeeze=False)
     origin = report.origin_date
     for ax, currency in zip(axes.flat, currencies, strict=False):
         hist = features.filter(
@@ -551,14 +553,17 @@ def fan_chart(report: InvestmentReport, features: pl.DataFrame, currencies: list
         ax.fill_between(xs, lower, upper, color="#f28e2b", alpha=0.25, label=f"{report.interval_level:.0%} interval")
         ax.plot(xs, mid, color="#d9480f", lw=1.6, ls="--", marker="o", ms=3, label="forecast")
         ax.axvline(origin, color="#666", lw=0.8, ls=":")
-        ax.set_title(currency, fontsize=11)
-        ax.set_ylabel("chaos")
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        calls = [f"{a} {h}d" for a, h in zip(fc["advice"], fc["horizon_days"], strict=True) if a in ("buy", "sell")]
+        ax.set_title(f"{currency} ({', '.join(calls)})" if calls else currency, fontsize=9)
+        ax.set_ylabel("chaos", fontsize=8)
+        ax.tick_params(axis="both", labelsize=7)
+        ax.tick_params(axis="x", labelrotation=30)
         ax.grid(alpha=0.25)
     for ax in list(axes.flat)[len(currencies):]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=7, loc="best")
-    title = "Top picks" if are_picks else "Best-ranked currencies (not recommendations: no confident opportunity)"
+    title = ("Every currency of the report, picks first" if are_picks
+             else "Every currency of the report, best-ranked first (no confident buy)")
     fig.suptitle(f"{title}: {report.league}, forecasts from {origin}", fontsize=12)
     fig.tight_layout()
     data = _png(fig)

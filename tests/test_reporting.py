@@ -374,3 +374,15 @@ def test_the_risk_chart_labels_do_not_overlap_and_its_y_axis_fits_the_data():
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def test_the_fan_chart_has_a_panel_for_every_currency_the_report_shows():
+    from poe_pipeline.reporting import CHART_MAX_CURRENCIES, _chart_currencies
+
+    expected = {"Divine Orb": 0.05, "Exalted Orb": 0.04, "Orb of Fusing": -0.001, "Chromatic Orb": 0.0}
+    report = build_report(predictions(expected, width=0.02), sanctum(), budget_chaos=2000)
+    names, are_picks = _chart_currencies(report)
+    assert sorted(names) == sorted(expected) and are_picks == (report.picks().height > 0)
+    picked = list(dict.fromkeys(report.picks().sort("score", descending=True)["currency"]))
+    assert picked and names[: len(picked)] == picked  # picks first
+    assert len(_chart_currencies(report, n=2)[0]) == 2 and CHART_MAX_CURRENCIES >= 15  # the demo's 15 all shown
