@@ -113,6 +113,8 @@ def test_a_killed_ingestion_run_is_failed_by_run_monitoring_and_alerted(tmp_path
     assert config["run_monitoring"]["enabled"] and float(ingestion_job.tags["dagster/max_runtime"]) < 300
     config["run_monitoring"].update(poll_interval_seconds=2, cancel_timeout_seconds=5)
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    with dg.DagsterInstance.from_config(str(home)):  # created once, before two processes open it at the same time
+        pass
     lake = Lake(tmp_path / "lake")
     with ReplayServer(SAMPLE, "Sanctum", start_day=20) as replay:
         replay.inject(*["timeout:60"] * 4)  # every attempt of the poll hangs: the run is in progress when killed
