@@ -62,6 +62,16 @@ def retrain_run_config(currencies: list[str], horizons: list[str] | None = None,
     return config
 
 
+def _registration_metadata(reg, mlflow_url: str) -> dict:
+    """The MLflow run, the registered version and the promotion, shared by both kinds of model."""
+    return {
+        "mlflow_run": mlflow_link(mlflow_url, reg.experiment_id, reg.run_id) if reg else "",
+        "model": f"{reg.model_name} v{reg.version}" if reg else "",
+        "promoted": bool(reg and reg.promoted),
+        "promotion_reason": reg.reason if reg else "",
+    }
+
+
 def global_metadata(outcome: GlobalOutcome, mlflow_url: str) -> dict:
     r, reg = outcome.result, outcome.registration
     if not r.trained:
@@ -75,10 +85,7 @@ def global_metadata(outcome: GlobalOutcome, mlflow_url: str) -> dict:
         "folds": r.folds,
         "rows": r.data_window.get("rows", 0),
         "currencies_pooled": r.data_window.get("currencies", 0),
-        "mlflow_run": mlflow_link(mlflow_url, reg.experiment_id, reg.run_id) if reg else "",
-        "model": f"{reg.model_name} v{reg.version}" if reg else "",
-        "promoted": bool(reg and reg.promoted),
-        "promotion_reason": reg.reason if reg else "",
+        **_registration_metadata(reg, mlflow_url),
     }
 
 
@@ -97,10 +104,7 @@ def partition_metadata(outcome: TrainOutcome, mlflow_url: str) -> dict:
         "own_rows": r.own_rows,
         "global_model": f"{r.global_name} v{r.global_version}",
         "note": r.reason,
-        "mlflow_run": mlflow_link(mlflow_url, reg.experiment_id, reg.run_id) if reg else "",
-        "model": f"{reg.model_name} v{reg.version}" if reg else "",
-        "promoted": bool(reg and reg.promoted),
-        "promotion_reason": reg.reason if reg else "",
+        **_registration_metadata(reg, mlflow_url),
     }
 
 
