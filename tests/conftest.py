@@ -13,6 +13,13 @@ NINJA_API = REPO / "tests" / "data" / "poe-ninja-api"  # currencyoverview respon
 EVENT_DUMPS = REPO / "tests" / "data" / "event-dumps"  # two event leagues, names with spaces and parentheses
 
 
+class Sleeps(list):
+    """A ``sleep`` that records waits instead of spending them."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
 @pytest.fixture
 def lake(tmp_path: Path) -> Lake:
     return Lake(tmp_path / "lake")

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 import requests
 
+from conftest import Sleeps
 from poe_pipeline.sources.poe_ninja import chaos_prices_from_dump_rows, read_dump
 from poe_pipeline.sources.poe_watch import (
     QUARANTINE_SCHEMA,
@@ -32,13 +33,6 @@ SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 LEAGUE = "Kalandra"
 MID_DAY = 50  # 2022-10-08, well inside Kalandra's 110 days
 POLLED_AT = datetime(2022, 10, 8, 12, 0, tzinfo=UTC)
-
-
-class Sleeps(list):
-    """A ``sleep`` that records waits instead of spending them."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import SAMPLE
+from conftest import SAMPLE, Sleeps
 from poe_pipeline.ingestion import ingest_poll, quarantine_path, read_snapshots, snapshot_path
 from poe_pipeline.lake import Lake
 from poe_pipeline.prices import daily_close_from_snapshots
@@ -30,13 +30,6 @@ from poe_pipeline.sources.replay import ReplayServer
 LEAGUE = "Kalandra"
 DAY = 50  # 2022-10-08
 SLOT = datetime(2022, 10, 8, 12, 5, tzinfo=UTC)
-
-
-class Sleeps(list):
-    """A ``sleep`` that records waits instead of spending them."""
-
-    def __call__(self, seconds: float) -> None:
-        self.append(seconds)
 
 
 @pytest.fixture
