@@ -234,11 +234,15 @@ def run_backtest(
     seed: int = 42,
     progress: Callable[[str], None] | None = None,
     retune_every: int = 1,
+    tuning: dict[int, GlobalValidation] | None = None,
 ) -> BacktestRun:
     """Replay ``league`` over ``origins`` (ascending), refitting every ``refit_every`` origins.
 
     ``retune_every``: every that many refits, the refit re-tunes and re-validates each partition (as the weekly
     retrain does); the refits between keep the last tuning and only refit the final models on the new data.
+    ``tuning``: every refit is warm with these validations (horizon -> the global model's tuning, weights and
+    out-of-fold rows), never re-tuned. Leak-free for a replay of the current league only: the league folds that
+    tuning saw are past leagues.
     """
     started = time.perf_counter()
     profile = get_profile(profile) if isinstance(profile, str) else profile
@@ -267,7 +271,7 @@ def run_backtest(
     run = BacktestRun(league, pl.DataFrame(schema=BACKTEST_SCHEMA), currencies=list(currencies))
     models: dict[tuple[str, int], ForecastModel] = {}
     refit_date: date | None = None
-    validations: dict[int, GlobalValidation] = {}
+    validations: dict[int, GlobalValidation] = dict(tuning or {})
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poe-backtest-"))
         pool = None
@@ -278,12 +282,12 @@ def run_backtest(
             features, calendar = builder.at(origin)
             if i % refit_every == 0:
                 t = time.perf_counter()
-                tuned_now = len(run.refits) % retune_every == 0
+                tuned_now = tuning is None and len(run.refits) % retune_every == 0
                 if tuned_now:
                     validations.clear()  # a full re-tune
                 models, skipped = _refit(features, calendar, league, currencies, horizons, profile,
                                          Path(tmp) / origin.isoformat(), pool, seed, f"backtest-{origin}",
-                                         validations if retune_every > 1 else None)  # kept only if reused
+                                         validations if retune_every > 1 or tuning else None)  # kept if reused
                 refit_date = origin
                 run.refits.append(origin)
                 run.skipped += [(origin, s) for s in skipped]

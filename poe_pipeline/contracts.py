@@ -29,6 +29,11 @@ VIEW_DOCS: dict[str, str] = {
     "predictions": "Forecasts of every currency and horizon, with 80 % intervals, appended per origin day.",
     "prediction_errors": "Past predictions joined to the price that came true on origin_date + horizon_days.",
     "investment_report": "What to buy, hold or sell per horizon, with allocation and rebalancing triggers.",
+    "advice_outcomes": "Every past piece of the report's advice (buy, hold or sell per currency and horizon), scored "
+    "against the daily price on origin_date + horizon_days; source 'live' (a past report) or 'backtest' (a replay "
+    "of that day on only the prices known then).",
+    "plan_outcomes": "Every past plan (a horizon's picks with their allocation, the rest in chaos): its realized "
+    "return against holding chaos and an equal-weight basket of the currencies the report ranked.",
 }
 
 COLUMN_DOCS: dict[str, dict[str, str]] = {
@@ -117,7 +122,10 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "note": "why it was or was not picked, or bought (a pick whose share buys no whole unit: the budget it needs)",
         "skill": "the model's out-of-sample skill against 'no change': 1 - its error / the error of 'no change' "
         "(fraction; above 0 beats 'no change')",
-        "trust": "skill in words; 'treat as noise' when the model is no better than 'no change' (skill <= 0 or none)",
+        "trust": "skill in words, and how often past forecasts beat 'no change'; 'treat as noise' when the model is "
+        "no better than 'no change' (skill <= 0 or none)",
+        "past_forecasts": "the currency's scored past forecasts at this horizon (advice_outcomes); null: none yet",
+        "beat_no_change_share": "of those, the share whose error was smaller than 'no change's, 0..1",
         "budget_chaos": "the budget the allocation spreads, in chaos",
         "max_weight": "the cap on each pick's allocation_fraction, 0..1",
         "model_version": "the registered model version behind the forecast",
@@ -132,6 +140,36 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "units": "whole units that amount buys (0: not bought)",
         "allocation_fraction": "share of the budget, 0..1 (0 for a pick whose share could not buy one unit; that "
         "share went to the other picks)",
+    },
+    "advice_outcomes": {
+        "target_date": "origin_date + horizon_days: the day the advice is judged on",
+        "source": "'live' (a stored past report) or 'backtest' (a replay; live wins where both exist)",
+        "advice": "'buy', 'hold' or 'sell', as the report said",
+        "picked": "one of the report's buys after the diversification rule",
+        "allocation_fraction": "the pick's share of the budget, 0..1",
+        "price_at_origin": "price at the origin, in chaos", "predicted_price": "point forecast, in chaos",
+        "pred_lower": "lower end of the interval, in chaos", "pred_upper": "upper end of the interval, in chaos",
+        "expected_return": "the forecast's return, a fraction (0.05 = +5 %)",
+        "price_at_horizon": "daily_prices' price on target_date, in chaos (null: not observed, or not yet)",
+        "realized_return": "price_at_horizon / price_at_origin - 1, a fraction (0.05 = +5 %)",
+        "abs_log_error": "|ln(price_at_horizon / predicted_price)|",
+        "no_change_abs_log_error": "|ln(price_at_horizon / price_at_origin)|: the error of 'no change'",
+        "beat_no_change": "abs_log_error < no_change_abs_log_error",
+        "inside_interval": "price_at_horizon fell inside [pred_lower, pred_upper]",
+        "advice_right": "buy: the price rose; sell: it fell; hold: it stayed inside the interval",
+        "status": "'scored', 'pending' (target_date not reached) or 'not observed' (no price that day)",
+        "model_version": "the registered model version behind the forecast (backtest-<refit day> for a replay)",
+    },
+    "plan_outcomes": {
+        "source": "'live' or 'backtest', as in advice_outcomes",
+        "exit_date": "origin_date + horizon_days: when the plan is sold back to chaos",
+        "picks": "the plan's picks with their share of the budget",
+        "invested_fraction": "share of the budget put in, 0..1; the rest stays in chaos",
+        "plan_return": "sum of allocation_fraction x realized_return over the picks, a fraction of the budget",
+        "chaos_return": "holding chaos: 0",
+        "basket_return": "mean realized_return of every scored currency the report ranked, a fraction",
+        "basket_size": "currencies in the basket",
+        "status": "'scored' once every pick's price at exit_date is known",
     },
 }
 

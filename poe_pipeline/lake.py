@@ -217,6 +217,19 @@ class Lake:
         return self.root / "backtests"
 
     @property
+    def track_record(self) -> Path:
+        """The replay of earlier days that fills the track record where no past report exists."""
+        return self.root / "track_record"
+
+    @property
+    def advice_outcomes(self) -> Path:
+        return self.root / "advice_outcomes"
+
+    @property
+    def plan_outcomes(self) -> Path:
+        return self.root / "plan_outcomes"
+
+    @property
     def alerts(self) -> Path:
         return self.root / "alerts"
 

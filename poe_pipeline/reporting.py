@@ -47,6 +47,7 @@ import polars as pl
 from poe_pipeline.forecasting import FALLBACK_DAILY_VOL, VOL_FLOOR
 from poe_pipeline.lake import Lake, hive_dir, write_bytes_atomic, write_parquet_atomic, write_text_atomic
 from poe_pipeline.names import slug
+from poe_pipeline.track_record import TrackRecord, hit_rate_text, hit_rates
 
 DEFAULT_BUDGET_CHAOS = 10_000.0  # about 40 Divine Orbs in 3.20: enough to buy one unit of the dear currencies
 TOP_K = 5
@@ -110,6 +111,8 @@ REPORT_SCHEMA: dict[str, pl.DataType] = {
     "interval_method": pl.Utf8,
     "interval_level": pl.Float64,
     "skill": pl.Float64,
+    "past_forecasts": pl.Int32,
+    "beat_no_change_share": pl.Float64,
     "trust": pl.Utf8,
     "budget_chaos": pl.Float64,
     "max_weight": pl.Float64,
@@ -200,6 +203,7 @@ class InvestmentReport:
     max_weight: float = MAX_WEIGHT
     divine_price_chaos: float | None = None  # chaos per Divine Orb; None: the report is in chaos only
     divine_price_date: date | None = None
+    track_record: TrackRecord | None = None  # how past advice did; None: not looked up
 
     @property
     def horizons(self) -> list[int]:
@@ -272,15 +276,19 @@ def _money(chaos: float, divine: float | None) -> str:
     return f"{text} ({_fmt_divines(chaos / divine)} div)" if divine else text
 
 
-def trust_text(skill: float | None) -> str:
-    """How far to trust a model, in words, from its out-of-sample skill against 'no change'."""
+def trust_text(skill: float | None, hit_share: float | None = None, past: int | None = None) -> str:
+    """How far to trust a model, in words: its out-of-sample skill against 'no change' and, where past forecasts
+    have come true, how often they beat it."""
     if skill is None or not math.isfinite(skill):
-        return "no out-of-sample skill on record: treat as noise"
-    if skill <= 0:
-        return f"no better than 'no change' out of sample (skill {skill:+.2f}): treat as noise"
-    if skill < MIN_SKILL_TO_MENTION:
-        return f"barely beats 'no change' out of sample (by {skill:.1%})"
-    return f"beats 'no change' by {skill:.0%} out of sample"
+        text = "no out-of-sample skill on record: treat as noise"
+    elif skill <= 0:
+        text = f"no better than 'no change' out of sample (skill {skill:+.2f}): treat as noise"
+    elif skill < MIN_SKILL_TO_MENTION:
+        text = f"barely beats 'no change' out of sample (by {skill:.1%})"
+    else:
+        text = f"beats 'no change' by {skill:.0%} out of sample"
+    hits = hit_rate_text(hit_share, past)
+    return f"{text}; {hits}" if hits else text
 
 
 def has_skill(skill: float | None) -> bool:
@@ -361,10 +369,12 @@ def build_report(
     top_k: int = TOP_K,
     generated_at: datetime | None = None,
     max_weight: float = MAX_WEIGHT,
+    track_record: TrackRecord | None = None,
 ) -> InvestmentReport:
     """Rank, pick and allocate from the predictions of one (league, origin); ``features`` are that league's rows.
 
-    ``max_weight`` caps each pick's share of the budget.
+    ``max_weight`` caps each pick's share of the budget. ``track_record``: how past advice did; each row's trust
+    then also says how often its currency's forecasts beat 'no change'.
     """
     if predictions.height == 0:
         raise ValueError("No predictions to report on: materialize `predictions` first")
@@ -454,17 +464,21 @@ def build_report(
         _allocate(picked, z, budget_chaos, max_weight, divine)
         out += ranked
 
+    hits = ({(c, h): (n, share) for c, h, n, share, _ in hit_rates(track_record.outcomes).iter_rows()}
+            if track_record is not None else {})
     for r in out:
+        r["past_forecasts"], r["beat_no_change_share"] = hits.get((r["currency"], r["horizon_days"]), (None, None))
         for col in ("current_price", "predicted_price", "pred_lower", "pred_upper"):
             r[f"{col}_divines"] = r[col] / divine if divine else None
         r["allocation_divines"] = r["allocation_chaos"] / divine if divine else None
-        r["trust"] = trust_text(r["skill"])
+        r["trust"] = trust_text(r["skill"], r["beat_no_change_share"], r["past_forecasts"])
         r["budget_chaos"], r["max_weight"] = budget_chaos, max_weight
         r["divine_price_chaos"], r["divine_price_date"] = divine, divine_day
         r["generated_at"] = generated_at
     table = pl.DataFrame([{k: r.get(k) for k in REPORT_SCHEMA} for r in out], schema=REPORT_SCHEMA)
     report = InvestmentReport(league, origin, budget_chaos, level, table, correlations, generated_at,
-                              max_weight=max_weight, divine_price_chaos=divine, divine_price_date=divine_day)
+                              max_weight=max_weight, divine_price_chaos=divine, divine_price_date=divine_day,
+                              track_record=track_record)
     if divine is None:
         report.notes.append(f"No {DIVINE} price for {league} up to {origin}: amounts are in chaos only.")
     elif divine_day != origin:
@@ -691,6 +705,22 @@ def _sections(report: InvestmentReport) -> list[tuple[str, pl.DataFrame, str]]:
     return blocks
 
 
+PAST_ADVICE_TITLE = "How did past advice do?"
+PAST_ADVICE_CHART = "past advice"
+
+
+def _past_advice(report: InvestmentReport) -> dict:
+    """The text and table of the report's track-record section."""
+    track = report.track_record
+    if track is None or track.empty:
+        return {"text": "No past advice of this league has come true yet: the section fills as forecasts reach "
+                        "their horizon (or after a replay of earlier days, see advice_outcomes).", "table": None}
+    text = (f"Every past piece of advice in {report.league} whose horizon has come, scored against the price on "
+            "that day. A plan is a horizon's picks with their allocation, the rest kept in chaos; plans are chained "
+            "without overlap (the next starts when the last ends) and compounded. " + track.sources_text())
+    return {"text": text, "table": track.summary()}
+
+
 def allocation_plan(report: InvestmentReport, horizon: int) -> str:
     """One line: what to buy at this horizon, in whole units, and the chaos kept ("" without picks)."""
     picks = report.picks(horizon)
@@ -782,9 +812,11 @@ def render_html(report: InvestmentReport, charts: dict[str, bytes]) -> str:
     """The self-contained HTML report (templates/investment_report.html.j2), charts inline as base64 PNG."""
     plans = [(h, plan) for h in report.horizons if (plan := allocation_plan(report, h))] if report.picks().height \
         else []
+    past = charts.get(PAST_ADVICE_CHART)
     return _TEMPLATES.get_template("investment_report.html.j2").render(
         report=report, css=markupsafe.Markup(CSS), plans=plans, meta=meta_line(report),
-        charts=[(name, base64.b64encode(data).decode()) for name, data in charts.items()],
+        charts=[(name, base64.b64encode(data).decode()) for name, data in charts.items() if name != PAST_ADVICE_CHART],
+        past=_past_advice(report), past_chart=base64.b64encode(past).decode() if past else None,
         sections=[{"title": t, "table": table, "caption": c} for t, table, c in _sections(report)],
         quality=_model_quality(report), method=method_text(report), table=_html_table,
     )
@@ -804,7 +836,14 @@ def render_markdown(report: InvestmentReport, chart_files: dict[str, str]) -> st
         lines += ["## Suggested allocation", ""]
         lines += [f"- **{h}-day plan**: {plan}" for h in report.horizons if (plan := allocation_plan(report, h))]
         lines.append("")
-    lines += ["## Charts", ""] + [f"![{name}]({file})" for name, file in chart_files.items()] + [""]
+    lines += ["## Charts", ""] + [f"![{name}]({file})" for name, file in chart_files.items()
+                                  if name != PAST_ADVICE_CHART] + [""]
+    past = _past_advice(report)
+    lines += [f"## {PAST_ADVICE_TITLE}", "", past["text"], ""]
+    if past["table"] is not None:
+        lines += [markdown_table(past["table"]), ""]
+    if PAST_ADVICE_CHART in chart_files:
+        lines += [f"![{PAST_ADVICE_CHART}]({chart_files[PAST_ADVICE_CHART]})", ""]
     for title, table, caption in _sections(report):
         lines += [f"## {title}", "", caption, "", markdown_table(table), ""]
     lines += ["## Model quality", "", markdown_table(_model_quality(report)), "", "## How to read this", ""]
@@ -821,6 +860,8 @@ def write_report(lake: Lake, report: InvestmentReport, features: pl.DataFrame) -
         "forecast fan": fan_chart(report, features, names, are_picks),
         "risk and return": risk_return_chart(report),
     }
+    if report.track_record is not None and not report.track_record.empty:
+        charts[PAST_ADVICE_CHART] = report.track_record.chart()
     chart_paths = {name: write_bytes_atomic(data, directory / f"{stem}_{slug(name)}.png")
                    for name, data in charts.items()}
     html_path = write_text_atomic(render_html(report, charts), directory / f"{stem}.html")

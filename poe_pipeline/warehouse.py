@@ -90,6 +90,8 @@ def lake_views(lake: Lake) -> list[ParquetView]:
         ParquetView("model_metrics", lake.model_metrics),
         ParquetView("predictions", lake.predictions),
         ParquetView("investment_report", lake.investment_report),
+        ParquetView("advice_outcomes", lake.advice_outcomes),
+        ParquetView("plan_outcomes", lake.plan_outcomes),
     ]
 
 
@@ -102,6 +104,7 @@ def view_schema(name: str) -> dict[str, pl.DataType]:
     from poe_pipeline.prices import DAILY_PRICES_SCHEMA
     from poe_pipeline.reporting import REPORT_SCHEMA
     from poe_pipeline.sources.poe_watch import QUARANTINE_SCHEMA, SNAPSHOT_SCHEMA
+    from poe_pipeline.track_record import ADVICE_OUTCOMES_SCHEMA, PLAN_OUTCOMES_SCHEMA
     from poe_pipeline.training import MODEL_METRICS_SCHEMA
     from poe_pipeline.universe import UNIVERSE_SCHEMA
 
@@ -118,6 +121,8 @@ def view_schema(name: str) -> dict[str, pl.DataType]:
         "model_metrics": MODEL_METRICS_SCHEMA,
         "predictions": PREDICTIONS_SCHEMA,
         "investment_report": REPORT_SCHEMA,
+        "advice_outcomes": ADVICE_OUTCOMES_SCHEMA,
+        "plan_outcomes": PLAN_OUTCOMES_SCHEMA,
     }
     return dict(schemas[name])
 

@@ -351,7 +351,7 @@ class AutomationClock:
 
 
 DAILY = {"daily_prices", "features", "currency_universe"}
-FORECASTS = {"predictions", "investment_report"} & ASSET_NAMES
+FORECASTS = {"predictions", "advice_outcomes", "investment_report"} & ASSET_NAMES
 
 
 def test_daily_refresh_by_automation_conditions(instance):

@@ -17,7 +17,7 @@ def test_the_definitions_hold_every_stage():
 
     assets = {spec.key.to_user_string() for spec in defs.resolve_all_asset_specs()}
     assert assets == {"price_snapshots", "historical_prices", "daily_prices", "features", "currency_universe",
-                      "global_models", "currency_models", "predictions", "investment_report"}
+                      "global_models", "currency_models", "predictions", "advice_outcomes", "investment_report"}
     checks = {key.name for key in defs.get_repository_def().asset_graph.asset_check_keys}
     assert checks == {"daily_prices_positive_finite", "daily_prices_unique_keys", "daily_prices_day_over_day_jumps",
                       "features_no_lookahead", "predictions_interval_contains_point"}
@@ -43,7 +43,7 @@ def test_each_stage_lives_in_one_module():
     assert names(features) == {"features", "currency_universe", "features_job"}
     assert names(models) == {"global_models", "currency_models", "retrain_models_job", "weekly_retrain",
                              "new_currency_partitions", "model_degradation"}
-    assert names(forecasts) == {"predictions", "investment_report", "forecast_job"}
+    assert names(forecasts) == {"predictions", "advice_outcomes", "investment_report", "forecast_job"}
     assert names(alerts) == {"failure_alerts"}
 
 

@@ -66,8 +66,9 @@ def test_analyst_reads_while_pipeline_updates(filled_lake):
         analyst.kill()
 
 
-ALL_VIEWS = ["currency_universe", "daily_prices", "features", "historical_prices", "investment_report", "model_metrics",
-             "prediction_errors", "predictions", "price_snapshots", "quarantine"]
+ALL_VIEWS = ["advice_outcomes", "currency_universe", "daily_prices", "features", "historical_prices",
+             "investment_report", "model_metrics", "plan_outcomes", "prediction_errors", "predictions",
+             "price_snapshots", "quarantine"]
 
 
 def test_every_view_exists_and_is_documented_before_any_data_lands(lake):

@@ -4,8 +4,9 @@
 | --- | --- |
 | ``predictions`` | every currency x horizon from the champions, appended per origin day; after new features or models |
 | ``predictions_interval_contains_point`` | a blocking check: each interval contains its forecast, all finite |
-| ``investment_report`` | what to buy, hold or sell: HTML, Markdown, CSV and a table; alerts on new buys |
-| ``forecast_job`` | both assets with their check |
+| ``advice_outcomes`` | how past advice turned out (and ``plan_outcomes``); replays recent days that have no report |
+| ``investment_report`` | what to buy, hold or sell: HTML, Markdown, CSV and a table, with its track record; alerts |
+| ``forecast_job`` | the three assets with their check |
 """
 
 import base64
@@ -15,16 +16,25 @@ from datetime import UTC, datetime
 import dagster as dg
 import polars as pl
 
-from poe_pipeline import forecasting, quality, reporting
+from poe_pipeline import forecasting, quality, reporting, track_record
 from poe_pipeline import monitoring as mon
 from poe_pipeline.assets import column_schema, rounded, table, view_description
 from poe_pipeline.features import read_features
+from poe_pipeline.prices import read_daily_prices
 from poe_pipeline.resources import LakeResource, MonitoringResource, RunScopeResource
 from poe_pipeline.settings import HORIZONS_DAYS
+from poe_pipeline.training import default_workers
 
 
 class PredictionsConfig(dg.Config):
     interval_level: float = forecasting.INTERVAL_LEVEL
+
+
+class AdviceConfig(dg.Config):
+    # Replay this many days before the latest forecast where no past report exists, so the track record is
+    # never empty; 0 scores only the stored reports.
+    backfill_days: int = track_record.BACKFILL_DAYS
+    backfill_refit_every: int = track_record.BACKFILL_REFIT_EVERY
 
 
 class ReportConfig(dg.Config):
@@ -138,8 +148,68 @@ def predictions_interval_contains_point(lake: LakeResource) -> dg.AssetCheckResu
 
 @dg.asset(
     group_name="forecasts",
+    kinds={"parquet", "duckdb"},
+    deps=[predictions, "daily_prices", "global_models"],
+    # after each day's forecasts; new prices and models reach it through them, and must not run it twice
+    automation_condition=dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets("daily_prices",
+                                                                                         "global_models")),
+    metadata=column_schema("advice_outcomes"),
+    description=view_description("advice_outcomes", "Scores every past piece of the report's advice (buy, hold or "
+                                 "sell per currency and horizon) against the price that came true, and every past "
+                                 "plan against holding chaos and an equal-weight basket (view plan_outcomes). Where "
+                                 "no past report exists in the last days, replays them first: the global champions "
+                                 "refitted warm on only the prices known each day."),
+)
+def advice_outcomes(
+    context: dg.AssetExecutionContext, config: AdviceConfig, lake: LakeResource, run_scope: RunScopeResource,
+) -> dg.MaterializeResult:
+    store = lake.lake
+    scope = run_scope.scope(store)
+    league = scope.league
+    latest = forecasting.latest_origin(store, league)
+    if latest is None:
+        raise dg.Failure(f"No predictions for {league}: nothing to score (materialize predictions first)")
+    prices = read_daily_prices(store)
+    covered = set(reporting.read_report_table(store, league)["origin_date"].unique().to_list()) | set(
+        track_record.read_backfill(store, league)["origin_date"].unique().to_list())
+    origins = track_record.backfill_origins(prices, league, latest, config.backfill_days, covered)
+    replayed = 0
+    if origins:
+        tuning, missing = track_record.champion_tuning(store, HORIZONS_DAYS)
+        for why in missing:
+            context.log.warning(f"advice_outcomes: no replay at this horizon: {why}")
+        if tuning:
+            currencies, _ = scope.chosen()
+            context.log.info(f"advice_outcomes: replaying {len(origins)} day(s) of {league} ({origins[0]} to "
+                             f"{origins[-1]}) for {len(currencies)} currencies, refits every "
+                             f"{config.backfill_refit_every} days")
+            replayed = track_record.backfill_advice(
+                store, league, currencies, origins, tuning, refit_every=config.backfill_refit_every,
+                workers=default_workers(), progress=context.log.info)["origin_date"].n_unique()
+    outcomes = track_record.score_advice(track_record.league_advice(store, league), prices)
+    plans = track_record.plan_outcomes(outcomes)
+    paths = track_record.write_outcomes(store, league, outcomes, plans)
+    lake.publish_views(context.log)
+    scored = outcomes.filter(pl.col("status") == "scored")
+    summary = track_record.TrackRecord.build(outcomes, plans, league, latest).summary()
+    context.log.info(f"advice_outcomes: {outcomes.height} pieces of advice, {scored.height} scored; "
+                     f"{plans.filter(pl.col('status') == 'scored').height} plans scored")
+    return dg.MaterializeResult(metadata={
+        "league": league,
+        "dagster/row_count": outcomes.height,
+        "scored": scored.height,
+        "days_replayed_now": replayed,
+        "by_status": dg.MetadataValue.json(dict(outcomes.group_by("status").len().iter_rows())),
+        "by_source": dg.MetadataValue.json(dict(outcomes.group_by("source").len().iter_rows())),
+        "summary": table(summary) if summary.height else "nothing scored yet",
+        "path": dg.MetadataValue.path(str(paths[0].parent.parent)),
+    })
+
+
+@dg.asset(
+    group_name="forecasts",
     kinds={"html", "parquet", "duckdb"},
-    deps=[predictions],
+    deps=[predictions, advice_outcomes],
     automation_condition=dg.AutomationCondition.eager(),
     metadata=column_schema("investment_report"),
     description=view_description("investment_report", "Ranks currencies per horizon by expected, risk-adjusted return "
@@ -158,9 +228,10 @@ def investment_report(
         raise dg.Failure(f"No predictions for {league}: nothing to report (materialize predictions first)")
     preds = forecasting.read_predictions(store, league, origin)
     features = read_features(store, [league]).select(reporting.REPORT_FEATURE_COLUMNS)
+    past = track_record.TrackRecord.build(*track_record.read_outcomes(store, league), league, origin)
     try:
         report = reporting.build_report(preds, features, budget_chaos=config.budget_chaos, top_k=config.top_k,
-                                        max_weight=config.max_weight)
+                                        max_weight=config.max_weight, track_record=past)
     except ValueError as exc:
         raise dg.Failure(f"investment_report config: {exc}") from exc
     files = reporting.write_report(store, report, features)
@@ -218,8 +289,8 @@ def _alert_new_buys(report: reporting.InvestmentReport, lake: LakeResource, moni
 
 
 forecast_job = dg.define_asset_job(
-    "forecast_job", selection=[predictions, investment_report],
-    description="Forecast every eligible currency from the champions and write the investment report.")
+    "forecast_job", selection=[predictions, advice_outcomes, investment_report],
+    description="Forecast every eligible currency from the champions, score past advice, and write the report.")
 
-defs = dg.Definitions(assets=[predictions, investment_report], asset_checks=[predictions_interval_contains_point],
-                      jobs=[forecast_job])
+defs = dg.Definitions(assets=[predictions, advice_outcomes, investment_report],
+                      asset_checks=[predictions_interval_contains_point], jobs=[forecast_job])
