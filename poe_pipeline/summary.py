@@ -57,7 +57,23 @@ def summarize(lake: Lake, league: str, not_eligible: list[str] | None = None) ->
         *skipped,
         report_summary(lake, league),
         "",
+        *_track_record_lines(lake, league),
         f"Lake:       {lake.root}",
         f"Warehouse:  {lake.warehouse}   (duckdb -readonly {lake.warehouse})",
         f"Dagster UI: make dev   (DAGSTER_HOME={lake.dagster_home})",
     ])
+
+
+def _track_record_lines(lake: Lake, league: str) -> list[str]:
+    """The report's "How did past advice do?" numbers, per horizon, for the command line."""
+    from poe_pipeline.track_record import TrackRecord, read_outcomes
+
+    outcomes, plans = read_outcomes(lake, league)
+    if outcomes.height == 0:
+        return []
+    last = outcomes["origin_date"].max()
+    record = TrackRecord.build(outcomes, plans, league, last)
+    if record.empty:
+        return [f"How did past advice do? Nothing has come true yet ({outcomes.height} pieces of advice pending).", ""]
+    return [f"How did past advice do? {record.sources_text()} (view advice_outcomes)",
+            markdown_table(record.summary()), ""]

@@ -292,9 +292,9 @@ class TrackRecord:
         if counts.get("live"):
             parts.append(f"{counts['live']} pieces of advice from past reports")
         if counts.get("backtest"):
-            parts.append(f"{counts['backtest']} from a replay of earlier days (the models refitted on only the prices "
-                         "known at the time, then forecasting day by day)")
-        return "Scored: " + " and ".join(parts) + "." if parts else ""
+            parts.append(f"{counts['backtest']} pieces of advice from a replay of earlier days (the models "
+                         "refitted on only the prices known at the time, then forecasting day by day)")
+        return "Scored: " + "; ".join(parts) + "." if parts else ""
 
     def chart(self) -> bytes:
         """Cumulative return of the plans against holding chaos and the basket, one panel per horizon."""

@@ -140,6 +140,7 @@ def demo_lake(tmp_path_factory):
                           "Sanctum", "--lake", str(root), "--currencies", currencies],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "How did past advice do? Scored:" in run.stdout  # the summary shows the track record too
     return root, currencies.split(",")
 
 
