@@ -125,28 +125,10 @@ def test_backfill_origins_skip_covered_days_and_the_first_league_week():
 # --- the demo, as a user runs it ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def demo_lake(tmp_path_factory):
-    """`make demo`'s command on the bundled sample, with the Makefile's own currency list."""
-    import subprocess
-
-    from e2e.processes import BIN, REPO, base_env
-
-    makefile = (REPO / "Makefile").read_text()
-    currencies = re.search(r"^DEMO_CURRENCIES \?= (.+)$", makefile, re.M).group(1).strip()
-    root = tmp_path_factory.mktemp("demo") / "lake"
-    env = base_env(root / ".dagster", root, POE_WATCH_URL="http://127.0.0.1:9")
-    run = subprocess.run([str(BIN / "poe-pipeline"), "run", "--history", str(REPO / "sample_data"), "--league",
-                          "Sanctum", "--lake", str(root), "--currencies", currencies],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "How did past advice do? Scored:" in run.stdout  # the summary shows the track record too
-    return root, currencies.split(",")
-
-
 @pytest.mark.slow
 def test_demo_advice_outcomes_match_daily_prices_by_hand(demo_lake):
-    root, currencies = demo_lake
+    root, currencies = demo_lake.root, demo_lake.currencies
+    assert "How did past advice do? Scored:" in demo_lake.stdout  # the run's summary shows the track record too
     with duckdb.connect(str(root / "warehouse.duckdb"), read_only=True) as con:
         rows = con.sql("SELECT * FROM advice_outcomes").pl()
         assert rows.filter(pl.col("status") == "scored").height > 0
@@ -178,7 +160,7 @@ def test_demo_report_in_chromium_shows_prices_charts_plans_and_the_track_record(
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    root, currencies = demo_lake
+    root, currencies = demo_lake.root, demo_lake.currencies
     (html,) = sorted((root / "reports").glob("*/investment_report_sanctum.html"))[-1:]
     table = pl.read_csv(html.with_suffix(".csv"), try_parse_dates=True)
     options = Options()
