@@ -179,6 +179,9 @@ def _check_inputs(daily_prices: pl.DataFrame, calendar: pl.DataFrame) -> None:
         raise ValueError(
             f"Leagues {sorted(unknown)} are not in the calendar: pass league_calendar(daily_prices)"
         )
+    price = pl.col("price_chaos")
+    if not daily_prices.select((price.is_finite() & (price > 0)).fill_null(False).all()).item():
+        raise ValueError("daily_prices has a missing, NaN, infinite or non-positive price: merge_daily_prices drops it")
 
 
 def _sorted_prices(daily_prices: pl.DataFrame) -> pl.DataFrame:

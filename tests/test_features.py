@@ -261,6 +261,16 @@ def test_unknown_league_and_duplicates_are_refused() -> None:
         build_features(pl.concat([prices, prices.head(1)]), league_calendar(prices))
     with pytest.raises(ValueError, match="Unknown league 'Foo'"):
         build_league_features(prices, league_calendar(prices), "Foo")
+    for bad in (0.0, -1.0, float("nan"), float("inf"), None):  # merge_daily_prices drops these
+        price = pl.when(pl.int_range(pl.len()) == 5).then(pl.lit(bad, pl.Float64)).otherwise("price_chaos")
+        with pytest.raises(ValueError, match="non-positive price"):
+            build_features(prices.with_columns(price.alias("price_chaos")), league_calendar(prices))
+
+
+def test_no_prices_give_no_rows() -> None:
+    prices = real_prices()
+    empty = build_features(prices.head(0), league_calendar(prices))
+    assert empty.height == 0 and empty.schema == real_features().schema
 
 
 def test_incremental_update_rewrites_only_the_league_that_changed(lake) -> None:
