@@ -162,6 +162,10 @@ def _r(expr: pl.Expr) -> pl.Expr:
     return pl.when(pl.col("_real")).then(expr)
 
 
+# one integer per (league, date): grouping or joining on it is faster than on both columns
+_league_day = (pl.col("date").cast(pl.Int64) * (1 << 32) + pl.col("_lid")).alias("_league_day")
+
+
 def _s(expr: pl.Expr) -> pl.Expr:
     """Per series, for what padding cannot isolate (EWM, cumulative max)."""
     return expr.over("_sid")
@@ -169,7 +173,12 @@ def _s(expr: pl.Expr) -> pl.Expr:
 
 def _day(expr: pl.Expr) -> pl.Expr:
     """Over one league's same-day rows (cross-currency context)."""
-    return expr.over("_lid", "date")
+    return expr.over(_league_day)
+
+
+def _days(start: pl.Expr, end: pl.Expr) -> pl.Expr:
+    """Days from ``start`` to ``end`` (dates), as Int32."""
+    return end.cast(pl.Int32) - start.cast(pl.Int32)
 
 
 def _check_inputs(daily_prices: pl.DataFrame, calendar: pl.DataFrame) -> None:
@@ -204,8 +213,12 @@ def _padded_grid(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.LazyFrame:
     forward fill, and the repeats are the imputed days. The padding lets plain whole-column windows and
     shifts (much faster than per-group ones) stop at series boundaries: derived columns are null on it.
     """
-    cal = calendar.lazy().select(
-        "league", "start_date", "end_date", pl.col("recency_rank").cast(pl.Int32).alias("league_recency_rank")
+    # the calendar row of each league, in the order of the leagues' numbers (_lid - 1)
+    cal = (
+        rows.filter((pl.col("league") != pl.col("league").shift(1)).fill_null(True))
+        .select("league")
+        .join(calendar, on="league", how="left", maintain_order="left")
+        .select("start_date", "end_date", pl.col("recency_rank").cast(pl.Int32).alias("league_recency_rank"))
     )
     new_league = (pl.col("league") != pl.col("league").shift(1)).fill_null(True)
     new_series = new_league | (pl.col("currency") != pl.col("currency").shift(1)).fill_null(True)
@@ -236,8 +249,8 @@ def _padded_grid(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.LazyFrame:
             (pl.col("_j") >= 0).alias("_real"),
             (pl.col("_j") == 0).alias("_observed"),
             (pl.col("date").cast(pl.Int32) + pl.col("_j")).cast(pl.Date).alias("date"),
+            *[pl.lit(cal[c]).gather(pl.col("_lid") - 1).alias(c) for c in cal.columns],  # a join would copy all
         )
-        .join(cal, on="league", how="left", maintain_order="left")
     )
 
 
@@ -282,6 +295,7 @@ class _Past:
         """Median of the values ``lag`` .. ``lag + window - 1`` rows back (NaN where fewer than ``min_samples``
         are present): the order statistics Polars' rolling_median picks and its midpoint ``lo + (hi - lo) * 0.5``.
         A sorting network orders each row's window across columns (wires), missing values (+inf) last."""
+        values = np.where(self.present, self.values, np.inf)
         out = np.empty(self.n)
         wires = np.empty((window + 1, _BLOCK))  # the last one is spare
         count = np.empty(_BLOCK, dtype=np.int8)
@@ -291,8 +305,7 @@ class _Past:
             m.fill(0)
             for k in range(window):
                 back = slice(PAD - lag - k + a, PAD - lag - k + b)
-                w[k].fill(np.inf)
-                np.copyto(w[k], self.values[back], where=self.present[back])
+                np.copyto(w[k], values[back])
                 m += self.present[back]
             at, spare = list(range(window)), window  # at[i]: the row of ``wires`` holding wire i
             for i, j in _sorting_network(window):
@@ -310,40 +323,45 @@ class _Past:
         return out
 
 
-def _kept(values: np.ndarray, rows: np.ndarray) -> pl.Series:
-    """``values`` at the kept ``rows``, as a new array: Polars may keep pointing into the memory it is given."""
-    return pl.Series(values[rows])
+class _Running:
+    """Folds terms left to right with ``op`` (np.add, np.fmin, np.fmax) and keeps the result after each count in
+    ``counts``. For sums, a longer window extends a shorter one with the very additions of a sum written out per
+    window: a row depends on nothing outside its window, bit for bit (unlike a sliding-sum kernel). A kept result
+    never changes afterwards, since Polars may use its memory as it is."""
 
-
-class _RunningSum:
-    """Adds terms left to right and keeps the total, at the kept rows, after each count in ``counts``: a longer
-    window extends a shorter one with the very additions of a sum written out per window, so a row depends on
-    nothing outside its window, bit for bit (unlike a sliding-sum kernel)."""
-
-    def __init__(self, counts: Iterable[int], rows: np.ndarray) -> None:
-        self.counts, self.rows, self.n = set(counts), rows, 0
+    def __init__(self, counts: Iterable[int], op: np.ufunc = np.add) -> None:
+        self.counts, self.op, self.n = set(counts), op, 0
         self.total, self.at = np.empty(0), {}
 
     def add(self, term: np.ndarray) -> None:
         self.n += 1
         if self.n == 1:
             self.total = term.copy()
+        elif self.n - 1 in self.at:
+            self.total = self.op(self.total, term)  # a new array: the kept one stays as it is
         elif self.n <= max(self.counts):
-            self.total += term
+            self.op(self.total, term, out=self.total)
         if self.n in self.counts:
-            self.at[self.n] = _kept(self.total, self.rows)
+            self.at[self.n] = self.total
 
 
-def _window_columns(grid: pl.DataFrame, rows: np.ndarray) -> list[pl.Series]:
-    """The trailing-window columns at the kept ``rows`` (counted from the grid's row PAD): sums over the log
-    price's windows (of differences to today's value, for stability), its minima, maxima and medians, the robust
-    return scale, sums of winsorized returns, of the spread and of realized_vol_7. None is null on a real row."""
-    out: dict[str, pl.Series] = {}
+def _at_rows(columns: dict[str, np.ndarray], rows: pl.Series) -> list[pl.Series]:
+    """The columns at the kept ``rows``, gathered by Polars in one go: into memory its allocator has freed, where
+    new numpy arrays would start on fresh pages. NaN stands for null."""
+    return [column.fill_nan(None) if column.dtype.is_float() else column for column in pl.DataFrame(columns)[rows]]
+
+
+def _price_windows(grid: pl.DataFrame, rows: pl.Series) -> list[pl.Series]:
+    """The log price's trailing windows at the kept ``rows`` (counted from the grid's row PAD): sums (of
+    differences to today's value, for stability) for the means, deviations and trends, minima, maxima, medians."""
+    out: dict[str, np.ndarray] = {}
     lp = _Past(grid["log_price"].to_numpy())
     ws = [w for w in ROLL_WINDOWS if w > 1]
-    s1, s2 = _RunningSum([w - 1 for w in ws], rows), _RunningSum([w - 1 for w in ws], rows)  # k = 1 .. w - 1
-    trend = _RunningSum([w - 1 for w in TREND_WINDOWS], rows)  # k times the k-th term
-    low, high = lp.value(0).copy(), lp.value(0).copy()
+    s1, s2 = _Running([w - 1 for w in ws]), _Running([w - 1 for w in ws])  # k = 1 .. w - 1 days back
+    trend = _Running([w - 1 for w in TREND_WINDOWS])  # k times the k-th term
+    low, high = _Running(ws, np.fmin), _Running(ws, np.fmax)  # k = 0 .. w - 1; they skip NaN (missing)
+    low.add(lp.value(0))
+    high.add(lp.value(0))
     d, scratch = np.empty(lp.n), np.empty(lp.n)
     for k in range(1, max(ROLL_WINDOWS)):
         d.fill(0.0)
@@ -351,45 +369,56 @@ def _window_columns(grid: pl.DataFrame, rows: np.ndarray) -> list[pl.Series]:
         s1.add(d)
         s2.add(np.multiply(d, d, out=scratch))
         trend.add(np.multiply(d, k, out=scratch))
-        np.fmin(low, lp.value(k), out=low)  # fmin/fmax skip NaN (missing)
-        np.fmax(high, lp.value(k), out=high)
-        if k + 1 in ws:
-            out[f"log_price_roll_min_{k + 1}"] = _kept(low, rows)
-            out[f"log_price_roll_max_{k + 1}"] = _kept(high, rows)
+        low.add(lp.value(k))
+        high.add(lp.value(k))
     for w in ws:
-        out[f"_s1_{w}"], out[f"_s2_{w}"] = s1.at[w - 1], s2.at[w - 1]
+        out |= {f"_s1_{w}": s1.at[w - 1], f"_s2_{w}": s2.at[w - 1]}
+        out |= {f"log_price_roll_min_{w}": low.at[w], f"log_price_roll_max_{w}": high.at[w]}
         if w in TREND_WINDOWS:
             out[f"_t_{w}"] = trend.at[w - 1]
         if w > 3:  # the median of 3 follows from the sum, minimum and maximum
-            out[f"log_price_roll_median_{w}"] = _kept(lp.median(w, 1), rows)
+            out[f"log_price_roll_median_{w}"] = lp.median(w, 1)
+    return _at_rows(out, rows)
 
+
+def _return_windows(grid: pl.DataFrame, rows: pl.Series) -> list[pl.Series]:
+    """The outlier rule, then trailing sums of winsorized returns, of the spread and of realized_vol_7, and the
+    liquidity shares, at the kept ``rows`` (counted from the grid's row PAD)."""
+    out: dict[str, np.ndarray] = {}
     # the outlier rule: returns against their robust scale over the previous days (day t excluded)
     r = grid["logret_1d"].to_numpy()
     scale = _Past(np.abs(r)).median(OUTLIER_WINDOW, 3, lag=1)
     np.multiply(scale, MAD_TO_SIGMA, out=scale)
     early = grid["league_day"].to_numpy()[PAD:] < OUTLIER_EARLY_DAYS
     np.fmax(scale, np.where(early, OUTLIER_FLOOR_EARLY, OUTLIER_FLOOR), out=scale)  # the floor while no median
-    out["_scale"] = _kept(scale, rows)
     bound = OUTLIER_K * scale
+    winsorized = np.clip(r[PAD:], -bound, bound)
+    with np.errstate(invalid="ignore"):  # NaN (a missing return) is no outlier
+        out |= {
+            "logret_1d_robust_z": r[PAD:] / scale,
+            "logret_1d_winsorized": winsorized,
+            "is_outlier": np.abs(r[PAD:]) > bound,
+        }
     wr = np.zeros(len(r))  # winsorized returns, nulls as 0 (the terms of their sums)
-    np.clip(r[PAD:], -bound, bound, out=wr[PAD:])
-    np.copyto(wr, 0.0, where=np.isnan(wr))
+    wr[PAD:] = np.where(np.isnan(winsorized), 0.0, winsorized)
     wr = _Past(wr)
     age = grid["series_age_days"].fill_null(-1).to_numpy()[PAD:]
     windows = sorted(set(MOMENTUM_WINDOWS) | set(VOL_WINDOWS))
-    r1, r2 = _RunningSum(windows, rows), _RunningSum(VOL_WINDOWS, rows)  # k = 0 .. w - 1 days back
-    vol = np.zeros(len(r))  # realized_vol_7 (nulls as 0), as the formulas in _features compute it
+    r1, r2 = _Running(windows), _Running(VOL_WINDOWS)  # k = 0 .. w - 1 days back
+    scratch = np.empty(wr.n)
     for k in range(max(windows)):
         r1.add(wr.value(k))
         r2.add(np.multiply(wr.value(k), wr.value(k), out=scratch))
-        if k + 1 == 7:
-            m = np.minimum(age, 7).astype(np.float64)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                v = np.sqrt(np.maximum((r2.total - r1.total * r1.total / m) / (m - 1), 0.0))
-            np.copyto(vol[PAD:], v, where=m >= 2)
     out |= {f"_r1_{w}": r1.at[w] for w in windows} | {f"_r2_{w}": r2.at[w] for w in VOL_WINDOWS}
+
+    # realized_vol_7 as the formulas in _features compute it (nulls as 0), for its own dispersion over 14 days
+    m = np.minimum(age, 7).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vol7 = np.sqrt(np.maximum((r2.at[7] - r1.at[7] * r1.at[7] / m) / (m - 1), 0.0))
+    vol = np.zeros(len(r))
+    np.copyto(vol[PAD:], vol7, where=m >= 2)
     vol = _Past(vol)
-    v1, v2 = _RunningSum([14], rows), _RunningSum([14], rows)
+    v1, v2 = _Running([14]), _Running([14])
     for k in range(14):
         v1.add(vol.value(k))
         v2.add(np.multiply(vol.value(k), vol.value(k), out=scratch))
@@ -397,13 +426,25 @@ def _window_columns(grid: pl.DataFrame, rows: np.ndarray) -> list[pl.Series]:
 
     spread_abs = grid["spread_log"].abs()
     spread = _Past(spread_abs.fill_null(0.0).to_numpy(), spread_abs.is_not_null().to_numpy())
-    sp = _RunningSum([LIQUIDITY_WINDOW], rows)
-    count = np.zeros(spread.n, dtype=np.int32)
+    sp = _Running([LIQUIDITY_WINDOW])
     for k in range(LIQUIDITY_WINDOW):
         sp.add(spread.value(k))
-        count += spread.seen(k)
-    out["_sp_sum"], out["_sp_n"] = sp.at[LIQUIDITY_WINDOW], _kept(count, rows)
-    return [values.alias(name) for name, values in out.items()]
+    out["_sp_sum"] = sp.at[LIQUIDITY_WINDOW]
+    out["_sp_n"] = sum(spread.seen(k) for k in range(LIQUIDITY_WINDOW)).astype(np.int32)
+
+    # shares of the last days with a flag: over the real days of the window where the flag is known
+    real = grid["_real"].to_numpy()
+    for name, flag in (
+        ("good_confidence_share_7", "_good"),
+        ("observed_share_7", "_observed"),
+        ("two_sided_share_7", "_two_sided"),
+    ):
+        known = real & grid[flag].is_not_null().to_numpy()
+        flags = _Past(grid[flag].fill_null(False).to_numpy() & known, known)
+        on = sum(flags.value(k) for k in range(LIQUIDITY_WINDOW))
+        with np.errstate(invalid="ignore"):  # no day at all: padding
+            out[name] = on / sum(flags.seen(k) for k in range(LIQUIDITY_WINDOW))
+    return _at_rows(out, rows)
 
 
 def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
@@ -417,9 +458,11 @@ def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
         .with_columns(
             _r(pl.col("price_chaos")).alias("_price"),
             _r(~observed).alias("is_imputed"),
+            (observed & ((pl.col("confidence") == "High") | (pl.col("confidence") == "Medium"))).alias("_good"),
+            (observed & pl.col("reverse_price_chaos").is_not_null()).alias("_two_sided"),
             _r(pl.col("_j")).alias("days_since_observed"),
-            _r((pl.col("date") - pl.col("_first")).dt.total_days().cast(pl.Int32)).alias("series_age_days"),
-            (pl.col("date") - pl.col("start_date")).dt.total_days().cast(pl.Int32).alias("league_day"),
+            _r(_days(pl.col("_first"), pl.col("date"))).alias("series_age_days"),
+            _days(pl.col("start_date"), pl.col("date")).alias("league_day"),
             # market fields exist only on observed days
             pl.when(observed).then(pl.col("confidence")).alias("confidence"),
             pl.when(observed).then(pl.col("volume")).alias("volume"),
@@ -431,18 +474,13 @@ def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
         .with_columns(pl.col("_price").log().alias("log_price"))
         .with_columns((lp - lp.shift(1)).alias("logret_1d"))
         .collect()
+        .rechunk()  # the explode leaves pieces: every operation mixing them with whole columns would copy them
     )
     # the output's rows: real days, not staler than MAX_STALE_DAYS (windows still span every day)
     keep = (pl.col("days_since_observed") <= MAX_STALE_DAYS).fill_null(False)
-    kept = np.flatnonzero(grid.select(keep).to_series().to_numpy()) - PAD  # the first PAD rows are padding
+    kept = grid.select(keep).to_series().slice(PAD).arg_true()  # the first PAD rows are padding
 
-    # 2. the trailing windows in numpy; shifts, flags and recursive indicators per series in Polars
-    two_sided = observed & pl.col("reverse_price_chaos").is_not_null()
-    good = observed & pl.col("confidence").is_in(["High", "Medium"])
-
-    def share(flag: pl.Expr) -> pl.Expr:  # a mean of 0/1 flags is exact whatever the kernel
-        return _r(_r(flag.cast(pl.Float64)).rolling_mean(LIQUIDITY_WINDOW, min_samples=1))
-
+    # 2. the trailing windows in numpy; shifts and recursive indicators per series in Polars
     targets: list[pl.Expr] = []
     for h in HORIZONS_DAYS:  # the future day must exist and be observed (padding ends each series)
         future_seen = observed.shift(-h).fill_null(False)
@@ -453,12 +491,14 @@ def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
     grid = grid.with_columns(
         *[lp.shift(k).alias(f"log_price_lag_{k}") for k in LAGS],
         *[((lp - lp.shift(w)).exp() - 1.0).alias(f"roc_{w}") for w in MOMENTUM_WINDOWS],
-        share(good).alias("good_confidence_share_7"),
-        share(observed).alias("observed_share_7"),
-        share(two_sided).alias("two_sided_share_7"),
-        _r(two_sided).alias("has_two_sided"),
-        pl.col("confidence")
-        .replace_strict({"High": 2, "Medium": 1, "Low": 0}, default=None, return_dtype=pl.Int8)
+        _r(pl.col("_two_sided")).alias("has_two_sided"),
+        pl.when(pl.col("confidence") == "High")
+        .then(2)
+        .when(pl.col("confidence") == "Medium")
+        .then(1)
+        .when(pl.col("confidence") == "Low")
+        .then(0)
+        .cast(pl.Int8)
         .alias("confidence_level"),
         *targets,
         # recursive indicators per series (EWM, running high)
@@ -471,10 +511,12 @@ def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
         _s((pl.col("ema_12") - pl.col("ema_26")).ewm_mean(span=9, adjust=False)).alias("macd_signal")
     )
     # the reference currencies' own days, stale ones included (all real rows, not only the output's)
+    first_rows = grid.filter(pl.col("_j") == -PAD)  # one a series: fewer strings to compare
+    reference_series = first_rows.filter(pl.col("currency").is_in([DIVINE, *MARKET_REFERENCES]))["_sid"]
     references = (
         grid.lazy()
-        .filter(pl.col("_real") & pl.col("currency").is_in([DIVINE, *MARKET_REFERENCES]))
-        .group_by("_lid", "date")
+        .filter(pl.col("_real") & pl.col("_sid").is_in(reference_series.implode()))
+        .group_by(_league_day)
         .agg(
             pl.when(pl.col("currency") == DIVINE).then(lp).max().alias("_divine_lp"),
             *[
@@ -486,13 +528,17 @@ def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
                 for k in MARKET_REFERENCE_LAGS
             ],
         )
+        .collect()
     )
     length = (pl.col("end_date") - pl.col("start_date")).dt.total_days()
+    df = grid.drop(
+        "price_chaos", "confidence", "reverse_price_chaos", "_new", "_sid", "_league_last", "_until", "_good"
+    ).filter(keep)
+    # joined on the keys alone: a join copies every column of its left side
+    on_day = df.select(_league_day).join(references, on="_league_day", how="left", maintain_order="left")
     df = (
-        grid.drop("price_chaos", "confidence", "reverse_price_chaos", "_new", "_sid", "_league_last", "_until")
+        df.hstack(on_day.drop("_league_day").get_columns())
         .lazy()
-        .filter(keep)
-        .join(references, on=["_lid", "date"], how="left", maintain_order="left")
         .with_columns(
             *[
                 pl.col(f"target_logret_{h}d").sign().cast(pl.Int8).alias(f"target_direction_{h}d")
@@ -504,22 +550,18 @@ def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
             (pl.col("league_day") >= MID_DAYS).alias("league_phase_late"),
             # times the reciprocal: a constant divisor (one league) takes that path anyway; results never vary
             pl.when(length > 0).then(pl.col("league_day") * (1.0 / length)).alias("league_progress"),
-            (pl.col("end_date") - pl.col("date")).dt.total_days().cast(pl.Int32).alias("days_to_league_end"),
+            _days(pl.col("date"), pl.col("end_date")).alias("days_to_league_end"),
             pl.col("date").dt.weekday().alias("day_of_week"),
             pl.col("_price").alias("price_chaos"),
         )
         .collect()
     )
-    df = df.with_columns(_window_columns(grid, kept))
+    df = df.with_columns(*_price_windows(grid, kept), *_return_windows(grid, kept))
     del grid  # Polars reuses its memory for the columns below
 
     # 3. the formulas on the windows
     gain, loss = pl.col("_avg_gain"), pl.col("_avg_loss")
-    bound = OUTLIER_K * pl.col("_scale")
     features: list[pl.Expr] = [
-        (r / pl.col("_scale")).alias("logret_1d_robust_z"),
-        r.clip(-bound, bound).alias("logret_1d_winsorized"),
-        (r.abs() > bound).fill_null(False).alias("is_outlier"),
         (pl.col("ema_12") - pl.col("ema_26")).alias("macd"),
         (pl.col("ema_12") - pl.col("ema_26") - pl.col("macd_signal")).alias("macd_hist"),
         # the ratio first, so rounding never lifts RSI above 100
