@@ -40,6 +40,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -164,11 +165,6 @@ def _r(expr: pl.Expr) -> pl.Expr:
 
 # one integer per (league, date): grouping or joining on it is faster than on both columns
 _league_day = (pl.col("date").cast(pl.Int64) * (1 << 32) + pl.col("_lid")).alias("_league_day")
-
-
-def _s(expr: pl.Expr) -> pl.Expr:
-    """Per series, for what padding cannot isolate (EWM, cumulative max)."""
-    return expr.over("_sid")
 
 
 def _day(expr: pl.Expr) -> pl.Expr:
@@ -447,6 +443,53 @@ def _return_windows(grid: pl.DataFrame, rows: pl.Series) -> list[pl.Series]:
     return _at_rows(out, rows)
 
 
+def _ewm(table: np.ndarray, alpha: float) -> np.ndarray:
+    """Polars' ``ewm_mean(alpha=alpha, adjust=False)`` down each column of ``table`` (one series per column, NaN
+    before it starts), for all series at once: the first value, then ``y + (x - y) * (alpha / weight)``. Its
+    weight is the same every day, since no value is missing inside a series (a daily, forward-filled grid)."""
+    if not len(table):
+        return table.copy()
+    factor = alpha / ((1.0 - alpha) + alpha)
+    out, y = np.empty_like(table), table[0].copy()
+    out[0] = y
+    for t in range(1, len(table)):
+        started = ~np.isnan(y)
+        np.add(y, (table[t] - y) * factor, out=y, where=started)
+        np.copyto(y, table[t], where=~started)
+        out[t] = y
+    return out
+
+
+def _recursive_columns(grid: pl.DataFrame, rows: pl.Series) -> list[pl.Series]:
+    """EWMs and the running high per series, at the kept ``rows`` (counted from the grid's row PAD). Real rows
+    are laid out as a (day of series, series) table, so each recursion runs over all series at once, a day a step."""
+    real = np.flatnonzero(grid["_real"].to_numpy())
+    day = grid["series_age_days"].to_numpy()[real].astype(np.int64)
+    series = grid["_sid"].to_numpy()[real].astype(np.int64) - 1
+    shape = (day.max(initial=-1) + 1, series.max(initial=-1) + 1)
+    cell = np.full(grid.height, -1)  # each real grid row's cell in the flattened tables
+    cell[real] = day * shape[1] + series
+
+    def table(values: np.ndarray) -> np.ndarray:
+        t = np.full(shape, np.nan)
+        t.ravel()[cell[real]] = values[real]
+        return t
+
+    r = grid["logret_1d"].to_numpy()
+    gain, loss = np.where(r < 0.0, 0.0, r), np.where(-r < 0.0, 0.0, -r)  # Polars' clip: -0.0 stays -0.0
+    lp = table(grid["log_price"].to_numpy())
+    ema_12, ema_26 = _ewm(lp, 2 / (12 + 1)), _ewm(lp, 2 / (26 + 1))
+    columns = {
+        "ema_12": ema_12,
+        "ema_26": ema_26,
+        "macd_signal": _ewm(ema_12 - ema_26, 2 / (9 + 1)),
+        "drawdown_from_high": lp - np.fmax.accumulate(lp, axis=0),
+        "_avg_gain": _ewm(table(gain), 1 / 14),
+        "_avg_loss": _ewm(table(loss), 1 / 14),
+    }
+    return _at_rows({name: t.ravel() for name, t in columns.items()}, pl.Series(cell[rows.to_numpy() + PAD]))
+
+
 def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
     observed = pl.col("_observed")
     lp, r = pl.col("log_price"), pl.col("logret_1d")
@@ -480,84 +523,79 @@ def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
     keep = (pl.col("days_since_observed") <= MAX_STALE_DAYS).fill_null(False)
     kept = grid.select(keep).to_series().slice(PAD).arg_true()  # the first PAD rows are padding
 
-    # 2. the trailing windows in numpy; shifts and recursive indicators per series in Polars
-    targets: list[pl.Expr] = []
-    for h in HORIZONS_DAYS:  # the future day must exist and be observed (padding ends each series)
-        future_seen = observed.shift(-h).fill_null(False)
-        targets += [
-            pl.when(future_seen).then(lp.shift(-h) - lp).alias(f"target_logret_{h}d"),
-            pl.when(future_seen).then(pl.col("_price").shift(-h)).alias(f"target_price_{h}d"),
-        ]
-    grid = grid.with_columns(
-        *[lp.shift(k).alias(f"log_price_lag_{k}") for k in LAGS],
-        *[((lp - lp.shift(w)).exp() - 1.0).alias(f"roc_{w}") for w in MOMENTUM_WINDOWS],
-        _r(pl.col("_two_sided")).alias("has_two_sided"),
-        pl.when(pl.col("confidence") == "High")
-        .then(2)
-        .when(pl.col("confidence") == "Medium")
-        .then(1)
-        .when(pl.col("confidence") == "Low")
-        .then(0)
-        .cast(pl.Int8)
-        .alias("confidence_level"),
-        *targets,
-        # recursive indicators per series (EWM, running high)
-        _s(lp.ewm_mean(span=12, adjust=False)).alias("ema_12"),
-        _s(lp.ewm_mean(span=26, adjust=False)).alias("ema_26"),
-        _s(r.clip(lower_bound=0.0).ewm_mean(alpha=1 / 14, adjust=False)).alias("_avg_gain"),
-        _s((-r).clip(lower_bound=0.0).ewm_mean(alpha=1 / 14, adjust=False)).alias("_avg_loss"),
-        (lp - _s(lp.cum_max())).alias("drawdown_from_high"),
-    ).with_columns(
-        _s((pl.col("ema_12") - pl.col("ema_26")).ewm_mean(span=9, adjust=False)).alias("macd_signal")
-    )
-    # the reference currencies' own days, stale ones included (all real rows, not only the output's)
-    first_rows = grid.filter(pl.col("_j") == -PAD)  # one a series: fewer strings to compare
-    reference_series = first_rows.filter(pl.col("currency").is_in([DIVINE, *MARKET_REFERENCES]))["_sid"]
-    references = (
-        grid.lazy()
-        .filter(pl.col("_real") & pl.col("_sid").is_in(reference_series.implode()))
-        .group_by(_league_day)
-        .agg(
-            pl.when(pl.col("currency") == DIVINE).then(lp).max().alias("_divine_lp"),
-            *[
-                pl.when(pl.col("currency") == ref)
-                .then(lp - pl.col(f"log_price_lag_{k}"))
-                .max()
-                .alias(f"{tag}_logret_{k}")
-                for ref, tag in MARKET_REFERENCES.items()
-                for k in MARKET_REFERENCE_LAGS
-            ],
+    # 2. windows and recursions run in numpy (which releases the GIL) in threads, while Polars goes on
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        numpy_parts = [pool.submit(part, grid, kept) for part in (_price_windows, _return_windows, _recursive_columns)]
+
+        targets: list[pl.Expr] = []
+        for h in HORIZONS_DAYS:  # the future day must exist and be observed (padding ends each series)
+            future_seen = observed.shift(-h).fill_null(False)
+            targets += [
+                pl.when(future_seen).then(lp.shift(-h) - lp).alias(f"target_logret_{h}d"),
+                pl.when(future_seen).then(pl.col("_price").shift(-h)).alias(f"target_price_{h}d"),
+            ]
+        grid = grid.with_columns(
+            *[lp.shift(k).alias(f"log_price_lag_{k}") for k in LAGS],
+            *[((lp - lp.shift(w)).exp() - 1.0).alias(f"roc_{w}") for w in MOMENTUM_WINDOWS],
+            _r(pl.col("_two_sided")).alias("has_two_sided"),
+            pl.when(pl.col("confidence") == "High")
+            .then(2)
+            .when(pl.col("confidence") == "Medium")
+            .then(1)
+            .when(pl.col("confidence") == "Low")
+            .then(0)
+            .cast(pl.Int8)
+            .alias("confidence_level"),
+            *targets,
         )
-        .collect()
-    )
-    length = (pl.col("end_date") - pl.col("start_date")).dt.total_days()
-    df = grid.drop(
-        "price_chaos", "confidence", "reverse_price_chaos", "_new", "_sid", "_league_last", "_until", "_good"
-    ).filter(keep)
-    # joined on the keys alone: a join copies every column of its left side
-    on_day = df.select(_league_day).join(references, on="_league_day", how="left", maintain_order="left")
-    df = (
-        df.hstack(on_day.drop("_league_day").get_columns())
-        .lazy()
-        .with_columns(
-            *[
-                pl.col(f"target_logret_{h}d").sign().cast(pl.Int8).alias(f"target_direction_{h}d")
-                for h in HORIZONS_DAYS
-            ],
-            (lp - pl.col("_divine_lp")).alias("log_price_rel_divine"),
-            (pl.col("league_day") < EARLY_DAYS).alias("league_phase_early"),
-            pl.col("league_day").is_between(EARLY_DAYS, MID_DAYS, closed="left").alias("league_phase_mid"),
-            (pl.col("league_day") >= MID_DAYS).alias("league_phase_late"),
-            # times the reciprocal: a constant divisor (one league) takes that path anyway; results never vary
-            pl.when(length > 0).then(pl.col("league_day") * (1.0 / length)).alias("league_progress"),
-            _days(pl.col("date"), pl.col("end_date")).alias("days_to_league_end"),
-            pl.col("date").dt.weekday().alias("day_of_week"),
-            pl.col("_price").alias("price_chaos"),
+        # the reference currencies' own days, stale ones included (all real rows, not only the output's)
+        first_rows = grid.filter(pl.col("_j") == -PAD)  # one per series: fewer strings to compare
+        reference_series = first_rows.filter(pl.col("currency").is_in([DIVINE, *MARKET_REFERENCES]))["_sid"]
+        references = (
+            grid.lazy()
+            .filter(pl.col("_real") & pl.col("_sid").is_in(reference_series.implode()))
+            .group_by(_league_day)
+            .agg(
+                pl.when(pl.col("currency") == DIVINE).then(lp).max().alias("_divine_lp"),
+                *[
+                    pl.when(pl.col("currency") == ref)
+                    .then(lp - pl.col(f"log_price_lag_{k}"))
+                    .max()
+                    .alias(f"{tag}_logret_{k}")
+                    for ref, tag in MARKET_REFERENCES.items()
+                    for k in MARKET_REFERENCE_LAGS
+                ],
+            )
+            .collect()
         )
-        .collect()
-    )
-    df = df.with_columns(*_price_windows(grid, kept), *_return_windows(grid, kept))
-    del grid  # Polars reuses its memory for the columns below
+        length = (pl.col("end_date") - pl.col("start_date")).dt.total_days()
+        df = grid.drop(
+            "price_chaos", "confidence", "reverse_price_chaos", "_new", "_sid", "_league_last", "_until", "_good"
+        ).filter(keep)
+        # joined on the keys alone: a join copies every column of its left side
+        on_day = df.select(_league_day).join(references, on="_league_day", how="left", maintain_order="left")
+        df = (
+            df.hstack(on_day.drop("_league_day").get_columns())
+            .lazy()
+            .with_columns(
+                *[
+                    pl.col(f"target_logret_{h}d").sign().cast(pl.Int8).alias(f"target_direction_{h}d")
+                    for h in HORIZONS_DAYS
+                ],
+                (lp - pl.col("_divine_lp")).alias("log_price_rel_divine"),
+                (pl.col("league_day") < EARLY_DAYS).alias("league_phase_early"),
+                pl.col("league_day").is_between(EARLY_DAYS, MID_DAYS, closed="left").alias("league_phase_mid"),
+                (pl.col("league_day") >= MID_DAYS).alias("league_phase_late"),
+                # times the reciprocal: a constant divisor (one league) takes that path anyway; results never vary
+                pl.when(length > 0).then(pl.col("league_day") * (1.0 / length)).alias("league_progress"),
+                _days(pl.col("date"), pl.col("end_date")).alias("days_to_league_end"),
+                pl.col("date").dt.weekday().alias("day_of_week"),
+                pl.col("_price").alias("price_chaos"),
+            )
+            .collect()
+        )
+        del grid  # once the threads are done with it too, Polars reuses its memory for the columns below
+        df = df.with_columns(*[column for part in numpy_parts for column in part.result()])
 
     # 3. the formulas on the windows
     gain, loss = pl.col("_avg_gain"), pl.col("_avg_loss")
