@@ -38,10 +38,12 @@ import functools
 import hashlib
 import json
 import logging
-import operator
+import math
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from poe_pipeline.lake import Lake, is_readable_parquet, read_parquet_files, write_parquet_atomic, write_text_atomic
@@ -161,14 +163,18 @@ def _r(expr: pl.Expr) -> pl.Expr:
     return pl.when(pl.col("_real")).then(expr)
 
 
-def _s(expr: pl.Expr) -> pl.Expr:
-    """Per series, for what padding cannot isolate (EWM, cumulative max, medians)."""
-    return expr.over("_sid")
+# one integer per (league, date): grouping or joining on it is faster than on both columns
+_league_day = (pl.col("date").cast(pl.Int64) * (1 << 32) + pl.col("_lid")).alias("_league_day")
 
 
 def _day(expr: pl.Expr) -> pl.Expr:
     """Over one league's same-day rows (cross-currency context)."""
-    return expr.over("_lid", "date")
+    return expr.over(_league_day)
+
+
+def _days(start: pl.Expr, end: pl.Expr) -> pl.Expr:
+    """Days from ``start`` to ``end`` (dates), as Int32."""
+    return end.cast(pl.Int32) - start.cast(pl.Int32)
 
 
 def _check_inputs(daily_prices: pl.DataFrame, calendar: pl.DataFrame) -> None:
@@ -179,6 +185,9 @@ def _check_inputs(daily_prices: pl.DataFrame, calendar: pl.DataFrame) -> None:
         raise ValueError(
             f"Leagues {sorted(unknown)} are not in the calendar: pass league_calendar(daily_prices)"
         )
+    price = pl.col("price_chaos")
+    if not daily_prices.select((price.is_finite() & (price > 0)).fill_null(False).all()).item():
+        raise ValueError("daily_prices has a missing, NaN, infinite or non-positive price: merge_daily_prices drops it")
 
 
 def _sorted_prices(daily_prices: pl.DataFrame) -> pl.DataFrame:
@@ -200,8 +209,12 @@ def _padded_grid(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.LazyFrame:
     forward fill, and the repeats are the imputed days. The padding lets plain whole-column windows and
     shifts (much faster than per-group ones) stop at series boundaries: derived columns are null on it.
     """
-    cal = calendar.lazy().select(
-        "league", "start_date", "end_date", pl.col("recency_rank").cast(pl.Int32).alias("league_recency_rank")
+    # the calendar row of each league, in the order of the leagues' numbers (_lid - 1)
+    cal = (
+        rows.filter((pl.col("league") != pl.col("league").shift(1)).fill_null(True))
+        .select("league")
+        .join(calendar, on="league", how="left", maintain_order="left")
+        .select("start_date", "end_date", pl.col("recency_rank").cast(pl.Int32).alias("league_recency_rank"))
     )
     new_league = (pl.col("league") != pl.col("league").shift(1)).fill_null(True)
     new_series = new_league | (pl.col("currency") != pl.col("currency").shift(1)).fill_null(True)
@@ -232,24 +245,267 @@ def _padded_grid(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.LazyFrame:
             (pl.col("_j") >= 0).alias("_real"),
             (pl.col("_j") == 0).alias("_observed"),
             (pl.col("date").cast(pl.Int32) + pl.col("_j")).cast(pl.Date).alias("date"),
+            *[pl.lit(cal[c]).gather(pl.col("_lid") - 1).alias(c) for c in cal.columns],  # a join would copy all
         )
-        .join(cal, on="league", how="left", maintain_order="left")
     )
 
 
-def _features_lazy(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.LazyFrame:
-    lf = _padded_grid(rows, calendar)
+# Trailing windows are computed in numpy on the padded grid, where k rows back is a slice and sums grow in place.
+# Arrays cover the grid's rows from PAD on: the first PAD rows are the first series' padding, so every slice
+# ``x[PAD - k : PAD - k + n]`` below (k <= PAD) exists, and up to PAD rows back never leaves a series.
+_BLOCK = 1 << 14  # rows per pass of a sorting network: its wires stay in cache
+
+
+@functools.cache
+def _sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Compare-exchange pairs (i < j) of Batcher's odd-even merge sort for the next power of two, keeping those
+    within the first n wires (the others would carry +inf and never move anything)."""
+    size, pairs, p = 1 << (n - 1).bit_length(), [], 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple((i, j) for i, j in pairs if j < n)
+
+
+class _Past:
+    """A grid column, and whether each value is present (padding and nulls are not), seen k rows back."""
+
+    def __init__(self, values: np.ndarray, present: np.ndarray | None = None) -> None:
+        self.values = values
+        self.present = ~np.isnan(values) if present is None else present
+        self.n = max(len(values) - PAD, 0)  # an empty grid has no padding either
+
+    def value(self, k: int) -> np.ndarray:
+        return self.values[PAD - k : PAD - k + self.n]
+
+    def seen(self, k: int) -> np.ndarray:
+        return self.present[PAD - k : PAD - k + self.n]
+
+    def median(self, window: int, min_samples: int, lag: int = 0) -> np.ndarray:
+        """Median of the values ``lag`` .. ``lag + window - 1`` rows back (NaN where fewer than ``min_samples``
+        are present): the order statistics Polars' rolling_median picks and its midpoint ``lo + (hi - lo) * 0.5``.
+        A sorting network orders each row's window across columns (wires), missing values (+inf) last."""
+        values = np.where(self.present, self.values, np.inf)
+        out = np.empty(self.n)
+        wires = np.empty((window + 1, _BLOCK))  # the last one is spare
+        count = np.empty(_BLOCK, dtype=np.int8)
+        for a in range(0, self.n, _BLOCK):
+            b = min(a + _BLOCK, self.n)
+            w, m = wires[:, : b - a], count[: b - a]
+            m.fill(0)
+            for k in range(window):
+                back = slice(PAD - lag - k + a, PAD - lag - k + b)
+                np.copyto(w[k], values[back])
+                m += self.present[back]
+            at, spare = list(range(window)), window  # at[i]: the row of ``wires`` holding wire i
+            for i, j in _sorting_network(window):
+                np.minimum(w[at[i]], w[at[j]], out=w[spare])
+                np.maximum(w[at[i]], w[at[j]], out=w[at[j]])
+                at[i], spare = spare, at[i]
+            lo, hi = w[at[(window - 1) // 2]], w[at[window // 2]]
+            with np.errstate(invalid="ignore"):  # no value at all: inf - inf, dropped below
+                out[a:b] = lo + (hi - lo) * 0.5
+                part = np.flatnonzero(m < window)  # a series' first days: fewer values
+                rows, n = np.array(at), m[part]
+                lo, hi = w[rows[np.maximum(n - 1, 0) // 2], part], w[rows[np.minimum(n // 2, window - 1)], part]
+                out[a:b][part] = lo + (hi - lo) * 0.5
+            out[a:b][m < min_samples] = np.nan
+        return out
+
+
+class _Running:
+    """Folds terms left to right with ``op`` (np.add, np.fmin, np.fmax) and keeps the result after each count in
+    ``counts``. For sums, a longer window extends a shorter one with the very additions of a sum written out per
+    window: a row depends on nothing outside its window, bit for bit (unlike a sliding-sum kernel). A kept result
+    never changes afterwards, since Polars may use its memory as it is."""
+
+    def __init__(self, counts: Iterable[int], op: np.ufunc = np.add) -> None:
+        self.counts, self.op, self.n = set(counts), op, 0
+        self.total, self.at = np.empty(0), {}
+
+    def add(self, term: np.ndarray) -> None:
+        self.n += 1
+        if self.n == 1:
+            self.total = term.copy()
+        elif self.n - 1 in self.at:
+            self.total = self.op(self.total, term)  # a new array: the kept one stays as it is
+        elif self.n <= max(self.counts):
+            self.op(self.total, term, out=self.total)
+        if self.n in self.counts:
+            self.at[self.n] = self.total
+
+
+def _at_rows(columns: dict[str, np.ndarray], rows: pl.Series) -> list[pl.Series]:
+    """The columns at the kept ``rows``, gathered by Polars in one go: into memory its allocator has freed, where
+    new numpy arrays would start on fresh pages. NaN stands for null."""
+    return [column.fill_nan(None) if column.dtype.is_float() else column for column in pl.DataFrame(columns)[rows]]
+
+
+def _price_windows(grid: pl.DataFrame, rows: pl.Series) -> list[pl.Series]:
+    """The log price's trailing windows at the kept ``rows`` (counted from the grid's row PAD): sums (of
+    differences to today's value, for stability) for the means, deviations and trends, minima, maxima, medians."""
+    out: dict[str, np.ndarray] = {}
+    lp = _Past(grid["log_price"].to_numpy())
+    ws = [w for w in ROLL_WINDOWS if w > 1]
+    s1, s2 = _Running([w - 1 for w in ws]), _Running([w - 1 for w in ws])  # k = 1 .. w - 1 days back
+    trend = _Running([w - 1 for w in TREND_WINDOWS])  # k times the k-th term
+    low, high = _Running(ws, np.fmin), _Running(ws, np.fmax)  # k = 0 .. w - 1; they skip NaN (missing)
+    low.add(lp.value(0))
+    high.add(lp.value(0))
+    d, scratch = np.empty(lp.n), np.empty(lp.n)
+    for k in range(1, max(ROLL_WINDOWS)):
+        d.fill(0.0)
+        np.subtract(lp.value(k), lp.value(0), out=d, where=lp.seen(k))
+        s1.add(d)
+        s2.add(np.multiply(d, d, out=scratch))
+        trend.add(np.multiply(d, k, out=scratch))
+        low.add(lp.value(k))
+        high.add(lp.value(k))
+    for w in ws:
+        out |= {f"_s1_{w}": s1.at[w - 1], f"_s2_{w}": s2.at[w - 1]}
+        out |= {f"log_price_roll_min_{w}": low.at[w], f"log_price_roll_max_{w}": high.at[w]}
+        if w in TREND_WINDOWS:
+            out[f"_t_{w}"] = trend.at[w - 1]
+        if w > 3:  # the median of 3 follows from the sum, minimum and maximum
+            out[f"log_price_roll_median_{w}"] = lp.median(w, 1)
+    return _at_rows(out, rows)
+
+
+def _return_windows(grid: pl.DataFrame, rows: pl.Series) -> list[pl.Series]:
+    """The outlier rule, then trailing sums of winsorized returns, of the spread and of realized_vol_7, and the
+    liquidity shares, at the kept ``rows`` (counted from the grid's row PAD)."""
+    out: dict[str, np.ndarray] = {}
+    # the outlier rule: returns against their robust scale over the previous days (day t excluded)
+    r = grid["logret_1d"].to_numpy()
+    scale = _Past(np.abs(r)).median(OUTLIER_WINDOW, 3, lag=1)
+    np.multiply(scale, MAD_TO_SIGMA, out=scale)
+    early = grid["league_day"].to_numpy()[PAD:] < OUTLIER_EARLY_DAYS
+    np.fmax(scale, np.where(early, OUTLIER_FLOOR_EARLY, OUTLIER_FLOOR), out=scale)  # the floor while no median
+    bound = OUTLIER_K * scale
+    winsorized = np.clip(r[PAD:], -bound, bound)
+    with np.errstate(invalid="ignore"):  # NaN (a missing return) is no outlier
+        out |= {
+            "logret_1d_robust_z": r[PAD:] / scale,
+            "logret_1d_winsorized": winsorized,
+            "is_outlier": np.abs(r[PAD:]) > bound,
+        }
+    wr = np.zeros(len(r))  # winsorized returns, nulls as 0 (the terms of their sums)
+    wr[PAD:] = np.where(np.isnan(winsorized), 0.0, winsorized)
+    wr = _Past(wr)
+    age = grid["series_age_days"].fill_null(-1).to_numpy()[PAD:]
+    windows = sorted(set(MOMENTUM_WINDOWS) | set(VOL_WINDOWS))
+    r1, r2 = _Running(windows), _Running(VOL_WINDOWS)  # k = 0 .. w - 1 days back
+    scratch = np.empty(wr.n)
+    for k in range(max(windows)):
+        r1.add(wr.value(k))
+        r2.add(np.multiply(wr.value(k), wr.value(k), out=scratch))
+    out |= {f"_r1_{w}": r1.at[w] for w in windows} | {f"_r2_{w}": r2.at[w] for w in VOL_WINDOWS}
+
+    # realized_vol_7 as the formulas in _features compute it (nulls as 0), for its own dispersion over 14 days
+    m = np.minimum(age, 7).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vol7 = np.sqrt(np.maximum((r2.at[7] - r1.at[7] * r1.at[7] / m) / (m - 1), 0.0))
+    vol = np.zeros(len(r))
+    np.copyto(vol[PAD:], vol7, where=m >= 2)
+    vol = _Past(vol)
+    v1, v2 = _Running([14]), _Running([14])
+    for k in range(14):
+        v1.add(vol.value(k))
+        v2.add(np.multiply(vol.value(k), vol.value(k), out=scratch))
+    out["_rv1"], out["_rv2"] = v1.at[14], v2.at[14]
+
+    spread_abs = grid["spread_log"].abs()
+    spread = _Past(spread_abs.fill_null(0.0).to_numpy(), spread_abs.is_not_null().to_numpy())
+    sp = _Running([LIQUIDITY_WINDOW])
+    for k in range(LIQUIDITY_WINDOW):
+        sp.add(spread.value(k))
+    out["_sp_sum"] = sp.at[LIQUIDITY_WINDOW]
+    out["_sp_n"] = sum(spread.seen(k) for k in range(LIQUIDITY_WINDOW)).astype(np.int32)
+
+    # shares of the last days with a flag: over the real days of the window where the flag is known
+    real = grid["_real"].to_numpy()
+    for name, flag in (
+        ("good_confidence_share_7", "_good"),
+        ("observed_share_7", "_observed"),
+        ("two_sided_share_7", "_two_sided"),
+    ):
+        known = real & grid[flag].is_not_null().to_numpy()
+        flags = _Past(grid[flag].fill_null(False).to_numpy() & known, known)
+        on = sum(flags.value(k) for k in range(LIQUIDITY_WINDOW))
+        with np.errstate(invalid="ignore"):  # no day at all: padding
+            out[name] = on / sum(flags.seen(k) for k in range(LIQUIDITY_WINDOW))
+    return _at_rows(out, rows)
+
+
+def _ewm(table: np.ndarray, alpha: float) -> np.ndarray:
+    """Polars' ``ewm_mean(alpha=alpha, adjust=False)`` down each column of ``table`` (one series per column, NaN
+    before it starts), for all series at once: the first value, then ``y + (x - y) * (alpha / weight)``. Its
+    weight is the same every day, since no value is missing inside a series (a daily, forward-filled grid)."""
+    if not len(table):
+        return table.copy()
+    factor = alpha / ((1.0 - alpha) + alpha)
+    out, y = np.empty_like(table), table[0].copy()
+    out[0] = y
+    for t in range(1, len(table)):
+        started = ~np.isnan(y)
+        np.add(y, (table[t] - y) * factor, out=y, where=started)
+        np.copyto(y, table[t], where=~started)
+        out[t] = y
+    return out
+
+
+def _recursive_columns(grid: pl.DataFrame, rows: pl.Series) -> list[pl.Series]:
+    """EWMs and the running high per series, at the kept ``rows`` (counted from the grid's row PAD). Real rows
+    are laid out as a (day of series, series) table, so each recursion runs over all series at once, a day a step."""
+    real = np.flatnonzero(grid["_real"].to_numpy())
+    day = grid["series_age_days"].to_numpy()[real].astype(np.int64)
+    series = grid["_sid"].to_numpy()[real].astype(np.int64) - 1
+    shape = (day.max(initial=-1) + 1, series.max(initial=-1) + 1)
+    cell = np.full(grid.height, -1)  # each real grid row's cell in the flattened tables
+    cell[real] = day * shape[1] + series
+
+    def table(values: np.ndarray) -> np.ndarray:
+        t = np.full(shape, np.nan)
+        t.ravel()[cell[real]] = values[real]
+        return t
+
+    r = grid["logret_1d"].to_numpy()
+    gain, loss = np.where(r < 0.0, 0.0, r), np.where(-r < 0.0, 0.0, -r)  # Polars' clip: -0.0 stays -0.0
+    lp = table(grid["log_price"].to_numpy())
+    ema_12, ema_26 = _ewm(lp, 2 / (12 + 1)), _ewm(lp, 2 / (26 + 1))
+    columns = {
+        "ema_12": ema_12,
+        "ema_26": ema_26,
+        "macd_signal": _ewm(ema_12 - ema_26, 2 / (9 + 1)),
+        "drawdown_from_high": lp - np.fmax.accumulate(lp, axis=0),
+        "_avg_gain": _ewm(table(gain), 1 / 14),
+        "_avg_loss": _ewm(table(loss), 1 / 14),
+    }
+    return _at_rows({name: t.ravel() for name, t in columns.items()}, pl.Series(cell[rows.to_numpy() + PAD]))
+
+
+def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
     observed = pl.col("_observed")
     lp, r = pl.col("log_price"), pl.col("logret_1d")
+    age = pl.col("series_age_days")
 
-    # 1. staleness, the filled log price, league time
-    lf = (
-        lf.with_columns(
+    # 1. the padded grid: staleness, the filled log price, league time
+    grid = (
+        _padded_grid(rows, calendar)
+        .with_columns(
             _r(pl.col("price_chaos")).alias("_price"),
             _r(~observed).alias("is_imputed"),
+            (observed & ((pl.col("confidence") == "High") | (pl.col("confidence") == "Medium"))).alias("_good"),
+            (observed & pl.col("reverse_price_chaos").is_not_null()).alias("_two_sided"),
             _r(pl.col("_j")).alias("days_since_observed"),
-            _r((pl.col("date") - pl.col("_first")).dt.total_days().cast(pl.Int32)).alias("series_age_days"),
-            (pl.col("date") - pl.col("start_date")).dt.total_days().cast(pl.Int32).alias("league_day"),
+            _r(_days(pl.col("_first"), pl.col("date"))).alias("series_age_days"),
+            _days(pl.col("start_date"), pl.col("date")).alias("league_day"),
             # market fields exist only on observed days
             pl.when(observed).then(pl.col("confidence")).alias("confidence"),
             pl.when(observed).then(pl.col("volume")).alias("volume"),
@@ -260,115 +516,109 @@ def _features_lazy(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.LazyFrame:
         )
         .with_columns(pl.col("_price").log().alias("log_price"))
         .with_columns((lp - lp.shift(1)).alias("logret_1d"))
+        .collect()
+        .rechunk()  # the explode leaves pieces: every operation mixing them with whole columns would copy them
     )
+    # the output's rows: real days, not staler than MAX_STALE_DAYS (windows still span every day)
+    keep = (pl.col("days_since_observed") <= MAX_STALE_DAYS).fill_null(False)
+    kept = grid.select(keep).to_series().slice(PAD).arg_true()  # the first PAD rows are padding
 
-    # 2. robust return scale from the previous 14 days, and the outlier rule
-    floor = (
-        pl.when(pl.col("league_day") < OUTLIER_EARLY_DAYS).then(OUTLIER_FLOOR_EARLY).otherwise(OUTLIER_FLOOR)
-    )
-    past_mad = _s(r.abs().shift(1).rolling_median(OUTLIER_WINDOW, min_samples=3)) * MAD_TO_SIGMA
-    bound = OUTLIER_K * pl.col("_scale")
-    lf = lf.with_columns(_r(pl.max_horizontal(past_mad, floor)).alias("_scale")).with_columns(
-        (r / pl.col("_scale")).alias("logret_1d_robust_z"),
-        r.clip(-bound, bound).alias("logret_1d_winsorized"),
-        _r((r.abs() > bound).fill_null(False)).alias("is_outlier"),
-    )
+    # 2. windows and recursions run in numpy (which releases the GIL) in threads, while Polars goes on
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        numpy_parts = [pool.submit(part, grid, kept) for part in (_price_windows, _return_windows, _recursive_columns)]
 
-    # 3. recursive indicators per series (EWM, running high). Window expressions (over) run one after
-    # another and make their whole step sequential, so they are kept apart from the wide steps below.
+        targets: list[pl.Expr] = []
+        for h in HORIZONS_DAYS:  # the future day must exist and be observed (padding ends each series)
+            future_seen = observed.shift(-h).fill_null(False)
+            targets += [
+                pl.when(future_seen).then(lp.shift(-h) - lp).alias(f"target_logret_{h}d"),
+                pl.when(future_seen).then(pl.col("_price").shift(-h)).alias(f"target_price_{h}d"),
+            ]
+        grid = grid.with_columns(
+            *[lp.shift(k).alias(f"log_price_lag_{k}") for k in LAGS],
+            *[((lp - lp.shift(w)).exp() - 1.0).alias(f"roc_{w}") for w in MOMENTUM_WINDOWS],
+            _r(pl.col("_two_sided")).alias("has_two_sided"),
+            pl.when(pl.col("confidence") == "High")
+            .then(2)
+            .when(pl.col("confidence") == "Medium")
+            .then(1)
+            .when(pl.col("confidence") == "Low")
+            .then(0)
+            .cast(pl.Int8)
+            .alias("confidence_level"),
+            *targets,
+        )
+        # the reference currencies' own days, stale ones included (all real rows, not only the output's)
+        first_rows = grid.filter(pl.col("_j") == -PAD)  # one per series: fewer strings to compare
+        reference_series = first_rows.filter(pl.col("currency").is_in([DIVINE, *MARKET_REFERENCES]))["_sid"]
+        references = (
+            grid.lazy()
+            .filter(pl.col("_real") & pl.col("_sid").is_in(reference_series.implode()))
+            .group_by(_league_day)
+            .agg(
+                pl.when(pl.col("currency") == DIVINE).then(lp).max().alias("_divine_lp"),
+                *[
+                    pl.when(pl.col("currency") == ref)
+                    .then(lp - pl.col(f"log_price_lag_{k}"))
+                    .max()
+                    .alias(f"{tag}_logret_{k}")
+                    for ref, tag in MARKET_REFERENCES.items()
+                    for k in MARKET_REFERENCE_LAGS
+                ],
+            )
+            .collect()
+        )
+        length = (pl.col("end_date") - pl.col("start_date")).dt.total_days()
+        df = grid.drop(
+            "price_chaos", "confidence", "reverse_price_chaos", "_new", "_sid", "_league_last", "_until", "_good"
+        ).filter(keep)
+        # joined on the keys alone: a join copies every column of its left side
+        on_day = df.select(_league_day).join(references, on="_league_day", how="left", maintain_order="left")
+        df = (
+            df.hstack(on_day.drop("_league_day").get_columns())
+            .lazy()
+            .with_columns(
+                *[
+                    pl.col(f"target_logret_{h}d").sign().cast(pl.Int8).alias(f"target_direction_{h}d")
+                    for h in HORIZONS_DAYS
+                ],
+                (lp - pl.col("_divine_lp")).alias("log_price_rel_divine"),
+                (pl.col("league_day") < EARLY_DAYS).alias("league_phase_early"),
+                pl.col("league_day").is_between(EARLY_DAYS, MID_DAYS, closed="left").alias("league_phase_mid"),
+                (pl.col("league_day") >= MID_DAYS).alias("league_phase_late"),
+                # times the reciprocal: a constant divisor (one league) takes that path anyway; results never vary
+                pl.when(length > 0).then(pl.col("league_day") * (1.0 / length)).alias("league_progress"),
+                _days(pl.col("date"), pl.col("end_date")).alias("days_to_league_end"),
+                pl.col("date").dt.weekday().alias("day_of_week"),
+                pl.col("_price").alias("price_chaos"),
+            )
+            .collect()
+        )
+        del grid  # once the threads are done with it too, Polars reuses its memory for the columns below
+        df = df.with_columns(*[column for part in numpy_parts for column in part.result()])
+
+    # 3. the formulas on the windows
     gain, loss = pl.col("_avg_gain"), pl.col("_avg_loss")
-    lf = (
-        lf.with_columns(
-            _s(lp.ewm_mean(span=12, adjust=False)).alias("ema_12"),
-            _s(lp.ewm_mean(span=26, adjust=False)).alias("ema_26"),
-            _s(r.clip(lower_bound=0.0).ewm_mean(alpha=1 / 14, adjust=False)).alias("_avg_gain"),
-            _s((-r).clip(lower_bound=0.0).ewm_mean(alpha=1 / 14, adjust=False)).alias("_avg_loss"),
-            (lp - _s(lp.cum_max())).alias("drawdown_from_high"),
-        )
-        .with_columns(
-            (pl.col("ema_12") - pl.col("ema_26")).alias("macd"),
-            # the ratio first, so rounding never lifts RSI above 100
-            pl.when(gain + loss > 0)
-            .then(100.0 * (gain / (gain + loss)))
-            .when(gain.is_not_null())
-            .then(50.0)
-            .alias("rsi_14"),
-        )
-        .with_columns(_s(pl.col("macd").ewm_mean(span=9, adjust=False)).alias("macd_signal"))
-        .with_columns(
-            (pl.col("macd") - pl.col("macd_signal")).alias("macd_hist"),
-        )
-    )
-
-    # 4. per-series history. Padding isolates series, so shifts and windows run on the whole column.
-    # Window sums are written out over shifted columns, in a fixed order, of differences to today's value:
-    # exact (a row never depends on rows outside its window, unlike sliding-sum kernels) and stable.
-    wr = pl.col("logret_1d_winsorized")
-    age = pl.col("series_age_days")
-    two_sided = observed & pl.col("reverse_price_chaos").is_not_null()
-    good = observed & pl.col("confidence").is_in(["High", "Medium"])
-    span = max(max(ROLL_WINDOWS), max(VOL_WINDOWS))
-
-    def share(flag: pl.Expr) -> pl.Expr:  # a mean of 0/1 flags is exact whatever the kernel
-        return _r(_r(flag.cast(pl.Float64)).rolling_mean(LIQUIDITY_WINDOW, min_samples=1))
-
-    lf = lf.with_columns(
-        *[(lp.shift(k) - lp).alias(f"_d{k}") for k in range(1, span)],
-        *[wr.shift(k).alias(f"_wr{k}") for k in range(span)],
-        *[pl.col("spread_log").abs().shift(k).alias(f"_sp{k}") for k in range(LIQUIDITY_WINDOW)],
-        *[lp.shift(k).alias(f"log_price_lag_{k}") for k in LAGS],
-        *[((lp - lp.shift(w)).exp() - 1.0).alias(f"roc_{w}") for w in MOMENTUM_WINDOWS],
-        *[
-            _r(lp.rolling_min(w, min_samples=1)).alias(f"log_price_roll_min_{w}")
-            for w in ROLL_WINDOWS
-            if w > 1
-        ],
-        *[
-            _r(lp.rolling_max(w, min_samples=1)).alias(f"log_price_roll_max_{w}")
-            for w in ROLL_WINDOWS
-            if w > 1
-        ],
-        share(good).alias("good_confidence_share_7"),
-        share(observed).alias("observed_share_7"),
-        share(two_sided).alias("two_sided_share_7"),
-        _r(two_sided).alias("has_two_sided"),
-        pl.col("confidence")
-        .replace_strict({"High": 2, "Medium": 1, "Low": 0}, default=None, return_dtype=pl.Int8)
-        .alias("confidence_level"),
-    )
-
-    def total(name: str, ks: range, square: bool = False, weighted: bool = False) -> pl.Expr:
-        # A left-to-right chain of adds: sum_horizontal's order depends on the data's chunks and nulls.
-        terms = [pl.col(f"{name}{k}").fill_null(0.0) for k in ks]
-        if square:
-            terms = [t * t for t in terms]
-        if weighted:
-            terms = [t * k for t, k in zip(terms, ks, strict=True)]
-        return functools.reduce(operator.add, terms)
-
-    ret_windows = sorted(set(MOMENTUM_WINDOWS) | set(VOL_WINDOWS))
-    lf = lf.with_columns(  # the window sums, once each
-        *[total("_d", range(1, w)).alias(f"_s1_{w}") for w in ROLL_WINDOWS if w > 1],
-        *[total("_d", range(1, w), square=True).alias(f"_s2_{w}") for w in ROLL_WINDOWS if w > 1],
-        *[total("_d", range(1, w), weighted=True).alias(f"_t_{w}") for w in TREND_WINDOWS],
-        *[total("_wr", range(w)).alias(f"_r1_{w}") for w in ret_windows],
-        *[total("_wr", range(w), square=True).alias(f"_r2_{w}") for w in VOL_WINDOWS],
-        total("_sp", range(LIQUIDITY_WINDOW)).alias("_sp_sum"),
-        functools.reduce(
-            operator.add, [pl.col(f"_sp{k}").is_not_null().cast(pl.Int32) for k in range(LIQUIDITY_WINDOW)]
-        ).alias("_sp_n"),
-    )
-
-    history: list[pl.Expr] = []
+    features: list[pl.Expr] = [
+        (pl.col("ema_12") - pl.col("ema_26")).alias("macd"),
+        (pl.col("ema_12") - pl.col("ema_26") - pl.col("macd_signal")).alias("macd_hist"),
+        # the ratio first, so rounding never lifts RSI above 100
+        pl.when(gain + loss > 0)
+        .then(100.0 * (gain / (gain + loss)))
+        .when(gain.is_not_null())
+        .then(50.0)
+        .alias("rsi_14"),
+        pl.when(pl.col("_sp_n") > 0).then(pl.col("_sp_sum") / pl.col("_sp_n")).alias("spread_log_abs_mean_7"),
+    ]
     for w in ROLL_WINDOWS:
         if w == 1:  # a one-day window is the value itself
-            history += [lp.alias(f"log_price_roll_{s}_1") for s in ("mean", "min", "max", "median")]
-            history.append(_r(pl.lit(0.0)).alias("log_price_roll_std_1"))
+            features += [lp.alias(f"log_price_roll_{s}_1") for s in ("mean", "min", "max", "median")]
+            features.append(pl.lit(0.0).alias("log_price_roll_std_1"))
             continue
         n = pl.min_horizontal(age + 1, w).cast(pl.Float64)  # days in the window so far
         d_mean = pl.col(f"_s1_{w}") / n
         d_var = (pl.col(f"_s2_{w}") / n - d_mean * d_mean).clip(lower_bound=0.0)
-        history += [
+        features += [
             (lp + d_mean).alias(f"log_price_roll_mean_{w}"),
             d_var.sqrt().alias(f"log_price_roll_std_{w}"),
         ]
@@ -376,122 +626,69 @@ def _features_lazy(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.LazyFrame:
             # OLS slope of log price against the day (u = -k for k days ago) over the window, and its R^2
             var_u = (n * n - 1) / 12
             cov = -pl.col(f"_t_{w}") / n + (n - 1) / 2 * d_mean
-            history += [
+            features += [
                 pl.when(n >= 3).then(cov / var_u).alias(f"trend_slope_{w}"),
                 pl.when((n >= 3) & (d_var > 1e-18))
                 .then((cov * cov / (var_u * d_var)).clip(0.0, 1.0))
                 .alias(f"trend_r2_{w}"),
             ]
     for w in MOMENTUM_WINDOWS:
-        history.append(pl.when(age >= 1).then(pl.col(f"_r1_{w}")).alias(f"momentum_{w}"))
+        features.append(pl.when(age >= 1).then(pl.col(f"_r1_{w}")).alias(f"momentum_{w}"))
     for w in VOL_WINDOWS:
         m = pl.min_horizontal(age, w).cast(pl.Float64)  # returns start on a series' second day
         s1, s2 = pl.col(f"_r1_{w}"), pl.col(f"_r2_{w}")
-        history.append(
+        features.append(
             pl.when(m >= 2)
             .then(((s2 - s1 * s1 / m) / (m - 1)).clip(lower_bound=0.0).sqrt())
             .alias(f"realized_vol_{w}")
         )
-    history.append(
-        _r(pl.when(pl.col("_sp_n") > 0).then(pl.col("_sp_sum") / pl.col("_sp_n"))).alias(
-            "spread_log_abs_mean_7"
-        )
-    )
-    lf = (
-        lf.with_columns(history)
-        .with_columns(_r(pl.col("realized_vol_7")).shift(k).alias(f"_rv{k}") for k in range(14))
-        .with_columns(
-            total("_rv", range(14)).alias("_rv1"), total("_rv", range(14), square=True).alias("_rv2")
-        )
-    )
     rv_n = pl.min_horizontal(age - 1, 14).cast(pl.Float64)  # realized_vol_7 starts on a series' third day
     rv1, rv2 = pl.col("_rv1"), pl.col("_rv2")
-    lf = lf.with_columns(
+    features.append(
         pl.when(rv_n >= 2)
         .then(((rv2 - rv1 * rv1 / rv_n) / (rv_n - 1)).clip(lower_bound=0.0).sqrt())
         .alias("vol_of_vol_14"),
     )
     mean14, std14 = pl.col("log_price_roll_mean_14"), pl.col("log_price_roll_std_14")
-    lf = lf.with_columns(
-        pl.when(std14 > 1e-12)
-        .then((lp - mean14 + 2 * std14) / (4 * std14))
-        .when(lp.is_not_null())
-        .then(0.5)
-        .alias("bollinger_pct_b_14"),
-    )
-
-    # 5. targets: the future day must exist and be observed (padding ends each series)
-    targets: list[pl.Expr] = []
-    for h in HORIZONS_DAYS:
-        future_seen = observed.shift(-h).fill_null(False)
-        logret = pl.when(future_seen).then(lp.shift(-h) - lp)
-        targets += [
-            logret.alias(f"target_logret_{h}d"),
-            pl.when(future_seen).then(pl.col("_price").shift(-h)).alias(f"target_price_{h}d"),
-            logret.sign().cast(pl.Int8).alias(f"target_direction_{h}d"),
-        ]
-    # drop the window temporaries before the filter copies every column
-    temporaries = r"^_(d|wr|sp|rv)\d+$|^_(s1|s2|t|r1|r2)_\d+$"
-    lf = lf.with_columns(targets).select(pl.exclude(temporaries)).filter(pl.col("_real"))
-
-    # 6. without padding: medians per series; cross-currency context from same-day rows only
     seen = ~pl.col("is_imputed")
-    lf = lf.with_columns(
-        # median of 3 = sum - min - max once the window is full
-        pl.when(pl.col("series_age_days") >= 2)
-        .then(
-            3 * pl.col("log_price_roll_mean_3")
-            - pl.col("log_price_roll_min_3")
-            - pl.col("log_price_roll_max_3")
-        )
-        .otherwise(pl.col("log_price_roll_mean_3"))
-        .alias("log_price_roll_median_3"),
-        *[
-            _s(lp.rolling_median(w, min_samples=1)).alias(f"log_price_roll_median_{w}")
-            for w in ROLL_WINDOWS
-            if w > 3
-        ],
-        _day(pl.when(seen).then(r).median()).alias("market_median_logret_1d"),
-        _day(pl.when(pl.col("currency") == DIVINE).then(lp).max()).alias("_divine_lp"),
-        *[
-            _day(pl.when(seen).then(pl.col(f"realized_vol_{w}")).median()).alias(f"_market_vol_{w}")
-            for w in VOL_WINDOWS
-        ],
-        *[
-            _day(pl.when(seen).then(pl.col(f"momentum_{w}")).median()).alias(f"market_median_momentum_{w}")
-            for w in MOMENTUM_WINDOWS[::2]
-        ],
-        _day(pl.when(seen).then((pl.col("momentum_7") > 0).cast(pl.Float64)).mean()).alias("market_breadth_7"),
-        *[
-            _day(pl.when(pl.col("currency") == ref).then(lp - pl.col(f"log_price_lag_{k}")).max())
-            .alias(f"{tag}_logret_{k}")
-            for ref, tag in MARKET_REFERENCES.items()
-            for k in MARKET_REFERENCE_LAGS
-        ],
-    )
-    length = (pl.col("end_date") - pl.col("start_date")).dt.total_days()
     return (
-        lf.with_columns(
+        df.lazy()
+        .with_columns(features)
+        .with_columns(
+            pl.when(std14 > 1e-12)
+            .then((lp - mean14 + 2 * std14) / (4 * std14))
+            .when(lp.is_not_null())
+            .then(0.5)
+            .alias("bollinger_pct_b_14"),
+            # median of 3 = sum - min - max once the window is full
+            pl.when(age >= 2)
+            .then(3 * pl.col("log_price_roll_mean_3") - pl.col("log_price_roll_min_3") - pl.col("log_price_roll_max_3"))
+            .otherwise(pl.col("log_price_roll_mean_3"))
+            .alias("log_price_roll_median_3"),
+            # 4. cross-currency context from same-day rows only
+            _day(pl.when(seen).then(r).median()).alias("market_median_logret_1d"),
+            *[
+                _day(pl.when(seen).then(pl.col(f"realized_vol_{w}")).median()).alias(f"_market_vol_{w}")
+                for w in VOL_WINDOWS
+            ],
+            *[
+                _day(pl.when(seen).then(pl.col(f"momentum_{w}")).median()).alias(f"market_median_momentum_{w}")
+                for w in MOMENTUM_WINDOWS[::2]
+            ],
+            _day(pl.when(seen).then((pl.col("momentum_7") > 0).cast(pl.Float64)).mean()).alias("market_breadth_7"),
+        )
+        .with_columns(
             (r - pl.col("market_median_logret_1d")).alias("excess_logret_1d"),
             pl.col("_market_vol_14").alias("market_median_vol_14"),
-            (lp - pl.col("_divine_lp")).alias("log_price_rel_divine"),
             *[
                 pl.when(pl.col(f"_market_vol_{w}") > 0)
                 .then(pl.col(f"realized_vol_{w}") / pl.col(f"_market_vol_{w}"))
                 .alias(f"normalized_vol_{w}")
                 for w in VOL_WINDOWS
             ],
-            (pl.col("league_day") < EARLY_DAYS).alias("league_phase_early"),
-            pl.col("league_day").is_between(EARLY_DAYS, MID_DAYS, closed="left").alias("league_phase_mid"),
-            (pl.col("league_day") >= MID_DAYS).alias("league_phase_late"),
-            # times the reciprocal: a constant divisor (one league) takes that path anyway; results never vary
-            pl.when(length > 0).then(pl.col("league_day") * (1.0 / length)).alias("league_progress"),
-            (pl.col("end_date") - pl.col("date")).dt.total_days().cast(pl.Int32).alias("days_to_league_end"),
-            pl.col("date").dt.weekday().alias("day_of_week"),
-            pl.col("_price").alias("price_chaos"),
         )
-        .filter(pl.col("days_since_observed") <= MAX_STALE_DAYS)
         .select(OUTPUT_COLUMNS)
+        .collect()
     )
 
 
@@ -501,10 +698,13 @@ def build_features(daily_prices: pl.DataFrame, calendar: pl.DataFrame) -> pl.Dat
     ``calendar`` is ``league_calendar(daily_prices)``. Output columns: ``OUTPUT_COLUMNS``, sorted by key.
     """
     _check_inputs(daily_prices, calendar)
-    out = _features_lazy(_sorted_prices(daily_prices), calendar).collect(engine="in-memory")
-    # NaN/inf would compare unequal to themselves and poison models: they become nulls.
+    out = _features(_sorted_prices(daily_prices), calendar)
+    # NaN/inf would compare unequal to themselves and poison models: they become nulls. A column's sum is
+    # finite exactly when all its values are (or it overflowed: then it is cleaned too), so clean only those.
     floats = [c for c, t in out.schema.items() if t == pl.Float64]
-    return out.with_columns(pl.when(pl.col(floats).is_finite()).then(pl.col(floats)))
+    sums = out.select(pl.col(floats).sum()).row(0, named=True)
+    dirty = [c for c in floats if not math.isfinite(sums[c])]
+    return out.with_columns(pl.when(pl.col(dirty).is_finite()).then(pl.col(dirty))) if dirty else out
 
 
 def build_league_features(daily_prices: pl.DataFrame, calendar: pl.DataFrame, league: str) -> pl.DataFrame:

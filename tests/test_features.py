@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import date, timedelta
 from functools import cache
 
+import numpy as np
 import polars as pl
 import pytest
 from hypothesis import example, given, settings
@@ -17,8 +18,10 @@ from conftest import REPO, SAMPLE
 from poe_pipeline.features import (
     FEATURE_COLUMNS,
     KEYS,
+    OUTLIER_WINDOW,
     OUTPUT_COLUMNS,
     TARGET_COLUMNS,
+    _sorting_network,
     build_features,
     build_league_features,
     feature_path,
@@ -215,7 +218,7 @@ def test_sanity_on_real_prices() -> None:
 
 
 def test_fast_windows_match_plain_polars_windows() -> None:
-    # the windows are written as sums over shifted columns; check them against Polars' own rolling functions
+    # windows, medians and EWMs are computed in numpy; check them against Polars' own rolling and EWM functions
     f = real_features().sort(KEYS)
     gaps = f.group_by("league", "currency").agg(
         (pl.col("date").diff().dt.total_days().max() > 1).alias("gap")
@@ -239,6 +242,10 @@ def test_fast_windows_match_plain_polars_windows() -> None:
         .abs()
         .max()
         .alias("vol"),
+        (pl.col("log_price_roll_median_14") - lp.rolling_median(14, min_samples=1).over(by)).abs().max().alias("m14"),
+        (pl.col("ema_26") - lp.ewm_mean(span=26, adjust=False).over(by)).abs().max().alias("ema"),
+        (pl.col("macd_signal") - pl.col("macd").ewm_mean(span=9, adjust=False).over(by)).abs().max().alias("signal"),
+        (pl.col("drawdown_from_high") - (lp - lp.cum_max().over(by))).abs().max().alias("drawdown"),
         (
             pl.col("trend_slope_14")
             - pl.rolling_cov(
@@ -261,6 +268,26 @@ def test_unknown_league_and_duplicates_are_refused() -> None:
         build_features(pl.concat([prices, prices.head(1)]), league_calendar(prices))
     with pytest.raises(ValueError, match="Unknown league 'Foo'"):
         build_league_features(prices, league_calendar(prices), "Foo")
+    for bad in (0.0, -1.0, float("nan"), float("inf"), None):  # merge_daily_prices drops these
+        price = pl.when(pl.int_range(pl.len()) == 5).then(pl.lit(bad, pl.Float64)).otherwise("price_chaos")
+        with pytest.raises(ValueError, match="non-positive price"):
+            build_features(prices.with_columns(price.alias("price_chaos")), league_calendar(prices))
+
+
+def test_no_prices_give_no_rows() -> None:
+    prices = real_prices()
+    empty = build_features(prices.head(0), league_calendar(prices))
+    assert empty.height == 0 and empty.schema == real_features().schema
+
+
+def test_sorting_networks_sort() -> None:
+    # the rolling medians order each window with these networks; by the 0-1 principle, sorting every 0/1 input
+    # proves a network sorts any input
+    for n in range(1, OUTLIER_WINDOW + 1):
+        wires = [((np.arange(2**n) >> i) & 1).astype(float) for i in range(n)]
+        for i, j in _sorting_network(n):
+            wires[i], wires[j] = np.minimum(wires[i], wires[j]), np.maximum(wires[i], wires[j])
+        assert (np.diff(np.array(wires), axis=0) >= 0).all(), n
 
 
 def test_incremental_update_rewrites_only_the_league_that_changed(lake) -> None:
@@ -288,3 +315,14 @@ def test_docs_list_every_feature() -> None:
     assert doc == features_markdown(), "docs/features.md is stale: regenerate it with features_markdown()"
     for name in FEATURE_COLUMNS:
         assert f"- `{name}` — " in doc
+
+
+def test_output_matches_the_stored_reference() -> None:
+    # tests/data/features-reference.parquet: rows of this module's real_features() as built before the
+    # speed rewrite (six whole series plus 100 sampled rows; see tests/data/README.md)
+    ref = pl.read_parquet(REPO / "tests" / "data" / "features-reference.parquet")
+    new = real_features().join(ref.select(KEYS), on=KEYS, how="semi").sort(KEYS)
+    assert new.height == ref.height
+    floats = [c for c, t in ref.schema.items() if t == pl.Float64]
+    assert_frame_equal(new.drop(floats), ref.drop(floats), check_exact=True)
+    assert_frame_equal(new.select(floats), ref.select(floats), check_exact=False, rtol=1e-9, atol=1e-12)
