@@ -6,6 +6,7 @@ interleaved, on the same machine. ``python benchmarks/compare_global.py --dumps 
 - ``--dumps sample``: the bundled ``sample_data``; ``dev``: the 24 development dumps beside the repo.
 - The current league is the newest; the pool is ``pooled_rows`` of its eligible currencies (as the asset does).
 - One thread per model, as in a training worker; horizons one after another, artifacts in a temporary folder.
+  ``cpu_s`` (this process's CPU time) is the figure to compare on a busy machine: ``wall_s`` depends on the load.
 """
 
 from __future__ import annotations
@@ -51,21 +52,21 @@ def main() -> int:
     for h in (int(x) for x in args.horizons.split(",")):
         tmp = Path(tempfile.mkdtemp(prefix="compare-global-"))
         try:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             r = train_global(rows, FEATURE_COLUMNS, h, order, league, get_profile(args.profile), tmp / "m")
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         hold = r.metrics.get("holdout", {})
         out["horizons"][f"{h}d"] = {
-            "wall_s": wall, "rows": r.data_window.get("rows"), "folds": r.folds, "weights": r.weights,
-            "rounds": r.rounds, "holdout_skill": r.skill,
+            "wall_s": wall, "cpu_s": cpu, "rows": r.data_window.get("rows"), "folds": r.folds, "weights": r.weights,
+            "rounds": r.rounds, "tuning": getattr(r, "tuning", {}), "holdout_skill": r.skill,
             "holdout_mae": {k: v.get("mae_logret") for k, v in hold.items()},
             "holdout_skill_by_model": {k: v.get("skill") for k, v in hold.items()},
             "tuning_mae": {k: v.get("mae_logret") for k, v in r.metrics.get("tuning", {}).items()},
             "loadavg_after": os.getloadavg(),
         }
-        print(f"{h}d: {wall:.1f}s skill {r.skill:+.4f} weights {r.weights}", file=sys.stderr)
+        print(f"{h}d: {wall:.1f}s wall, {cpu:.1f}s CPU, skill {r.skill:+.4f} weights {r.weights}", file=sys.stderr)
     text = json.dumps(out, indent=1, default=str)
     if args.out:
         Path(args.out).write_text(text)
