@@ -98,6 +98,7 @@ class GlobalValidation:
     metrics: dict[str, dict[str, dict[str, float]]]  # "holdout" | "tuning" -> model -> metric
     folds: list[str]
     oof: pl.DataFrame  # OOF_SCHEMA
+    tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> trials, pruned, rounds, seconds
 
     @classmethod
     def read(cls, directory: Path) -> GlobalValidation:
@@ -105,7 +106,7 @@ class GlobalValidation:
 
         meta = json.loads((Path(directory) / "ensemble.json").read_text())
         return cls(meta["params"], meta["rounds"], meta["weights"], meta["metrics"], meta["folds"],
-                   pl.read_parquet(Path(directory) / OOF_FILE))
+                   pl.read_parquet(Path(directory) / OOF_FILE), meta.get("tuning", {}))
 
 
 @dataclass
@@ -121,6 +122,7 @@ class GlobalResult:
     data_window: dict = field(default_factory=dict)
     feature_names: list[str] = field(default_factory=list)
     feature_importance: dict[str, float] = field(default_factory=dict)
+    tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> trials, pruned, rounds, seconds
     artifact_dir: str = ""
     seconds: float = 0.0
 
@@ -219,7 +221,9 @@ def combine_validation(data: ModelData, in_pool: np.ndarray, current_league: str
                                      {**{k: p[:n] for k, p in preds.items()}, "ensemble": blend(weights, preds)[:n]})
         oof.append(_oof_frame(data, holdout.predicted, blend(weights, preds), holdout.name, True, in_pool))
     folds = [*tuning, *([holdout] if holdout is not None else [])]
-    return GlobalValidation(params, rounds, weights, metrics, [f.name for f in folds], pl.concat(oof))
+    work = {k: {"trials": t.trials, "pruned": t.pruned, "boosting_rounds": t.boosting_rounds,
+                "seconds": round(parts[k].seconds, 2)} for k, t in tuned.items()}
+    return GlobalValidation(params, rounds, weights, metrics, [f.name for f in folds], pl.concat(oof), work)
 
 
 def validate_global(data: ModelData, in_pool: np.ndarray, current_league: str, profile: Profile,
@@ -261,6 +265,7 @@ def finish_global(result: GlobalResult, data: ModelData, in_pool: np.ndarray, le
     result.params, result.rounds, result.weights = checked.params, checked.rounds, checked.weights
     result.metrics, result.folds = checked.metrics, checked.folds
     result.feature_importance = importance
+    result.tuning = checked.tuning
     result.artifact_dir = str(out_dir)
     result.data_window = {
         "first_date": str(data.dates[train_rows].min()), "last_date": str(data.dates[train_rows].max()),

@@ -339,10 +339,11 @@ class _Reporter:
     ``MIN_PATIENCE`` on) and stops the fit (``optuna.TrialPruned``) when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial, first_step: int):
-        self.trial, self.first_step, self.best = trial, first_step, math.inf
+        self.trial, self.first_step, self.best, self.rounds = trial, first_step, math.inf, 0
 
     def __call__(self, iteration: int, value: float) -> None:
         self.best = min(self.best, value)
+        self.rounds = iteration + 1
         done = iteration + 1
         if done % CHECK_EVERY == 0 and done >= MIN_PATIENCE:
             self.trial.report(self.best, self.first_step + done // CHECK_EVERY - 1)
@@ -414,6 +415,8 @@ class Tuned:
     rounds: int
     oof: list[np.ndarray]  # the best trial's predictions of each fold's ``predicted`` rows
     trials: int
+    pruned: int = 0  # trials the pruner stopped
+    boosting_rounds: int = 0  # rounds fitted over every trial and fold (forest: trees): the tuning's work
 
 
 def tune(kind: str, data: ModelData, folds: list[FoldData], profile: Profile, seed: int) -> Tuned:
@@ -425,12 +428,17 @@ def tune(kind: str, data: ModelData, folds: list[FoldData], profile: Profile, se
     n_trials = max(1, round(profile.optuna_trials * TRIAL_SHARE[kind]))
     early = max(profile.early_stopping_rounds, MIN_PATIENCE)
     outputs: dict[int, tuple[list[np.ndarray], list[int]]] = {}
+    work = [0]
 
     def objective(trial: optuna.Trial) -> float:
         params = build(trial)
         errors, preds, rounds = [], [], []
         for k, fd in enumerate(folds):
-            pred, used = _fold_predict(kind, params, fd, data, early, _Reporter(trial, k * FOLD_STEPS))
+            report = _Reporter(trial, k * FOLD_STEPS)
+            try:
+                pred, used = _fold_predict(kind, params, fd, data, early, report)
+            finally:
+                work[0] += report.rounds if kind != "random_forest" else DEFAULT_ROUNDS["random_forest"]
             preds.append(pred)
             rounds.append(used)
             errors.append(float(np.mean(np.abs(data.y[fd.fold.valid] - pred[: len(fd.fold.valid)]))))
@@ -449,7 +457,8 @@ def tune(kind: str, data: ModelData, folds: list[FoldData], profile: Profile, se
     study.optimize(objective, n_trials=n_trials)
     # the best trial ran every fold (a pruned trial is never best): its predictions are the fold predictions
     preds, rounds = outputs[study.best_trial.number]
-    return Tuned(kind, dict(study.best_params), int(np.median(rounds)), preds, len(study.trials))
+    pruned = sum(1 for t in study.trials if t.state == optuna.trial.TrialState.PRUNED)
+    return Tuned(kind, dict(study.best_params), int(np.median(rounds)), preds, len(study.trials), pruned, work[0])
 
 
 def validation_weights(y: np.ndarray, preds: dict[str, np.ndarray], step: float = 0.1) -> dict[str, float]:
