@@ -15,8 +15,8 @@ Two kinds of model are built on it (the assets ``global_models`` and ``currency_
   trial. LightGBM gets the profile's whole trial budget, XGBoost half, the small RandomForest space a tenth. A
   median pruner (``StepMedianPruner``) stops a losing trial early: inside a boosting fit every ``CHECK_EVERY``
   rounds (its early-stopping error against the other trials' at the same round of the same fold), and after each
-  fold (the running validation error). Each fold's LightGBM Dataset and XGBoost DMatrix are built once
-  (``fold_data``) and reused by every trial of every model.
+  fold (the running validation error); a tuning forest grows 10 trees at a time and reports its validation error.
+  Each fold's LightGBM Dataset and XGBoost DMatrix are built once (``fold_data``) and reused by every trial.
 - **Ensemble.** Weights minimise the blend's validation MAE over a grid of the simplex (``FALLBACK_WEIGHTS`` with
   too few rows).
 """
@@ -51,6 +51,7 @@ META_FILE = "ensemble.json"
 MAX_ROUNDS = 1000
 CHECK_EVERY = 25  # boosting rounds between two reports to the pruner
 FOLD_STEPS = MAX_ROUNDS // CHECK_EVERY + 1  # a fold's pruning steps: its boosting checkpoints, then its error
+FOREST_CHECK = 10  # trees between two reports of a tuning forest to the pruner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # LightGBM warns when a validation Dataset shares bins with its reference, which is the point of building it once.
@@ -335,8 +336,9 @@ class StepMedianPruner(optuna.pruners.BasePruner):
 
 
 class _Reporter:
-    """Reports a boosting fit's best early-stopping error so far to its trial every ``CHECK_EVERY`` rounds (from
-    ``MIN_PATIENCE`` on) and stops the fit (``optuna.TrialPruned``) when the pruner says so."""
+    """Reports a fit's progress within a fold to its trial and stops the fit (``optuna.TrialPruned``) when the
+    pruner says so: a boosting fit's best early-stopping error so far every ``CHECK_EVERY`` rounds (from
+    ``MIN_PATIENCE`` on); a forest's validation error every ``FOREST_CHECK`` trees."""
 
     def __init__(self, trial: optuna.Trial, first_step: int):
         self.trial, self.first_step, self.best, self.rounds = trial, first_step, math.inf, 0
@@ -344,11 +346,13 @@ class _Reporter:
     def __call__(self, iteration: int, value: float) -> None:
         self.best = min(self.best, value)
         self.rounds = iteration + 1
-        done = iteration + 1
-        if done % CHECK_EVERY == 0 and done >= MIN_PATIENCE:
-            self.trial.report(self.best, self.first_step + done // CHECK_EVERY - 1)
-            if self.trial.should_prune():
-                raise optuna.TrialPruned()
+        if self.rounds % CHECK_EVERY == 0 and self.rounds >= MIN_PATIENCE:
+            self.check(self.rounds // CHECK_EVERY - 1, self.best)
+
+    def check(self, offset: int, value: float) -> None:
+        self.trial.report(value, self.first_step + offset)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned()
 
 
 class _XgbReport(xgb.callback.TrainingCallback):
@@ -404,8 +408,23 @@ def _fold_predict(kind: str, params: dict, fd: FoldData, data: ModelData, early:
         model = _fit_xgb(params, fd.xgb_train, fd.xgb_inner_valid, MAX_ROUNDS, early, report)
         return _predict_xgb(model, fd.xgb_valid), (model.best_iteration or MAX_ROUNDS - 1) + 1
     trees = DEFAULT_ROUNDS["random_forest"]
-    rf = _fit_forest(params, data.X[f.train], data.y[f.train], data.weight[f.train], trees)
-    return forest_predict(rf, data.X[f.predicted]), trees
+    if report is None:
+        rf = _fit_forest(params, data.X[f.train], data.y[f.train], data.weight[f.train], trees)
+        return forest_predict(rf, data.X[f.predicted]), trees
+    # grown FOREST_CHECK trees at a time (warm start: the same trees as one fit), so that a losing trial stops early
+    X, y_clipped, w = data.X[f.train], _clip_target(data.y[f.train]), data.weight[f.train]
+    X_pred = np.ascontiguousarray(data.X[f.predicted], dtype=np.float32)
+    rf = RandomForestRegressor(**params, n_estimators=FOREST_CHECK, warm_start=True)
+    per_tree: list[np.ndarray] = []
+    for grown in range(FOREST_CHECK, trees + 1, FOREST_CHECK):
+        rf.set_params(n_estimators=grown).fit(X, y_clipped, sample_weight=w)
+        per_tree += [t.predict(X_pred, check_input=False) for t in rf.estimators_[len(per_tree):]]
+        report.rounds = grown
+        if grown < trees:
+            n = len(f.valid)
+            report.check(grown // FOREST_CHECK - 1,
+                         float(np.mean(np.abs(data.y[f.valid] - np.mean(per_tree, axis=0)[:n]))))
+    return np.mean(per_tree, axis=0), trees  # as forest_predict
 
 
 @dataclass
@@ -438,7 +457,7 @@ def tune(kind: str, data: ModelData, folds: list[FoldData], profile: Profile, se
             try:
                 pred, used = _fold_predict(kind, params, fd, data, early, report)
             finally:
-                work[0] += report.rounds if kind != "random_forest" else DEFAULT_ROUNDS["random_forest"]
+                work[0] += report.rounds
             preds.append(pred)
             rounds.append(used)
             errors.append(float(np.mean(np.abs(data.y[fd.fold.valid] - pred[: len(fd.fold.valid)]))))
