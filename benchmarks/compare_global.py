@@ -27,12 +27,24 @@ def main() -> int:
     parser.add_argument("--profile", default="test")
     parser.add_argument("--horizons", default="1,3,7")
     parser.add_argument("--out", default="")
+    parser.add_argument("--log-trials", action="store_true", help="each Optuna trial's end on stderr, with CPU s")
     args = parser.parse_args()
     if args.dumps == "sample":
         os.environ["POE_BENCH_DUMPS"] = "sample_data"
     from poe_pipeline.modeling import limit_threads
 
     limit_threads()
+    if args.log_trials:
+        import logging
+
+        import optuna
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s cpu=%(cpu).1f %(message)s"))
+        handler.addFilter(lambda record: setattr(record, "cpu", time.process_time()) or True)
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+        optuna.logging.disable_default_handler()
+        optuna.logging.get_logger("optuna").addHandler(handler)
     import poe_pipeline
     from benchmarks.bench_features import development_daily_prices
     from benchmarks.bench_training import liquid_currencies
