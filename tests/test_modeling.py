@@ -163,7 +163,7 @@ def test_the_pruner_compares_a_step_only_with_the_same_step_of_completed_trials(
     assert not other.should_prune()
 
 
-def test_tuning_prunes_losing_trials_and_stays_deterministic():
+def test_pruning_inside_fits_stops_losing_trials_and_stays_deterministic():
     from poe_pipeline.modeling import Fold, fold_data, tune
     from poe_pipeline.settings import Profile
 
@@ -178,13 +178,19 @@ def test_tuning_prunes_losing_trials_and_stays_deterministic():
     folds = [Fold(f"league:{lg}", idx[: k * 2000], idx[k * 2000:(k + 1) * 2000], idx[: k * 2000 - 400],
                   idx[k * 2000 - 400: k * 2000]) for k, lg in ((1, "B"), (2, "C"))]
     profile = Profile("t", optuna_trials=12, cv_folds=3, early_stopping_rounds=10)
-    first = tune("lightgbm", data, fold_data(data, folds, kinds=("lightgbm",)), profile, seed=5)
-    again = tune("lightgbm", data, fold_data(data, folds, kinds=("lightgbm",)), profile, seed=5)
+    first = tune("lightgbm", data, fold_data(data, folds, kinds=("lightgbm",)), profile, seed=5,
+                 prune_inside_fits=True)
+    again = tune("lightgbm", data, fold_data(data, folds, kinds=("lightgbm",)), profile, seed=5,
+                 prune_inside_fits=True)
     assert first.trials == 12 and 0 < first.pruned < 12
     assert (first.params, first.rounds, first.pruned, first.boosting_rounds) == (
         again.params, again.rounds, again.pruned, again.boosting_rounds)
-    forest = tune("random_forest", data, fold_data(data, folds, kinds=()), Profile("t", 60, 3, 10), seed=5)
+    forest = tune("random_forest", data, fold_data(data, folds, kinds=()), Profile("t", 60, 3, 10), seed=5,
+                  prune_inside_fits=True)
     assert forest.trials == 6 and forest.boosting_rounds < forest.trials * 2 * 40  # some forests stopped early
+    # off (the default): a trial stops only between folds, and a forest grows all its trees
+    whole = tune("random_forest", data, fold_data(data, folds, kinds=()), Profile("t", 60, 3, 10), seed=5)
+    assert whole.boosting_rounds % 40 == 0
 
 
 def test_ensemble_weights_minimise_validation_error():
