@@ -4,15 +4,16 @@ Setup (``training_setup``, once, reported but not judged): a temporary lake gets
 development dumps turned into features (``league_calendar`` + ``update_features``), and a manifest of the current
 league, its training leagues and its eligible currencies (``currency_universe``), most liquid first.
 
-- ``globals_test``: ``train_globals`` for 1/3/7d in the ``test`` profile with 2 worker processes (one horizon per
-  worker, the third after the first to finish), pooled over the eligible currencies of the current league (all of
-  them, as the ``global_models`` asset passes them), including every MLflow write (a parent run, one run, logged
-  model, registration and champion alias per horizon) into the lake's SQLite tracking store. ``wall_s`` is
+- ``globals_test``: ``train_globals`` for 1/3/7d in the ``test`` profile with 2 worker processes (one job per
+  horizon and model kind, then one per weighted final fit, final fits first), pooled over the eligible currencies
+  of the current league (all of them, as the ``global_models`` asset passes them), including every MLflow write
+  (a parent run, one run, logged model, registration and champion alias per horizon) into the lake's SQLite
+  tracking store. ``wall_s`` is
   ``load_training_features`` (``load_features_s``) + ``train_globals``, as the asset does them. Each repeat starts
   from an empty registry (its MLflow store and ``model_metrics`` are removed first, untimed), so every repeat is a
   lake's first training; the registry as the last repeat left it is kept for the next case.
-  ``global_<h>d_s`` is each horizon's own ``GlobalResult.seconds`` (tuning, validation, final fit, artifacts) in
-  its worker.
+  ``global_<h>d_s`` is each horizon's ``GlobalResult.seconds``: the sum of its jobs' seconds (tuning and holdout
+  of each kind, final fits) in the workers.
 - ``currencies_30x3_test``: ``train_currencies`` of the 30 most liquid eligible currencies x 1/3/7d (90
   partitions: a scale of the global champion's out-of-fold forecasts, no tuning) in the ``test`` profile, in the
   process as the asset does, including every MLflow write (a run, logged model, registration and alias per
