@@ -408,7 +408,7 @@ def run(repeats: int) -> dict:
     elif prod == "7d":
         plan.append(("global_prod_7d", global_prod, 1))
     else:
-        print(f"  retrain_prod skipped: set {PROD_ENV}=1 to run it (up to an hour on 2 cores)", file=sys.stderr)
+        print(f"  retrain_prod skipped: set {PROD_ENV}=1 to run it (hours on 2 cores)", file=sys.stderr)
     cases = {}
     try:
         for name, fn, times in plan:
@@ -431,7 +431,7 @@ def run(repeats: int) -> dict:
         targets["retrain_prod_s"] = {
             **check_target(cases["retrain_prod"], "wall_s", "<", 3600.0,
                            "issue: the weekly retrain of the eligible universe in the prod profile < 60 min"),
-            "metric": "retrain_prod.wall_s: the global models of 1/3/7d (prod: 200 trials, 5 folds, pruned) on 2 "
+            "metric": "retrain_prod.wall_s: the global models of 1/3/7d (prod: 200 trials, 5 folds) on 2 "
                       "workers, then every eligible currency x 3 partitions, MLflow writes included",
         }
     return {
