@@ -4,28 +4,33 @@ Setup (``training_setup``, once, reported but not judged): a temporary lake gets
 development dumps turned into features (``league_calendar`` + ``update_features``), and a manifest of the current
 league, its training leagues and its eligible currencies (``currency_universe``), most liquid first.
 
-- ``globals_test``: ``train_globals`` for 1/3/7d in the ``test`` profile with 2 worker processes (one horizon per
-  worker, the third after the first to finish), pooled over the eligible currencies of the current league (all of
-  them, as the ``global_models`` asset passes them), including every MLflow write (a parent run, one run, logged
-  model, registration and champion alias per horizon) into the lake's SQLite tracking store. ``wall_s`` is
+- ``globals_test``: ``train_globals`` for 1/3/7d in the ``test`` profile with 2 worker processes (one job per
+  horizon and model kind, then one per weighted final fit, final fits first), pooled over the eligible currencies
+  of the current league (all of them, as the ``global_models`` asset passes them), including every MLflow write
+  (a parent run, one run, logged model, registration and champion alias per horizon) into the lake's SQLite
+  tracking store. ``wall_s`` is
   ``load_training_features`` (``load_features_s``) + ``train_globals``, as the asset does them. Each repeat starts
   from an empty registry (its MLflow store and ``model_metrics`` are removed first, untimed), so every repeat is a
   lake's first training; the registry as the last repeat left it is kept for the next case.
-  ``global_<h>d_s`` is each horizon's own ``GlobalResult.seconds`` (tuning, validation, final fit, artifacts) in
-  its worker.
+  ``global_<h>d_s`` is each horizon's ``GlobalResult.seconds``: the sum of its jobs' seconds (tuning and holdout
+  of each kind, final fits) in the workers.
 - ``currencies_30x3_test``: ``train_currencies`` of the 30 most liquid eligible currencies x 1/3/7d (90
   partitions: a scale of the global champion's out-of-fold forecasts, no tuning) in the ``test`` profile, in the
   process as the asset does, including every MLflow write (a run, logged model, registration and alias per
   partition). Each repeat starts from the registry as ``globals_test`` left it (global champions, no partitions;
   restored untimed). ``wall_s`` is the ``train_currencies`` call; ``fit_s_sum`` is the partitions' own
   ``CurrencyResult.seconds`` (the scale alone), the rest is MLflow.
-- ``global_prod_7d``: one ``train_global`` for 7d in the ``prod`` profile (200 LightGBM, 100 XGBoost and 20
-  forest trials over 5 league folds) on the same pooled rows (``pooled_rows`` of the eligible currencies), in the
-  process with one thread per model as in a training worker; artifacts only, no MLflow. ``wall_s`` is
-  ``GlobalResult.seconds``. OPT-IN: it runs only with ``POE_BENCH_PROD=1``, and then once whatever ``--repeats``
-  says. On the development leagues it pools ~196,000 rows, against the ~2,000 rows of one currency whose prod fit
-  took 177 s in the per-currency model this replaced (``benchmarks/results/2026-11-23.json``), so it takes far
-  more than 20 minutes on 2 cores.
+- ``retrain_prod``: the weekly retrain of the whole eligible universe in the ``prod`` profile, from an empty
+  registry: ``train_globals`` for 1/3/7d on 2 workers (200 LightGBM, 100 XGBoost and 20 forest trials per horizon
+  over 4 tuning folds, pruned; then the holdout league and the final fits), then ``train_currencies`` of every
+  eligible currency x 1/3/7d, MLflow writes included. ``globals_wall_s`` and ``partitions_wall_s`` split
+  ``wall_s``; ``global_<h>d_<kind>_*`` are each kind's trials, pruned trials, boosting rounds (forest: trees) and
+  job seconds. OPT-IN: only with ``POE_BENCH_PROD=1``, and then once whatever ``--repeats`` says.
+- ``global_prod_7d`` (``POE_BENCH_PROD=7d`` instead): one ``train_global`` for 7d in the ``prod`` profile on
+  the same pooled rows (``pooled_rows`` of the eligible currencies), in the process with one thread per model as in
+  a training worker; artifacts only, no MLflow. ``wall_s`` is ``GlobalResult.seconds``. Once whatever
+  ``--repeats`` says. On the development leagues it pools ~181,000 rows, against the ~2,000 rows of one currency
+  whose prod fit took 177 s in the per-currency model this replaced (``benchmarks/results/2026-11-23.json``).
 
 "Most liquid": the universe's ``liquidity_rank`` (most days with a High or Medium confidence price in the current
 league, then most observed days, then name) among the eligible currencies; the first 30 are taken.
@@ -120,9 +125,10 @@ def read_manifest(root: Path) -> dict:
     return json.loads((root / MANIFEST).read_text())
 
 
-def train_global_models(lake, manifest: dict, workers: int = RETRAIN_WORKERS) -> tuple[list, float]:
-    """``load_training_features`` + ``train_globals`` (1/3/7d, ``test`` profile), as the ``global_models`` asset
-    calls them; (outcomes, seconds spent loading the features). Raises unless every horizon trained."""
+def train_global_models(lake, manifest: dict, workers: int = RETRAIN_WORKERS,
+                        profile: str = "test") -> tuple[list, float]:
+    """``load_training_features`` + ``train_globals`` (1/3/7d, ``profile``), as the ``global_models`` asset calls
+    them; (outcomes, seconds spent loading the features). Raises unless every horizon trained."""
     from poe_pipeline.features import FEATURE_COLUMNS
     from poe_pipeline.settings import HORIZONS_DAYS, get_profile
     from poe_pipeline.training import load_training_features, train_globals
@@ -131,20 +137,20 @@ def train_global_models(lake, manifest: dict, workers: int = RETRAIN_WORKERS) ->
     features = load_training_features(lake)
     load_s = time.perf_counter() - t0
     outcomes = train_globals(lake, features, FEATURE_COLUMNS, HORIZONS_DAYS, manifest["league_order"],
-                             manifest["league"], manifest["eligible"], get_profile("test"), TAGS, workers=workers,
+                             manifest["league"], manifest["eligible"], get_profile(profile), TAGS, workers=workers,
                              progress=lambda _: None)
     if failed := [o for o in outcomes if not o.result.trained]:
         raise RuntimeError("; ".join(f"global {o.horizon}d not trained: {o.result.reason}" for o in failed))
     return outcomes, load_s
 
 
-def train_partitions(lake, manifest: dict, currencies: list[str]) -> list:
-    """``train_currencies`` of ``currencies`` x 1/3/7d in the ``test`` profile; raises unless every one trained."""
+def train_partitions(lake, manifest: dict, currencies: list[str], profile: str = "test") -> list:
+    """``train_currencies`` of ``currencies`` x 1/3/7d in ``profile``; raises unless every one trained."""
     from poe_pipeline.settings import HORIZONS_DAYS
     from poe_pipeline.training import TrainRequest, train_currencies
 
     requests = [TrainRequest(c, h) for c in currencies for h in HORIZONS_DAYS]
-    outcomes = train_currencies(lake, requests, manifest["league"], "test", TAGS, progress=lambda _: None)
+    outcomes = train_currencies(lake, requests, manifest["league"], profile, TAGS, progress=lambda _: None)
     if failed := [o for o in outcomes if not o.result.trained]:
         raise RuntimeError(f"{len(failed)} of {len(outcomes)} partitions not trained, e.g. "
                            f"{failed[0].request.partition_key}: {failed[0].result.reason}")
@@ -348,20 +354,61 @@ def global_prod() -> dict:
     }
 
 
+def retrain_prod() -> dict:
+    """The weekly retrain in the ``prod`` profile: the global models of 1/3/7d (2 workers), then every eligible
+    currency x 1/3/7d partitions, MLflow included, from an empty registry."""
+    lake, manifest = _lake(), read_manifest(_work() / "lake")
+    for part in [*_registry_parts(lake), lake.models_staging]:
+        shutil.rmtree(part, ignore_errors=True)
+    before = loadavg("loadavg_before")
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    with RssSampler() as sampler:
+        outcomes, load_s = train_global_models(lake, manifest, profile="prod")
+        globals_s = time.perf_counter() - wall0
+        after_globals = loadavg("loadavg_after_globals")
+        partitions = train_partitions(lake, manifest, manifest["eligible"], profile="prod")
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    per_horizon = {}
+    for o in sorted(outcomes, key=lambda o: o.horizon):
+        r = o.result
+        per_horizon |= {f"global_{o.horizon}d_job_s": r.seconds, f"global_{o.horizon}d_rows": r.data_window["rows"],
+                        f"global_{o.horizon}d_holdout_skill": r.skill,
+                        **{f"global_{o.horizon}d_{k}_{stat}": v for k, t in r.tuning.items()
+                           for stat, v in t.items()}}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "load_features_s": load_s,
+        "globals_wall_s": globals_s,
+        "partitions_wall_s": wall - globals_s,
+        "partitions": len(partitions),
+        "eligible": len(manifest["eligible"]),
+        "workers": RETRAIN_WORKERS,
+        "profile": "prod",
+        **per_horizon,
+        **sampler.figures(),
+        "league": manifest["league"],
+        **before,
+        **after_globals,
+        **loadavg("loadavg_after"),
+    }
+
+
 def run(repeats: int) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-training-"))
     os.environ[WORK_ENV] = str(work)  # spawned children inherit it
-    prod = os.environ.get(PROD_ENV) == "1"
+    prod = os.environ.get(PROD_ENV, "")
     plan = [
         ("training_setup", setup, 1),
         ("globals_test", globals_test, repeats),
         ("currencies_30x3_test", currencies_test, repeats),
     ]
-    if prod:
-        plan.append(("global_prod_7d", global_prod, 1))  # slow: always once
+    if prod == "1":
+        plan.append(("retrain_prod", retrain_prod, 1))  # slow: always once
+    elif prod == "7d":
+        plan.append(("global_prod_7d", global_prod, 1))
     else:
-        print(f"  global_prod_7d skipped: set {PROD_ENV}=1 to run it (far more than 20 min on 2 cores)",
-              file=sys.stderr)
+        print(f"  retrain_prod skipped: set {PROD_ENV}=1 to run it (hours on 2 cores)", file=sys.stderr)
     cases = {}
     try:
         for name, fn, times in plan:
@@ -373,14 +420,24 @@ def run(repeats: int) -> dict:
     for summary in cases.values():
         summary["dumps"] = development_dumps_dir()[1]
     globals_, partitions = cases["globals_test"], cases["currencies_30x3_test"]
-    trained = [cases[name] for name in ("globals_test", "currencies_30x3_test", "global_prod_7d") if name in cases]
+    trained = [cases[name] for name in ("globals_test", "currencies_30x3_test", "global_prod_7d", "retrain_prod")
+               if name in cases]
     peaks = [s[key]["max"] for s in trained for key in ("peak_rss_mb", "workers_peak_rss_mb", "sampled_total_rss_mb")]
     issue = "issue: retraining 30 currencies x 3 horizons (test profile) < 5 min; < 2 GB peak"
     total = {"name": "retrain_30x3_test", "wall_s": globals_["wall_s"]["median"] + partitions["wall_s"]["median"]}
     memory = {"name": "training", "peak_rss_mb": max(peaks)}
+    targets = {}
+    if "retrain_prod" in cases:
+        targets["retrain_prod_s"] = {
+            **check_target(cases["retrain_prod"], "wall_s", "<", 3600.0,
+                           "issue: the weekly retrain of the eligible universe in the prod profile < 60 min"),
+            "metric": "retrain_prod.wall_s: the global models of 1/3/7d (prod: 200 trials, 5 folds) on 2 "
+                      "workers, then every eligible currency x 3 partitions, MLflow writes included",
+        }
     return {
         "results": cases,
         "targets": {
+            **targets,
             "retrain_30x3_test_s": {
                 **check_target(total, "wall_s", "<", 300.0, issue),
                 "metric": "globals_test.wall_s + currencies_30x3_test.wall_s (sum of the medians): the global models "
@@ -390,7 +447,7 @@ def run(repeats: int) -> dict:
                 **check_target(memory, "peak_rss_mb", "<", 2048, issue),
                 "metric": "max over the training cases of peak RSS (MB): the measuring process, its largest worker, "
                           "and the sampled parent + workers total"
-                          + ("" if prod else f" (global_prod_7d not run: {PROD_ENV} unset)"),
+                          + ("" if prod else f" (the prod cases not run: {PROD_ENV} unset)"),
             },
         },
     }

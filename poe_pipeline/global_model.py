@@ -32,7 +32,10 @@ from poe_pipeline.modeling import (
     MIN_PATIENCE,
     MODEL_KINDS,
     PARAM_BUILDERS,
+    Fold,
+    FoldData,
     ModelData,
+    Tuned,
     _fold_predict,
     blend,
     fit_ensemble,
@@ -95,6 +98,7 @@ class GlobalValidation:
     metrics: dict[str, dict[str, dict[str, float]]]  # "holdout" | "tuning" -> model -> metric
     folds: list[str]
     oof: pl.DataFrame  # OOF_SCHEMA
+    tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> trials, pruned, rounds, seconds
 
     @classmethod
     def read(cls, directory: Path) -> GlobalValidation:
@@ -102,7 +106,7 @@ class GlobalValidation:
 
         meta = json.loads((Path(directory) / "ensemble.json").read_text())
         return cls(meta["params"], meta["rounds"], meta["weights"], meta["metrics"], meta["folds"],
-                   pl.read_parquet(Path(directory) / OOF_FILE))
+                   pl.read_parquet(Path(directory) / OOF_FILE), meta.get("tuning", {}))
 
 
 @dataclass
@@ -118,6 +122,7 @@ class GlobalResult:
     data_window: dict = field(default_factory=dict)
     feature_names: list[str] = field(default_factory=list)
     feature_importance: dict[str, float] = field(default_factory=dict)
+    tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> trials, pruned, rounds, seconds
     artifact_dir: str = ""
     seconds: float = 0.0
 
@@ -154,15 +159,52 @@ def _scored(y: np.ndarray, preds: dict[str, np.ndarray]) -> dict[str, dict[str, 
     return out
 
 
-def validate_global(data: ModelData, in_pool: np.ndarray, current_league: str, profile: Profile,
-                    seed: int) -> GlobalValidation:
-    """Tune on every league fold but the newest, weigh the ensemble there, and score it on the newest (nested)."""
+@dataclass
+class KindValidation:
+    """One model kind's part of a validation, which a training job computes alone: its tuning and its forecasts of
+    the holdout fold's rows (None without a holdout)."""
+
+    kind: str
+    tuned: Tuned | None
+    holdout_pred: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+def validation_folds(data: ModelData, in_pool: np.ndarray, current_league: str,
+                     profile: Profile) -> tuple[list[Fold], Fold | None]:
+    """(the tuning folds, the holdout fold): every league fold but the newest, and the newest."""
     folds = league_folds(data, profile.cv_folds, exclude={current_league}, train_mask=in_pool, extra_mask=~in_pool)
-    if not folds:
+    if len(folds) <= 1:
+        return folds, None
+    return folds[:-1], folds[-1]
+
+
+def validate_kind(kind: str, data: ModelData, in_pool: np.ndarray, current_league: str, profile: Profile,
+                  seed: int, matrices: list[FoldData] | None = None) -> KindValidation:
+    """Tune one model kind on the tuning folds and forecast the holdout fold with its best parameters.
+    ``matrices``: the tuning folds' ``fold_data``, when several kinds share them."""
+    started = time.perf_counter()
+    tuning, holdout = validation_folds(data, in_pool, current_league, profile)
+    if not tuning:
+        return KindValidation(kind, None)
+    tuned = tune(kind, data, matrices if matrices is not None else fold_data(data, tuning, kinds=(kind,)),
+                 profile, seed)
+    holdout_pred = None
+    if holdout is not None:
+        (fd,) = fold_data(data, [holdout], kinds=(kind,))
+        holdout_pred = _fold_predict(kind, PARAM_BUILDERS[kind](None, tuned.params), fd, data,
+                                     max(profile.early_stopping_rounds, MIN_PATIENCE))[0]
+    return KindValidation(kind, tuned, holdout_pred, time.perf_counter() - started)
+
+
+def combine_validation(data: ModelData, in_pool: np.ndarray, current_league: str, profile: Profile,
+                       parts: dict[str, KindValidation]) -> GlobalValidation:
+    """The validation of the ensemble from its kinds' parts: weights on the tuning folds, scores on the holdout."""
+    tuning, holdout = validation_folds(data, in_pool, current_league, profile)
+    if not tuning:
         return GlobalValidation(dict(DEFAULT_PARAMS), dict(DEFAULT_ROUNDS), {k: 1 / 3 for k in MODEL_KINDS}, {},
                                 [], pl.DataFrame(schema=OOF_SCHEMA))
-    tuning, holdout = (folds[:-1], folds[-1]) if len(folds) > 1 else (folds, None)
-    tuned = {kind: tune(kind, data, fold_data(data, tuning), profile, seed) for kind in MODEL_KINDS}
+    tuned = {k: parts[k].tuned for k in MODEL_KINDS}
     params = {k: t.params for k, t in tuned.items()}
     rounds = {k: t.rounds for k, t in tuned.items()} | {"random_forest": DEFAULT_ROUNDS["random_forest"]}
     y_tuning = np.concatenate([data.y[f.valid] for f in tuning])
@@ -173,14 +215,67 @@ def validate_global(data: ModelData, in_pool: np.ndarray, current_league: str, p
     oof = [_oof_frame(data, f.predicted, blend(weights, {k: t.oof[i] for k, t in tuned.items()}), f.name, False,
                       in_pool) for i, f in enumerate(tuning)]
     if holdout is not None:
-        (fd,) = fold_data(data, [holdout])
-        preds = {k: _fold_predict(k, PARAM_BUILDERS[k](None, params[k]), fd, data,
-                                  max(profile.early_stopping_rounds, MIN_PATIENCE))[0] for k in MODEL_KINDS}
+        preds = {k: parts[k].holdout_pred for k in MODEL_KINDS}
         n = len(holdout.valid)
         metrics["holdout"] = _scored(data.y[holdout.valid],
                                      {**{k: p[:n] for k, p in preds.items()}, "ensemble": blend(weights, preds)[:n]})
         oof.append(_oof_frame(data, holdout.predicted, blend(weights, preds), holdout.name, True, in_pool))
-    return GlobalValidation(params, rounds, weights, metrics, [f.name for f in folds], pl.concat(oof))
+    folds = [*tuning, *([holdout] if holdout is not None else [])]
+    work = {k: {"trials": t.trials, "pruned": t.pruned, "boosting_rounds": t.boosting_rounds,
+                "seconds": round(parts[k].seconds, 2)} for k, t in tuned.items()}
+    return GlobalValidation(params, rounds, weights, metrics, [f.name for f in folds], pl.concat(oof), work)
+
+
+def validate_global(data: ModelData, in_pool: np.ndarray, current_league: str, profile: Profile,
+                    seed: int) -> GlobalValidation:
+    """Tune on every league fold but the newest, weigh the ensemble there, and score it on the newest (nested)."""
+    tuning, _ = validation_folds(data, in_pool, current_league, profile)
+    matrices = fold_data(data, tuning)  # once for every model's trials
+    parts = {kind: validate_kind(kind, data, in_pool, current_league, profile, seed, matrices)
+             for kind in MODEL_KINDS}
+    del matrices
+    return combine_validation(data, in_pool, current_league, profile, parts)
+
+
+def global_data(rows: pl.DataFrame, feature_columns: list[str], horizon: int,
+                league_order: list[str]) -> tuple[ModelData, np.ndarray]:
+    """The model matrices of ``rows`` (``pooled_rows``) and their ``in_pool`` flags, row for row."""
+    data = ModelData.from_rows(rows, feature_columns, horizon, league_order)
+    in_pool = (rows.join(data.keys().with_row_index("_i"), on=["league", "currency", "date"], how="inner")
+               .sort("_i")["in_pool"].to_numpy())
+    return data, in_pool
+
+
+def skip_reason(in_pool: np.ndarray, horizon: int) -> str:
+    """Why the global model of this horizon cannot be trained honestly ("" when it can)."""
+    if (n := int(in_pool.sum())) < MIN_GLOBAL_ROWS:
+        return (f"only {n} labelled rows to pool at {horizon}d (at least {MIN_GLOBAL_ROWS} are needed): import more "
+                "league history")
+    return ""
+
+
+def finish_global(result: GlobalResult, data: ModelData, in_pool: np.ndarray, league_order: list[str],
+                  checked: GlobalValidation, importance: dict[str, float], out_dir: Path, warm: bool,
+                  seconds: float) -> GlobalResult:
+    """Fill ``result`` once the final models are in ``out_dir``; write the out-of-fold rows and ``ensemble.json``."""
+    train_rows = np.flatnonzero(in_pool)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checked.oof.write_parquet(out_dir / OOF_FILE)
+    result.trained = True
+    result.params, result.rounds, result.weights = checked.params, checked.rounds, checked.weights
+    result.metrics, result.folds = checked.metrics, checked.folds
+    result.feature_importance = importance
+    result.tuning = checked.tuning
+    result.artifact_dir = str(out_dir)
+    result.data_window = {
+        "first_date": str(data.dates[train_rows].min()), "last_date": str(data.dates[train_rows].max()),
+        "rows": int(len(train_rows)), "currencies": int(len(set(data.currencies[train_rows]))),
+        "leagues": [lg for lg in league_order if lg in set(data.leagues[train_rows])],
+        "data_hash": data.data_hash(), "oof_rows": checked.oof.height, "warm_refit": warm,
+    }
+    result.seconds = seconds
+    write_meta(out_dir, {**result.as_dict(), "kind": "global"})
+    return result
 
 
 def train_global(
@@ -196,31 +291,15 @@ def train_global(
 ) -> GlobalResult:
     """Validate (or reuse ``warm``) and fit the global ensemble of one horizon on ``rows`` (``pooled_rows``);
     write its artifacts to ``out_dir``: the native models, ``ensemble.json`` and the out-of-fold forecasts
-    (``oof.parquet``)."""
+    (``oof.parquet``). In one process; ``training.train_globals`` splits the same steps into parallel jobs."""
     started = time.perf_counter()
-    data = ModelData.from_rows(rows, feature_columns, horizon, league_order)
-    in_pool = (rows.join(data.keys().with_row_index("_i"), on=["league", "currency", "date"], how="inner")
-               .sort("_i")["in_pool"].to_numpy())
+    data, in_pool = global_data(rows, feature_columns, horizon, league_order)
     result = GlobalResult(horizon, trained=False, feature_names=data.feature_names)
-    train_rows = np.flatnonzero(in_pool)
-    if len(train_rows) < MIN_GLOBAL_ROWS:
-        result.reason = (f"only {len(train_rows)} labelled rows to pool at {horizon}d (at least {MIN_GLOBAL_ROWS} "
-                         "are needed): import more league history")
+    result.reason = skip_reason(in_pool, horizon)
+    if result.reason:
         return result
     checked = warm if warm is not None else validate_global(data, in_pool, current_league, profile, seed)
-    importance = fit_ensemble(data, checked.params, checked.rounds, checked.weights, out_dir, index=train_rows)
-    checked.oof.write_parquet(out_dir / OOF_FILE)
-    result.trained = True
-    result.params, result.rounds, result.weights = checked.params, checked.rounds, checked.weights
-    result.metrics, result.folds = checked.metrics, checked.folds
-    result.feature_importance = importance
-    result.artifact_dir = str(out_dir)
-    result.data_window = {
-        "first_date": str(data.dates[train_rows].min()), "last_date": str(data.dates[train_rows].max()),
-        "rows": int(len(train_rows)), "currencies": int(len(set(data.currencies[train_rows]))),
-        "leagues": [lg for lg in league_order if lg in set(data.leagues[train_rows])],
-        "data_hash": data.data_hash(), "oof_rows": checked.oof.height, "warm_refit": warm is not None,
-    }
-    result.seconds = time.perf_counter() - started
-    write_meta(out_dir, {**result.as_dict(), "kind": "global"})
-    return result
+    importance = fit_ensemble(data, checked.params, checked.rounds, checked.weights, out_dir,
+                              index=np.flatnonzero(in_pool))
+    return finish_global(result, data, in_pool, league_order, checked, importance, out_dir, warm is not None,
+                         time.perf_counter() - started)

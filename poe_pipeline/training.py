@@ -1,7 +1,11 @@
 """Training the global models and their currency partitions, logged and registered in MLflow.
 
-The global models (one per horizon) are the heavy part: they train in parallel processes, one thread per model.
-Partitions are light (a scale and a calibration on the global model's out-of-fold forecasts) and train in the parent.
+The global models (one per horizon) are the heavy part: they train in parallel processes, one thread per model, as
+finer jobs than a horizon so that 2 cores stay busy to the end: one job per (horizon, model kind) tunes that kind and
+forecasts the holdout (``global_model.validate_kind``); once a horizon's three kinds are in, the parent weighs them
+and one job per weighted kind fits its final model. Final fits go first, then the longest validations. The results
+are those of ``train_global`` in one process (each kind's tuning is seeded alone). Partitions are light (a scale and
+a calibration on the global model's out-of-fold forecasts) and train in the parent.
 Workers only train and write artifacts to a staging folder; the parent process does every MLflow write, one after
 another, so the SQLite stores never see two writers ("database is locked" cannot happen by design).
 """
@@ -11,18 +15,31 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from poe_pipeline.currency_model import CurrencyResult, train_currency
-from poe_pipeline.global_model import OOF_FILE, GlobalResult, pooled_rows, train_global
+from poe_pipeline.global_model import (
+    OOF_FILE,
+    GlobalResult,
+    GlobalValidation,
+    KindValidation,
+    combine_validation,
+    finish_global,
+    global_data,
+    pooled_rows,
+    skip_reason,
+    validate_kind,
+)
 from poe_pipeline.lake import Lake, write_parquet_atomic
-from poe_pipeline.modeling import limit_threads
+from poe_pipeline.modeling import MODEL_KINDS, blend_importance, fit_model, limit_threads
 from poe_pipeline.names import slug
 from poe_pipeline.settings import Profile
 from poe_pipeline.tracking import ModelTracker, Registration, global_model_name
@@ -58,19 +75,126 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def _train_global_job(args: tuple) -> GlobalResult:
-    return train_global(*args)
+@dataclass(frozen=True)
+class GlobalSpec:
+    """What a global training job needs besides its kind: the pooled rows (a Parquet file in the staging folder,
+    read once per worker and horizon) and the training choices."""
+
+    rows_path: Path
+    feature_columns: list[str]
+    horizon: int
+    league_order: list[str]
+    current_league: str
+    profile: Profile
+    seed: int
 
 
-def _global_results(jobs: list[tuple], workers: int) -> Iterator[GlobalResult]:
-    """Results as they complete: in-process for one worker, else a pool of fresh (spawned) processes."""
-    if workers == 1:
-        yield from map(_train_global_job, jobs)
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                             initializer=limit_threads) as pool:
-        for future in as_completed([pool.submit(_train_global_job, job) for job in jobs]):
-            yield future.result()
+_DATA: dict[tuple[str, int], tuple] = {}  # a worker's matrices of its latest (rows file, horizon)
+
+
+def _global_data(spec: GlobalSpec) -> tuple:
+    key = (str(spec.rows_path), spec.horizon)
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = global_data(pl.read_parquet(spec.rows_path), spec.feature_columns, spec.horizon,
+                                 spec.league_order)
+    return _DATA[key]
+
+
+def _validate_job(spec: GlobalSpec, kind: str) -> tuple[str, KindValidation | str]:
+    """A worker's job: one kind's validation, or the reason the horizon cannot be trained."""
+    data, in_pool = _global_data(spec)
+    if reason := skip_reason(in_pool, spec.horizon):
+        return "skip", reason
+    return "validated", validate_kind(kind, data, in_pool, spec.current_league, spec.profile, spec.seed)
+
+
+def _fit_job(spec: GlobalSpec, kind: str, params: dict, rounds: int, out_dir: Path) -> tuple[str, tuple]:
+    """A worker's job: one final model, saved in ``out_dir``; its normalised gain and seconds."""
+    started = time.perf_counter()
+    data, in_pool = _global_data(spec)
+    gain = fit_model(kind, data, params, rounds, out_dir, index=np.flatnonzero(in_pool))
+    return "fitted", (gain, time.perf_counter() - started)
+
+
+_EXPECTED_COST = {"xgboost": 0, "lightgbm": 1, "random_forest": 2}  # the slowest validations first
+
+
+class _Inline:
+    """The executor of one worker: each job runs in this process when it is submitted."""
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def _global_results(specs: list[GlobalSpec], out_dirs: dict[int, Path], workers: int) -> Iterator[GlobalResult]:
+    """Each horizon's result as soon as its final models are fitted: (horizon, kind) validation jobs, then a final
+    fit per weighted kind, on a pool of fresh (spawned) processes (in this process for one worker). At most
+    ``workers`` jobs are in flight, so the next job is chosen when a worker frees up: final fits first."""
+    by_h = {s.horizon: s for s in specs}
+    queue: list[tuple[int, int, Callable, tuple]] = [  # (priority, order, job, args)
+        (1 + _EXPECTED_COST[kind], i, _validate_job, (by_h[h], kind))
+        for i, (kind, h) in enumerate((k, h) for k in sorted(MODEL_KINDS, key=_EXPECTED_COST.get) for h in by_h)
+    ]
+    parts: dict[int, dict[str, KindValidation]] = {h: {} for h in by_h}
+    validations: dict[int, GlobalValidation] = {}
+    gains: dict[int, dict[str, np.ndarray]] = {h: {} for h in by_h}
+    seconds: dict[int, float] = dict.fromkeys(by_h, 0.0)
+    skipped: set[int] = set()
+    pool = _Inline() if workers == 1 else ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=limit_threads)
+    running: dict[Future, tuple[int, str]] = {}
+    order = len(queue)
+    try:
+        while queue or running:
+            queue.sort(key=lambda job: job[:2])
+            while queue and len(running) < workers:
+                _, _, fn, args = queue.pop(0)
+                running[pool.submit(fn, *args)] = (args[0].horizon, args[1])
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: running[f]):
+                h, kind = running.pop(future)
+                stage, payload = future.result()
+                spec = by_h[h]
+                if stage == "skip":
+                    if h not in skipped:
+                        skipped.add(h)
+                        yield GlobalResult(h, trained=False, reason=payload)
+                    continue
+                if stage == "validated":
+                    parts[h][kind] = payload
+                    seconds[h] += payload.seconds
+                    if len(parts[h]) < len(MODEL_KINDS):
+                        continue
+                    data, in_pool = _global_data(spec)
+                    validations[h] = combine_validation(data, in_pool, spec.current_league, spec.profile, parts[h])
+                    for k in MODEL_KINDS:
+                        if validations[h].weights.get(k, 0) > 0:
+                            order += 1
+                            queue.append((0, order, _fit_job, (spec, k, validations[h].params[k],
+                                                               validations[h].rounds[k], out_dirs[h])))
+                    continue
+                gains[h][kind], fit_s = payload
+                seconds[h] += fit_s
+                checked = validations[h]
+                if len(gains[h]) < sum(1 for k in MODEL_KINDS if checked.weights.get(k, 0) > 0):
+                    continue
+                data, in_pool = _global_data(spec)
+                result = GlobalResult(h, trained=False, feature_names=data.feature_names)
+                importance = blend_importance(data.feature_names, checked.weights, gains[h])
+                yield finish_global(result, data, in_pool, spec.league_order, checked, importance, out_dirs[h],
+                                    False, seconds[h])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _DATA.clear()
 
 
 def _staging(lake: Lake) -> Path:
@@ -93,20 +217,24 @@ def train_globals(
 ) -> list[GlobalOutcome]:
     """Train, log and register the global model of each horizon; ``currencies`` are the ones being forecast now."""
     horizons = list(horizons)
-    workers = min(workers or default_workers(), max(1, len(horizons)))
+    workers = min(workers or default_workers(), max(1, len(horizons) * len(MODEL_KINDS)))
     staging = _staging(lake)
     tracker = ModelTracker(lake)
     parent = tracker.start_parent_run(f"global-{current_league}-{profile.name}",
                                       {**tags, "kind": "retrain-global", "league": current_league,
                                        "profile": profile.name})
     rows = pooled_rows(features, league_order, current_league, currencies)
-    jobs = [(rows, feature_columns, h, league_order, current_league, profile, staging / f"global-{h}d", seed)
-            for h in horizons]
+    staging.mkdir(parents=True, exist_ok=True)
+    rows_path = write_parquet_atomic(rows, staging / "pooled_rows.parquet")
+    del rows
+    specs = [GlobalSpec(rows_path, list(feature_columns), h, list(league_order), current_league, profile, seed)
+             for h in horizons]
     example = _example_rows(features.filter(pl.col("league") == current_league))
     outcomes: list[GlobalOutcome] = []
     failed = False
     try:
-        for done, result in enumerate(_global_results(jobs, workers), 1):
+        out_dirs = {h: staging / f"global-{h}d" for h in horizons}
+        for done, result in enumerate(_global_results(specs, out_dirs, workers), 1):
             registration = None
             if result.trained:
                 registration = tracker.log_global(result, {**tags, "league": current_league, "profile": profile.name,
@@ -116,7 +244,7 @@ def train_globals(
                         f"{'promoted' if registration.promoted else 'kept, not promoted'} ({registration.reason})")
             else:
                 note = f"skipped: {result.reason}"
-            progress(f"[{done}/{len(jobs)}] global {result.horizon}d: {note} ({result.seconds:.1f}s)")
+            progress(f"[{done}/{len(specs)}] global {result.horizon}d: {note} ({result.seconds:.1f}s)")
             outcomes.append(GlobalOutcome(result.horizon, result, registration))
     except BaseException:
         failed = True

@@ -98,6 +98,25 @@ def test_same_data_same_seed_same_global_model(global_3d, real, tmp_path):
     assert (again.metrics, again.params, again.weights) == (global_3d.metrics, global_3d.params, global_3d.weights)
 
 
+def test_the_parallel_jobs_train_the_same_global_model_as_one_process(global_3d, real, tmp_path):
+    """``train_globals`` splits a horizon into one job per model kind and a final fit per weighted kind, on 2
+    worker processes: the same tuning, weights, scores and forecasts as ``train_global`` in one process."""
+    from poe_pipeline.training import GlobalSpec, _global_results
+
+    _, order, rows = real
+    rows.write_parquet(tmp_path / "rows.parquet")
+    spec = GlobalSpec(tmp_path / "rows.parquet", list(FEATURE_COLUMNS), 3, order, "Sanctum", PROFILE, 42)
+    (split,) = list(_global_results([spec], {3: tmp_path / "3d"}, workers=2))
+    assert (split.params, split.rounds, split.weights, split.metrics, split.folds) == (
+        global_3d.params, global_3d.rounds, global_3d.weights, global_3d.metrics, global_3d.folds)
+    assert split.data_window["data_hash"] == global_3d.data_window["data_hash"]
+    assert pl.read_parquet(f"{split.artifact_dir}/{OOF_FILE}").equals(
+        pl.read_parquet(f"{global_3d.artifact_dir}/{OOF_FILE}"))
+    divine = real[0].filter(pl.col("currency") == "Divine Orb").tail(5)
+    np.testing.assert_allclose(Ensemble(split.artifact_dir).predict(divine),
+                               Ensemble(global_3d.artifact_dir).predict(divine))
+
+
 def test_too_little_history_is_skipped_with_its_reason(real, tmp_path):
     _, order, rows = real
     out = tmp_path / "tiny"
@@ -116,6 +135,62 @@ def test_a_warm_refit_keeps_the_validation_and_refits_on_new_rows(global_3d, rea
         global_3d.params, global_3d.rounds, global_3d.weights, global_3d.metrics, global_3d.folds)
     assert warm.data_window["rows"] < global_3d.data_window["rows"]
     assert warm.data_window["data_hash"] != global_3d.data_window["data_hash"]
+
+
+def test_the_pruner_compares_a_step_only_with_the_same_step_of_completed_trials():
+    import optuna
+
+    from poe_pipeline.modeling import FOLD_STEPS, StepMedianPruner
+
+    study = optuna.create_study(pruner=StepMedianPruner(n_startup_trials=3))
+    for values in ({0: 0.30, 1: 0.20, FOLD_STEPS - 1: 0.50}, {0: 0.31, FOLD_STEPS - 1: 0.52},
+                   {0: 0.32, 1: 0.25, FOLD_STEPS - 1: 0.51}):
+        trial = study.ask()
+        for step, value in values.items():
+            trial.report(value, step)
+        study.tell(trial, values[FOLD_STEPS - 1])
+    trial = study.ask()
+    trial.report(0.305, 0)  # below the median of 0.30, 0.31, 0.32
+    assert not trial.should_prune()
+    # at step 1 the trial that stopped early at step 0 carries 0.31 forward: median of 0.20, 0.31, 0.25 is 0.25
+    trial.report(0.26, 1)
+    assert trial.should_prune()
+    # the fold's error is another quantity: compared only with the completed trials' fold errors
+    other = study.ask()
+    other.report(0.505, FOLD_STEPS - 1)
+    assert not other.should_prune()
+    other.report(0.515, FOLD_STEPS - 1 + FOLD_STEPS)  # a step no completed trial reached: never pruned there
+    assert not other.should_prune()
+
+
+def test_pruning_inside_fits_stops_losing_trials_and_stays_deterministic():
+    from poe_pipeline.modeling import Fold, fold_data, tune
+    from poe_pipeline.settings import Profile
+
+    rng = np.random.default_rng(3)
+    n = 6000
+    X = rng.normal(size=(n, 6)).astype(np.float32)
+    y = 0.05 * X[:, 0] - 0.03 * X[:, 1] + rng.normal(0, 0.05, n)
+    leagues = np.repeat(["A", "B", "C"], n // 3)
+    data = ModelData(1, [f"x{i}" for i in range(6)], X, y, np.ones(n), leagues, np.array(["c"] * n),
+                     np.zeros(n, dtype="datetime64[D]"), ["A", "B", "C"])
+    idx = np.arange(n)
+    folds = [Fold(f"league:{lg}", idx[: k * 2000], idx[k * 2000:(k + 1) * 2000], idx[: k * 2000 - 400],
+                  idx[k * 2000 - 400: k * 2000]) for k, lg in ((1, "B"), (2, "C"))]
+    profile = Profile("t", optuna_trials=12, cv_folds=3, early_stopping_rounds=10)
+    first = tune("lightgbm", data, fold_data(data, folds, kinds=("lightgbm",)), profile, seed=5,
+                 prune_inside_fits=True)
+    again = tune("lightgbm", data, fold_data(data, folds, kinds=("lightgbm",)), profile, seed=5,
+                 prune_inside_fits=True)
+    assert first.trials == 12 and 0 < first.pruned < 12
+    assert (first.params, first.rounds, first.pruned, first.boosting_rounds) == (
+        again.params, again.rounds, again.pruned, again.boosting_rounds)
+    forest = tune("random_forest", data, fold_data(data, folds, kinds=()), Profile("t", 60, 3, 10), seed=5,
+                  prune_inside_fits=True)
+    assert forest.trials == 6 and forest.boosting_rounds < forest.trials * 2 * 40  # some forests stopped early
+    # off (the default): a trial stops only between folds, and a forest grows all its trees
+    whole = tune("random_forest", data, fold_data(data, folds, kinds=()), Profile("t", 60, 3, 10), seed=5)
+    assert whole.boosting_rounds % 40 == 0
 
 
 def test_ensemble_weights_minimise_validation_error():
