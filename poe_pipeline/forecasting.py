@@ -425,7 +425,8 @@ def forecast(
 
 
 class ModelStore(Protocol):
-    """Where trained models live: ``tracking.ModelTracker`` (the MLflow registry) implements it."""
+    """Where trained models live: ``tracking.ModelTracker`` (the MLflow registry) implements it, and also
+    ``champion_versions(names)`` and ``verified(name, version)``: every champion from one registry query."""
 
     def champion(self, name: str) -> tuple[str, Path] | None: ...
 
@@ -523,27 +524,50 @@ class GlobalForecaster:
 
 
 class ModelCache:
-    """Loaded models, kept per process and keyed by registered version, so a new champion is picked up and an
-    unchanged one is never loaded twice."""
+    """Loaded models, kept per process and keyed by registry and registered version, so a new champion is picked
+    up, an unchanged one is never loaded twice, and two lakes in one process never share an entry."""
 
     def __init__(self) -> None:
-        self._globals: dict[tuple[str, str], GlobalForecaster] = {}
-        self._partitions: dict[tuple[str, str], ForecastModel] = {}
+        self._globals: dict[tuple[str, str, str], GlobalForecaster] = {}
+        self._partitions: dict[tuple[str, ...], ForecastModel] = {}
 
     def global_model(self, store: ModelStore, name: str, version: str,
-                     vol_history: Callable[[list[str]], pl.DataFrame]) -> GlobalForecaster:
-        key = (name, version)
+                     vol_history: Callable[[list[str]], pl.DataFrame], directory: Path | None = None
+                     ) -> GlobalForecaster:
+        """``directory``: the version's verified folder when the caller has it (saves a registry lookup)."""
+        key = (_registry_key(store), name, version)
         if key not in self._globals:
-            self._globals[key] = GlobalForecaster.load(name, version, store.version_dir(name, version), vol_history)
+            folder = directory if directory is not None else store.version_dir(name, version)
+            self._globals[key] = GlobalForecaster.load(name, version, folder, vol_history)
         return self._globals[key]
 
-    def partition(self, key: tuple[str, str], load: Callable[[], ForecastModel]) -> ForecastModel:
+    def partition(self, key: tuple[str, ...], load: Callable[[], ForecastModel]) -> ForecastModel:
         if key not in self._partitions:
             self._partitions[key] = load()
         return self._partitions[key]
 
 
 DEFAULT_CACHE = ModelCache()
+
+
+
+def _registry_key(store: ModelStore) -> str:
+    return str(getattr(store, "uri", "") or id(store))
+
+
+def _champion_lookup(store: ModelStore, names: list[str]) -> Callable[[str], tuple[str, Path] | None]:
+    """``store.champion`` for these names, from one registry query when the store can answer for all at once
+    (``ModelTracker.champion_versions``); each champion's files are still verified when it is asked for."""
+    batch = getattr(store, "champion_versions", None)
+    if batch is None:
+        return store.champion
+    versions = batch(names)  # an unreachable registry raises here, as constructing the tracker used to
+
+    def champion(name: str) -> tuple[str, Path] | None:
+        version = versions.get(name)
+        return None if version is None else (str(version.version), store.verified(name, version))
+
+    return champion
 
 
 def load_champions(
@@ -565,6 +589,7 @@ def load_champions(
 
         store = ModelTracker(lake)
     cache = cache or DEFAULT_CACHE
+    registry = _registry_key(store)
     histories: dict[tuple[str, ...], pl.DataFrame] = {}
 
     def vol_history(names: list[str]) -> pl.DataFrame:
@@ -573,24 +598,26 @@ def load_champions(
             histories[key] = volatility_history(lake, names)
         return histories[key]
 
-    reasons = training_reasons(lake)
+    champion = _champion_lookup(store, [global_model_name(h) for h in horizons]
+                                + [registered_model_name(c, h) for h in horizons for c in currencies])
+    reasons = functools.cache(lambda: training_reasons(lake))  # read only to explain a failure
     models: dict[tuple[str, int], ForecastModel] = {}
     skipped: list[Skip] = []
     for h in horizons:
         gname = global_model_name(h)
         try:  # a broken or untrusted artifact folder (checksums) must not stop the other horizons
-            found = store.champion(gname)
+            found = champion(gname)
             if found is None:
                 skipped += [Skip(c, h, f"no champion model {gname}: train global_models first") for c in currencies]
                 continue
-            champion_global = cache.global_model(store, gname, found[0], vol_history)
+            champion_global = cache.global_model(store, gname, found[0], vol_history, directory=found[1])
         except Exception as exc:
             skipped += [Skip(c, h, f"global model {gname} failed to load: {exc}") for c in currencies]
             continue
         for currency in currencies:
             name = registered_model_name(currency, h)
             try:
-                partition = store.champion(name)
+                partition = champion(name)
             except Exception as exc:
                 skipped.append(Skip(currency, h, f"champion {name} failed to load: {exc}"))
                 continue
@@ -602,11 +629,12 @@ def load_champions(
                 from poe_pipeline.currency_model import read_currency_meta
 
                 built_on = str(read_currency_meta(directory)["global_version"])
-                base = cache.global_model(store, gname, built_on, vol_history)
-                models[(currency, h)] = cache.partition((name, version), functools.partial(
+                base = (champion_global if built_on == champion_global.version
+                        else cache.global_model(store, gname, built_on, vol_history))
+                models[(currency, h)] = cache.partition((registry, name, version), functools.partial(
                     ForecastModel.load, currency, h, version, directory, base, name))
             except Exception as exc:
-                why = reasons.get((currency, h))
+                why = reasons().get((currency, h))
                 skipped.append(Skip(currency, h, f"champion {name} v{version} at {directory} failed to load: {exc}"
                                     + (f" ({why})" if why else "")))
     return models, skipped

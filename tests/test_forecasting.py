@@ -10,6 +10,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from conftest import SAMPLE
 from poe_pipeline.features import FEATURE_COLUMNS, build_features, write_features
@@ -338,3 +339,114 @@ def test_a_registered_version_pointing_outside_the_lake_is_never_loaded(world, t
         tags={CHECKSUMS_TAG: __import__("json").dumps(checksums(planted))})
     with pytest.raises(UntrustedModel, match="outside the lake's artifact root"):
         tracker.version_dir("poe-global-7d", version.version)
+
+
+# --- speed without a change of behaviour: one registry query, a per-process cache, verified checksums kept --------
+
+
+def _rows(run) -> pl.DataFrame:
+    return run.predictions.drop("created_at")
+
+
+class OneByOne:
+    """The registry read as before the batching: MLflow's client, one ``get_model_version_by_alias`` per model."""
+
+    uri = "one lookup per model"
+
+    def __init__(self, tracker: ModelTracker):
+        self.tracker = tracker
+
+    def champion(self, name):
+        version = self.tracker.champion_version(name)
+        return None if version is None else (str(version.version), self.tracker.verified(name, version))
+
+    def version_dir(self, name, version):
+        return self.tracker.verified(name, self.tracker.client.get_model_version(name, str(version)))
+
+
+def test_one_registry_query_and_the_cache_forecast_what_one_lookup_per_model_did(world, monkeypatch):
+    from poe_pipeline import forecasting, tracking
+
+    lake, _, _, tracker = world
+    currencies = [MODELLED, GLOBAL_ONLY, "Mirror of Calandra"]
+    monkeypatch.setattr(forecasting, "DEFAULT_CACHE", forecasting.ModelCache())
+    before = predict_league(lake, "Sanctum", currencies, store=OneByOne(tracker))
+    queries = []
+    query = tracking._query_versions
+    monkeypatch.setattr(tracking, "_query_versions", lambda *a: queries.append(a[1]) or query(*a))
+    monkeypatch.setattr(forecasting, "DEFAULT_CACHE", forecasting.ModelCache())
+    cold = predict_league(lake, "Sanctum", currencies, store=tracker)
+    warm = predict_league(lake, "Sanctum", currencies, store=tracker)
+    assert before.predictions.height == 6
+    assert_frame_equal(_rows(cold), _rows(before), check_exact=True)
+    assert_frame_equal(_rows(warm), _rows(before), check_exact=True)
+    assert cold.skipped == warm.skipped == before.skipped
+    assert len(queries) == 2 and len(queries[0]) == 3 + 3 * len(currencies)  # one query per forecast, every name
+
+
+def test_the_registry_query_agrees_with_mlflow(world):
+    tracker = world[3]
+    names = [f"poe-global-{h}d" for h in (1, 3, 7)] + [registered_model_name(c, h) for c in (MODELLED, GLOBAL_ONLY)
+                                                       for h in (1, 3, 7)]
+    found = tracker.champion_versions(names)
+    for name in names:
+        mlflow_version = tracker.champion_version(name)
+        if mlflow_version is None:
+            assert name not in found
+            continue
+        mine = found[name]
+        assert (mine.version, mine.source) == (str(mlflow_version.version), mlflow_version.source)
+        assert mine.tags["poe.checksums"] == mlflow_version.tags["poe.checksums"]
+        assert tracker.version_dir(name, mine.version) == tracker.champion(name)[1]
+    assert set(found) == set(names[:6])  # the global models and MODELLED's partitions; GLOBAL_ONLY has none
+    with pytest.raises(LookupError, match="not found"):
+        tracker.version_dir("poe-global-1d", "999")
+
+
+def _new_version(tracker: ModelTracker, name: str) -> str:
+    """A new registered version of ``name`` with the champion's files, made champion (as a promotion does)."""
+    from poe_pipeline.tracking import CHAMPION, CHECKSUMS_TAG
+
+    current = tracker.champion_version(name)
+    version = tracker.client.create_model_version(name, source=current.source,
+                                                  tags={CHECKSUMS_TAG: current.tags[CHECKSUMS_TAG]})
+    tracker.client.set_registered_model_alias(name, CHAMPION, version.version)
+    return str(version.version)
+
+
+def test_a_new_champion_is_picked_up_by_a_warm_cache(moved_lake):
+    tracker = ModelTracker(moved_lake)
+    first = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=tracker)
+    assert set(first.predictions["model_version"]) == {"1", "global-v1"}
+    partition = _new_version(tracker, registered_model_name(MODELLED, 3))
+    global_7d = _new_version(tracker, "poe-global-7d")
+    assert partition != "1" and global_7d != "1"
+    again = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=tracker)
+    versions = {(r["currency"], r["horizon_days"]): (r["model_version"], r["global_model_version"])
+                for r in again.predictions.iter_rows(named=True)}
+    assert versions == {
+        (MODELLED, 1): ("1", "1"), (MODELLED, 3): (partition, "1"),
+        (MODELLED, 7): ("1", "1"),  # a partition forecasts through the global version it was built on
+        (GLOBAL_ONLY, 1): ("global-v1", "1"), (GLOBAL_ONLY, 3): ("global-v1", "1"),
+        (GLOBAL_ONLY, 7): (f"global-v{global_7d}", global_7d),
+    }
+    same_files = ["predicted_price", "pred_lower", "pred_upper", "confidence"]
+    assert_frame_equal(again.predictions.select(same_files), first.predictions.select(same_files), check_exact=True)
+
+
+def test_forecasting_from_the_local_registry_never_imports_mlflow(world):
+    """A cold start pays for the model libraries, not for MLflow (about a second) nor Dagster."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from poe_pipeline.forecasting import predict_league; from poe_pipeline.lake import Lake; "
+            "from poe_pipeline.tracking import ModelTracker; lake = Lake(sys.argv[1]); "
+            f"run = predict_league(lake, 'Sanctum', [{MODELLED!r}, {GLOBAL_ONLY!r}], store=ModelTracker(lake)); "
+            "assert run.predictions.height == 6, run.skipped; "
+            "print(sorted(m for m in ('mlflow', 'dagster') if m in sys.modules))")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code, str(world[0].root)], capture_output=True, text=True,
+                         env=env, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
