@@ -23,7 +23,9 @@ import logging
 import math
 import os
 import sqlite3
+import stat
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -378,17 +380,27 @@ class ModelTracker:
     def verified(self, name: str, version) -> Path:
         """The version's native files, only from inside the lake's artifact root (or the configured MLflow
         artifact store) and only when every file matches the checksum recorded at registration: a model file is
-        code (the forest is a pickle), so nothing else is ever loaded."""
+        code (the forest is a pickle), so nothing else is ever loaded.
+
+        Files verified once in this process are not hashed again while none of them changed (same names, sizes,
+        inodes, modification and change times); any write, rename or ``touch`` changes the change time."""
         directory = self._local(name, version)
         recorded = version.tags.get(CHECKSUMS_TAG, "{}") or "{}"
         expected = json.loads(recorded)
         if not expected:
             raise UntrustedModel(f"{name} v{version.version} has no recorded checksums: retrain it")
+        key = (str(directory), recorded)
+        signature = _files_signature(directory)
+        if signature is not None and _VERIFIED.get(key) == signature:
+            return directory
         found = checksums(directory)
         if found != expected:
+            _VERIFIED.pop(key, None)
             bad = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
             raise UntrustedModel(f"{name} v{version.version}: {', '.join(bad)} at {directory} do not match the "
                                  "checksums recorded at registration (truncated or replaced): retrain it")
+        if signature is not None:
+            _VERIFIED[key] = signature
         return directory
 
     def _local(self, name: str, version) -> Path:
@@ -443,6 +455,35 @@ ARTIFACT_KEY = "model"  # the native files, under <MLflow model>/artifacts/model
 def native_dir(pyfunc_dir: Path) -> Path:
     """Where the native files sit inside a saved MLflow model."""
     return Path(pyfunc_dir) / "artifacts" / ARTIFACT_KEY
+
+
+_VERIFIED: dict[tuple[str, str], tuple] = {}  # (folder, recorded checksums) -> its files' signature when they matched
+_RECENT_S = 2.0  # a file changed this recently could change again within the clock's tick: never trusted from cache
+
+
+def forget_verified() -> None:
+    _VERIFIED.clear()
+
+
+def _files_signature(directory: Path) -> tuple | None:
+    """Each file's relative path, size, inode, modification and change time; None when a file changed just now."""
+    directory = Path(directory)
+    return files_signature(sorted(directory.rglob("*")), directory)
+
+
+def files_signature(paths: Iterable[Path], base: Path | None = None) -> tuple | None:
+    """(path, size, inode, modification and change time) of each regular file, to tell files that did not change
+    since they were read from any that did; None when one changed too recently to tell."""
+    now = time.time_ns()
+    out = []
+    for p in paths:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if now - max(st.st_mtime_ns, st.st_ctime_ns) < _RECENT_S * 1e9:
+            return None
+        out.append((str(p.relative_to(base) if base else p), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
 
 
 def _sqlite_path(uri: str) -> Path | None:

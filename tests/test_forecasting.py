@@ -434,6 +434,58 @@ def test_a_new_champion_is_picked_up_by_a_warm_cache(moved_lake):
     assert_frame_equal(again.predictions.select(same_files), first.predictions.select(same_files), check_exact=True)
 
 
+def test_a_model_file_changed_after_a_warm_forecast_is_refused(moved_lake, monkeypatch):
+    """Verified checksums are kept per process only while no file changed: a file rewritten in place with its size
+    and modification time restored is still hashed again, and refused; so is a missing one."""
+    import os
+
+    import dagster as dg
+
+    from poe_pipeline import tracking
+    from poe_pipeline.assets.forecasts import _alert_broken_models
+    from poe_pipeline.monitoring import read_alerts
+    from poe_pipeline.resources import LakeResource, MonitoringResource
+
+    hashed = []
+    real_checksums = tracking.checksums
+    monkeypatch.setattr(tracking, "checksums", lambda d: hashed.append(d) or real_checksums(d))
+    tracker = ModelTracker(moved_lake)
+    currencies = [MODELLED, GLOBAL_ONLY]
+    monkeypatch.setattr(tracking, "_RECENT_S", 1e9)  # every file "changed just now": never trusted from the cache
+    predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    assert len(hashed) == 2 * 6  # 3 global models and 3 partitions, hashed by each forecast
+    monkeypatch.setattr(tracking, "_RECENT_S", 0.0)
+    hashed.clear()
+    first = predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    warm = predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    assert len(hashed) == 6 and warm.predictions.height == 6  # the second forecast hashed nothing
+    assert_frame_equal(_rows(warm), _rows(first), check_exact=True)
+
+    _, directory = tracker.champion("poe-global-3d")
+    model_file = next(directory / f for f in ("lightgbm.txt", "xgboost.ubj", "random_forest.joblib")
+                      if (directory / f).exists())
+    before = model_file.stat()
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    model_file.write_bytes(bytes(data))
+    os.utime(model_file, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old modification time
+    run = predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    assert sorted(set(run.predictions["horizon_days"].to_list())) == [1, 7]
+    assert {(s.currency, s.horizon) for s in run.skipped} == {(MODELLED, 3), (GLOBAL_ONLY, 3)}
+    assert all(model_file.name in s.reason and "checksums" in s.reason for s in run.skipped)
+    _alert_broken_models(dg.build_asset_context(), run, LakeResource(root=str(moved_lake.root)), MonitoringResource())
+    (alert,) = read_alerts(moved_lake)
+    assert alert["kind"] == "model_load_failure" and alert["details"]["models"] == ["global model poe-global-3d"]
+
+    _, partition = tracker.champion(registered_model_name(MODELLED, 7))
+    (partition / "currency_model.json").unlink()
+    run = predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    assert {(s.currency, s.horizon) for s in run.skipped} == {(MODELLED, 3), (GLOBAL_ONLY, 3), (MODELLED, 7)}
+    (missing,) = [s for s in run.skipped if s.horizon == 7]
+    assert "currency_model.json" in missing.reason and "checksums" in missing.reason
+
+
 def test_forecasting_from_the_local_registry_never_imports_mlflow(world):
     """A cold start pays for the model libraries, not for MLflow (about a second) nor Dagster."""
     import os
