@@ -145,6 +145,16 @@ def volatility_scale(vol: float | None, reference: float | None = None) -> float
     return max(v, VOL_FLOOR, VOL_FLOOR_REL * ref if ref else 0.0)
 
 
+def volatility_scales(vols: np.ndarray, reference: float | None = None) -> np.ndarray:
+    """``volatility_scale`` of each value, vectorised (the same numbers, without a Python call per residual)."""
+    vols = np.asarray(vols, dtype=np.float64)
+    ref = reference if reference is not None and math.isfinite(reference) and reference > 0 else None
+    with np.errstate(invalid="ignore"):
+        known = np.isfinite(vols) & (vols >= 0)
+    v = np.where(known, vols, ref or FALLBACK_DAILY_VOL)
+    return np.maximum(np.maximum(v, VOL_FLOOR), VOL_FLOOR_REL * ref if ref else 0.0)
+
+
 def interval_phase(league_day: int | None) -> str:
     """The league phase an interval is calibrated in: early (days 0-20), mid (21-55), late (56 on)."""
     if league_day is None or league_day < PHASE_BOUNDS[0]:
@@ -164,6 +174,8 @@ class Calibration:
     scores: np.ndarray  # signed residual / scale, every phase
     reference_vol: float  # median volatility over the residuals' days (NaN without any)
     phases: np.ndarray | None = None  # the interval phase of each score
+    # per phase: (|scores| in their order, the same sorted); every forecast of a horizon shares one calibration
+    _abs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def count(self) -> int:
@@ -175,6 +187,13 @@ class Calibration:
             return self.scores
         mine = self.scores[self.phases == phase]
         return mine if len(mine) >= MIN_CONFORMAL else self.scores
+
+    def abs_scores(self, phase: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """``|for_phase(phase)|`` as it is and sorted, computed once per phase."""
+        if phase not in self._abs:
+            scores = np.abs(self.for_phase(phase))
+            self._abs[phase] = (scores, np.sort(scores))
+        return self._abs[phase]
 
     @classmethod
     def from_arrays(cls, residuals: np.ndarray, vols: np.ndarray | None = None,
@@ -188,7 +207,7 @@ class Calibration:
         vols = np.asarray(vols, dtype=np.float64)[keep]
         known = vols[np.isfinite(vols) & (vols > 0)]
         reference = float(np.median(known)) if len(known) else float("nan")
-        scales = np.array([volatility_scale(v, reference) for v in vols]) if len(vols) else np.array([])
+        scales = volatility_scales(vols, reference)
         return cls(residuals / scales if len(residuals) else residuals, reference,
                    None if phases is None else np.asarray(phases)[keep])
 
@@ -228,9 +247,9 @@ def _z(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
 
-def conformal_quantile(abs_scores: np.ndarray, level: float) -> float:
+def conformal_quantile(abs_scores: np.ndarray, level: float, presorted: bool = False) -> float:
     """The ``ceil((n + 1) level)``-th smallest score (the largest one when n is too small for the level)."""
-    ordered = np.sort(abs_scores)
+    ordered = abs_scores if presorted else np.sort(abs_scores)
     k = min(math.ceil((len(ordered) + 1) * level), len(ordered))
     return float(ordered[k - 1])
 
@@ -257,11 +276,10 @@ def prediction_interval(
     if not 0 < level < 1:
         raise ValueError(f"interval level {level!r} must lie strictly between 0 and 1, e.g. 0.8")
     scale = volatility_scale(current_vol, calibration.reference_vol)
-    scores = calibration.for_phase(phase)
-    n = len(scores)
-    abs_scores = np.abs(scores)
+    abs_scores, ordered = calibration.abs_scores(phase)
+    n = len(abs_scores)
     if n >= MIN_CONFORMAL:
-        return IntervalEstimate(point, conformal_quantile(abs_scores, level) * scale, CONFORMAL, n)
+        return IntervalEstimate(point, conformal_quantile(ordered, level, presorted=True) * scale, CONFORMAL, n)
     if n >= MIN_BOOTSTRAP:
         return IntervalEstimate(point, bootstrap_quantile(abs_scores, level, seed=seed) * scale, BOOTSTRAP, n)
     half = CONSERVATIVE_INFLATION * _z(level) * scale * math.sqrt(horizon)

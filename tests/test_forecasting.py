@@ -403,6 +403,32 @@ def test_the_registry_query_agrees_with_mlflow(world):
         tracker.version_dir("poe-global-1d", "999")
 
 
+def test_vectorised_scales_and_cached_quantiles_are_the_scalar_ones(real_residuals):
+    from poe_pipeline.forecasting import (
+        bootstrap_quantile,
+        conformal_quantile,
+        volatility_scale,
+        volatility_scales,
+    )
+
+    residuals, vols = real_residuals
+    odd = np.array([np.nan, -0.1, 0.0, np.inf, 1e-9, 0.004, 0.3])
+    for values in (vols, odd):
+        for reference in (float(np.nanmedian(vols)), float("nan"), None, 0.0):
+            expected = np.array([volatility_scale(v, reference) for v in values])
+            assert np.array_equal(volatility_scales(values, reference), expected)
+    phases = np.array(["early", "mid", "late"])[np.arange(len(residuals)) % 3]
+    calibration = Calibration.from_arrays(residuals, vols, phases)
+    for phase in (None, "early", "mid", "late"):
+        for level in (0.5, 0.8, 0.95):
+            scale = volatility_scale(0.02, calibration.reference_vol)
+            old = conformal_quantile(np.abs(calibration.for_phase(phase)), level) * scale
+            assert prediction_interval(0.0, calibration, 0.02, 1, level, phase=phase).half_width == old
+    small = Calibration.from_arrays(residuals[:9], vols[:9])
+    old = bootstrap_quantile(np.abs(small.for_phase(None)), 0.8, seed=3) * volatility_scale(0.02, small.reference_vol)
+    assert prediction_interval(0.0, small, 0.02, 1, 0.8, seed=3).half_width == old
+
+
 def _new_version(tracker: ModelTracker, name: str) -> str:
     """A new registered version of ``name`` with the champion's files, made champion (as a promotion does)."""
     from poe_pipeline.tracking import CHAMPION, CHECKSUMS_TAG
