@@ -468,15 +468,32 @@ def volatility_history(lake: Lake, currencies: Iterable[str]) -> pl.DataFrame:
     )
 
 
+_ORIGIN_ROWS: dict[tuple[str, str, date | None], tuple[tuple, date, pl.DataFrame]] = {}
+
+
 def origin_feature_rows(lake: Lake, league: str, origin: date | None = None) -> tuple[date, pl.DataFrame]:
-    """(origin, the league's feature rows on that day); the origin defaults to the league's latest day."""
+    """(origin, the league's feature rows on that day); the origin defaults to the league's latest day.
+
+    Kept per process while the league's feature files are unchanged (``files_signature``): reading one day
+    decodes the whole league file, most of a one-currency forecast's time."""
+    from poe_pipeline.tracking import files_signature
+
     files = [p for p in _feature_files(lake) if p.parent.name == f"league={league}"]
     if not files:
         raise ValueError(f"Unknown league {league!r}: no features for it under {lake.features}")
+    key = (str(lake.features.resolve()), league, origin)
+    signature = files_signature(files)
+    kept = _ORIGIN_ROWS.get(key)
+    if signature is not None and kept is not None and kept[0] == signature:
+        return kept[1], kept[2]
     scan = pl.scan_parquet(files, hive_partitioning=False).filter(pl.col("league") == league)
-    if origin is None:
-        origin = scan.select(pl.col("date").max()).collect().item()
-    return origin, scan.filter(pl.col("date") == origin).collect()
+    day = origin if origin is not None else scan.select(pl.col("date").max()).collect().item()
+    rows = scan.filter(pl.col("date") == day).collect()
+    if signature is not None:
+        if len(_ORIGIN_ROWS) >= 16:  # a few leagues and origins: a backtest walking origins must not hoard them
+            _ORIGIN_ROWS.pop(next(iter(_ORIGIN_ROWS)))
+        _ORIGIN_ROWS[key] = (signature, day, rows)
+    return day, rows
 
 
 def training_reasons(lake: Lake) -> dict[tuple[str, int], str]:
@@ -564,9 +581,21 @@ class ModelCache:
             self._partitions[key] = load()
         return self._partitions[key]
 
+    def clear(self) -> None:
+        self._globals.clear()
+        self._partitions.clear()
+
 
 DEFAULT_CACHE = ModelCache()
 
+
+def clear_caches() -> None:
+    """Forget what this process keeps between forecasts: loaded models, verified checksums, origin rows."""
+    from poe_pipeline import tracking
+
+    DEFAULT_CACHE.clear()
+    _ORIGIN_ROWS.clear()
+    tracking.forget_verified()
 
 
 def _registry_key(store: ModelStore) -> str:

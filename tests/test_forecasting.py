@@ -369,12 +369,12 @@ def test_one_registry_query_and_the_cache_forecast_what_one_lookup_per_model_did
 
     lake, _, _, tracker = world
     currencies = [MODELLED, GLOBAL_ONLY, "Mirror of Calandra"]
-    monkeypatch.setattr(forecasting, "DEFAULT_CACHE", forecasting.ModelCache())
+    forecasting.clear_caches()
     before = predict_league(lake, "Sanctum", currencies, store=OneByOne(tracker))
     queries = []
     query = tracking._query_versions
     monkeypatch.setattr(tracking, "_query_versions", lambda *a: queries.append(a[1]) or query(*a))
-    monkeypatch.setattr(forecasting, "DEFAULT_CACHE", forecasting.ModelCache())
+    forecasting.clear_caches()
     cold = predict_league(lake, "Sanctum", currencies, store=tracker)
     warm = predict_league(lake, "Sanctum", currencies, store=tracker)
     assert before.predictions.height == 6
@@ -512,8 +512,22 @@ def test_a_model_file_changed_after_a_warm_forecast_is_refused(moved_lake, monke
     assert "currency_model.json" in missing.reason and "checksums" in missing.reason
 
 
+def test_new_features_give_new_origin_rows_in_a_warm_process(moved_lake, monkeypatch):
+    from poe_pipeline import tracking
+    from poe_pipeline.features import feature_path
+
+    monkeypatch.setattr(tracking, "_RECENT_S", 0.0)
+    tracker = ModelTracker(moved_lake)
+    first = predict_league(moved_lake, "Sanctum", [MODELLED], store=tracker)
+    path = feature_path(moved_lake, "Sanctum")
+    shorter = pl.read_parquet(path).filter(pl.col("date") < first.origin_date)
+    write_parquet_atomic(shorter, path)
+    again = predict_league(moved_lake, "Sanctum", [MODELLED], store=tracker)
+    assert again.origin_date == shorter["date"].max() < first.origin_date
+
+
 def test_forecasting_from_the_local_registry_never_imports_mlflow(world):
-    """A cold start pays for the model libraries, not for MLflow (about a second) nor Dagster."""
+    """A cold start pays for the model libraries, not for importing MLflow and its SQL store, nor Dagster."""
     import os
     import subprocess
     import sys
