@@ -10,24 +10,27 @@ partitions of the most liquid eligible currencies (as many as the largest size b
 
 - ``predictions_cold_<n>`` for n = 30 and 100 (``POE_BENCH_PREDICTION_CURRENCIES``, default ``30,100``; capped at
   the number of eligible currencies, ``currencies`` says how many were used): a fresh process imports the
-  forecasting stack (``import_s``: ``forecasting``, ``lake``, ``modeling`` with the model libraries, ``tracking``
-  with MLflow), then calls ``predict_league(lake, league, currencies, store=ModelTracker(lake))`` for the n most
-  liquid currencies x 3 horizons (``predict_league_s``, the tracker included): the origin's feature rows, the
-  champion lookups in the MLflow registry (3 global models and 3n partitions, each checksum-verified), loading the
-  3 global ensembles with their out-of-fold residuals and volatility history, the partitions, one batched forecast
-  per global model, intervals and confidence. ``wall_s`` = imports + that call; ``per_currency_s`` =
-  ``predict_league_s`` / n. Both sizes are measured, nothing is extrapolated.
+  forecasting stack (``import_s``: ``forecasting``, ``lake``, ``modeling`` with the model libraries, ``tracking``),
+  then calls ``predict_league(lake, league, currencies, store=ModelTracker(lake))`` for the n most liquid
+  currencies x 3 horizons (``predict_league_s``, the tracker included): the origin's feature rows, the champions of
+  3 global models and 3n partitions from one query of the MLflow registry (SQLite, read without importing MLflow;
+  ``mlflow_imported`` says whether anything did), each champion's files checksum-verified, loading the 3 global
+  ensembles with their out-of-fold residuals and volatility history, the partitions, one batched forecast per global
+  model, intervals and confidence. ``wall_s`` = imports + that call; ``per_currency_s`` = ``predict_league_s`` / n.
+  Both sizes are measured, nothing is extrapolated.
 - ``predictions_warm``: a process that has already predicted every setup currency once, so the process-wide
   ``ModelCache`` (``forecasting.DEFAULT_CACHE``) holds the global models and every partition; then, one currency at
   a time, over the currencies in turn:
 
   - ``warm_ms`` (``WARM_CALLS`` calls, median): ``predict_league`` for the currency x 3 horizons as shipped, the
-    models from the cache: the origin rows, ``model_metrics``, the 6 champion lookups, the forecast.
-    ``load_champions_ms`` is ``load_champions`` alone for the currency (cached models: the registry lookups and
-    ``model_metrics``).
-  - ``reload_ms`` (``RELOAD_CALLS`` calls, median): the same call with an empty cache (``DEFAULT_CACHE`` replaced by
-    a new ``ModelCache`` before each call, untimed), so every call reloads the 3 global ensembles, their residuals
-    and volatility history and the partitions: a process that keeps nothing between calls.
+    models from the cache: the origin rows (kept while the league's feature file is unchanged), the 6 champions
+    from one registry query, their files' checksums (kept while the files are unchanged), the forecast.
+    ``load_champions_ms`` is ``load_champions`` alone for the currency (cached models: the registry query and the
+    files' stat signatures).
+  - ``reload_ms`` (``RELOAD_CALLS`` calls, median): the same call after ``forecasting.clear_caches()`` (untimed):
+    an empty ``DEFAULT_CACHE``, no verified checksums, no origin rows, so every call reloads and re-hashes the 3
+    global ensembles, their residuals and volatility history and the partitions: a process that keeps nothing
+    between calls.
   - ``forecast_only_ms`` (median): ``forecast`` alone for the currency, models and origin rows in memory (the floor
     of a long-lived server). ``forecast_all_ms_per_currency``: one ``forecast`` of every setup currency at once,
     divided by their number (each global model forecasts them all in one batched call).
@@ -124,6 +127,7 @@ def cold() -> dict:
         "wall_s": imports + call,
         "import_s": imports,
         "predict_league_s": call,
+        "mlflow_imported": int("mlflow" in sys.modules),
         "currencies": len(currencies),
         "predictions": run.predictions.height,
         "from_partitions": run.predictions.filter(~run.predictions["model_version"].str.starts_with("global"))
@@ -142,7 +146,7 @@ def warm() -> dict:
     import polars as pl
 
     from poe_pipeline import forecasting
-    from poe_pipeline.forecasting import ModelCache, forecast, load_champions, origin_feature_rows, predict_league
+    from poe_pipeline.forecasting import forecast, load_champions, origin_feature_rows, predict_league
     from poe_pipeline.lake import Lake
     from poe_pipeline.tracking import ModelTracker
 
@@ -178,7 +182,7 @@ def warm() -> dict:
     reloads = []
     for i in range(RELOAD_CALLS):
         currency = currencies[i % len(currencies)]
-        forecasting.DEFAULT_CACHE = ModelCache()  # a process that keeps nothing between calls
+        forecasting.clear_caches()  # a process that keeps nothing between calls
         t0 = time.perf_counter()
         run = predict_league(lake, league, [currency], store=store)
         reloads.append(time.perf_counter() - t0)

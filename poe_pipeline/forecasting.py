@@ -145,6 +145,16 @@ def volatility_scale(vol: float | None, reference: float | None = None) -> float
     return max(v, VOL_FLOOR, VOL_FLOOR_REL * ref if ref else 0.0)
 
 
+def volatility_scales(vols: np.ndarray, reference: float | None = None) -> np.ndarray:
+    """``volatility_scale`` of each value, vectorised (the same numbers, without a Python call per residual)."""
+    vols = np.asarray(vols, dtype=np.float64)
+    ref = reference if reference is not None and math.isfinite(reference) and reference > 0 else None
+    with np.errstate(invalid="ignore"):
+        known = np.isfinite(vols) & (vols >= 0)
+    v = np.where(known, vols, ref or FALLBACK_DAILY_VOL)
+    return np.maximum(np.maximum(v, VOL_FLOOR), VOL_FLOOR_REL * ref if ref else 0.0)
+
+
 def interval_phase(league_day: int | None) -> str:
     """The league phase an interval is calibrated in: early (days 0-20), mid (21-55), late (56 on)."""
     if league_day is None or league_day < PHASE_BOUNDS[0]:
@@ -164,6 +174,8 @@ class Calibration:
     scores: np.ndarray  # signed residual / scale, every phase
     reference_vol: float  # median volatility over the residuals' days (NaN without any)
     phases: np.ndarray | None = None  # the interval phase of each score
+    # per phase: (|scores| in their order, the same sorted); every forecast of a horizon shares one calibration
+    _abs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def count(self) -> int:
@@ -175,6 +187,13 @@ class Calibration:
             return self.scores
         mine = self.scores[self.phases == phase]
         return mine if len(mine) >= MIN_CONFORMAL else self.scores
+
+    def abs_scores(self, phase: str | None) -> tuple[np.ndarray, np.ndarray]:
+        """``|for_phase(phase)|`` as it is and sorted, computed once per phase."""
+        if phase not in self._abs:
+            scores = np.abs(self.for_phase(phase))
+            self._abs[phase] = (scores, np.sort(scores))
+        return self._abs[phase]
 
     @classmethod
     def from_arrays(cls, residuals: np.ndarray, vols: np.ndarray | None = None,
@@ -188,7 +207,7 @@ class Calibration:
         vols = np.asarray(vols, dtype=np.float64)[keep]
         known = vols[np.isfinite(vols) & (vols > 0)]
         reference = float(np.median(known)) if len(known) else float("nan")
-        scales = np.array([volatility_scale(v, reference) for v in vols]) if len(vols) else np.array([])
+        scales = volatility_scales(vols, reference)
         return cls(residuals / scales if len(residuals) else residuals, reference,
                    None if phases is None else np.asarray(phases)[keep])
 
@@ -228,9 +247,9 @@ def _z(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
 
-def conformal_quantile(abs_scores: np.ndarray, level: float) -> float:
+def conformal_quantile(abs_scores: np.ndarray, level: float, presorted: bool = False) -> float:
     """The ``ceil((n + 1) level)``-th smallest score (the largest one when n is too small for the level)."""
-    ordered = np.sort(abs_scores)
+    ordered = abs_scores if presorted else np.sort(abs_scores)
     k = min(math.ceil((len(ordered) + 1) * level), len(ordered))
     return float(ordered[k - 1])
 
@@ -257,11 +276,10 @@ def prediction_interval(
     if not 0 < level < 1:
         raise ValueError(f"interval level {level!r} must lie strictly between 0 and 1, e.g. 0.8")
     scale = volatility_scale(current_vol, calibration.reference_vol)
-    scores = calibration.for_phase(phase)
-    n = len(scores)
-    abs_scores = np.abs(scores)
+    abs_scores, ordered = calibration.abs_scores(phase)
+    n = len(abs_scores)
     if n >= MIN_CONFORMAL:
-        return IntervalEstimate(point, conformal_quantile(abs_scores, level) * scale, CONFORMAL, n)
+        return IntervalEstimate(point, conformal_quantile(ordered, level, presorted=True) * scale, CONFORMAL, n)
     if n >= MIN_BOOTSTRAP:
         return IntervalEstimate(point, bootstrap_quantile(abs_scores, level, seed=seed) * scale, BOOTSTRAP, n)
     half = CONSERVATIVE_INFLATION * _z(level) * scale * math.sqrt(horizon)
@@ -425,7 +443,8 @@ def forecast(
 
 
 class ModelStore(Protocol):
-    """Where trained models live: ``tracking.ModelTracker`` (the MLflow registry) implements it."""
+    """Where trained models live: ``tracking.ModelTracker`` (the MLflow registry) implements it, and also
+    ``champion_versions(names)`` and ``verified(name, version)``: every champion from one registry query."""
 
     def champion(self, name: str) -> tuple[str, Path] | None: ...
 
@@ -449,15 +468,32 @@ def volatility_history(lake: Lake, currencies: Iterable[str]) -> pl.DataFrame:
     )
 
 
+_ORIGIN_ROWS: dict[tuple[str, str, date | None], tuple[tuple, date, pl.DataFrame]] = {}
+
+
 def origin_feature_rows(lake: Lake, league: str, origin: date | None = None) -> tuple[date, pl.DataFrame]:
-    """(origin, the league's feature rows on that day); the origin defaults to the league's latest day."""
+    """(origin, the league's feature rows on that day); the origin defaults to the league's latest day.
+
+    Kept per process while the league's feature files are unchanged (``files_signature``): reading one day
+    decodes the whole league file, most of a one-currency forecast's time."""
+    from poe_pipeline.tracking import files_signature
+
     files = [p for p in _feature_files(lake) if p.parent.name == f"league={league}"]
     if not files:
         raise ValueError(f"Unknown league {league!r}: no features for it under {lake.features}")
+    key = (str(lake.features.resolve()), league, origin)
+    signature = files_signature(files)
+    kept = _ORIGIN_ROWS.get(key)
+    if signature is not None and kept is not None and kept[0] == signature:
+        return kept[1], kept[2]
     scan = pl.scan_parquet(files, hive_partitioning=False).filter(pl.col("league") == league)
-    if origin is None:
-        origin = scan.select(pl.col("date").max()).collect().item()
-    return origin, scan.filter(pl.col("date") == origin).collect()
+    day = origin if origin is not None else scan.select(pl.col("date").max()).collect().item()
+    rows = scan.filter(pl.col("date") == day).collect()
+    if signature is not None:
+        if len(_ORIGIN_ROWS) >= 16:  # a few leagues and origins: a backtest walking origins must not hoard them
+            _ORIGIN_ROWS.pop(next(iter(_ORIGIN_ROWS)))
+        _ORIGIN_ROWS[key] = (signature, day, rows)
+    return day, rows
 
 
 def training_reasons(lake: Lake) -> dict[tuple[str, int], str]:
@@ -523,27 +559,62 @@ class GlobalForecaster:
 
 
 class ModelCache:
-    """Loaded models, kept per process and keyed by registered version, so a new champion is picked up and an
-    unchanged one is never loaded twice."""
+    """Loaded models, kept per process and keyed by registry and registered version, so a new champion is picked
+    up, an unchanged one is never loaded twice, and two lakes in one process never share an entry."""
 
     def __init__(self) -> None:
-        self._globals: dict[tuple[str, str], GlobalForecaster] = {}
-        self._partitions: dict[tuple[str, str], ForecastModel] = {}
+        self._globals: dict[tuple[str, str, str], GlobalForecaster] = {}
+        self._partitions: dict[tuple[str, ...], ForecastModel] = {}
 
     def global_model(self, store: ModelStore, name: str, version: str,
-                     vol_history: Callable[[list[str]], pl.DataFrame]) -> GlobalForecaster:
-        key = (name, version)
+                     vol_history: Callable[[list[str]], pl.DataFrame], directory: Path | None = None
+                     ) -> GlobalForecaster:
+        """``directory``: the version's verified folder when the caller has it (saves a registry lookup)."""
+        key = (_registry_key(store), name, version)
         if key not in self._globals:
-            self._globals[key] = GlobalForecaster.load(name, version, store.version_dir(name, version), vol_history)
+            folder = directory if directory is not None else store.version_dir(name, version)
+            self._globals[key] = GlobalForecaster.load(name, version, folder, vol_history)
         return self._globals[key]
 
-    def partition(self, key: tuple[str, str], load: Callable[[], ForecastModel]) -> ForecastModel:
+    def partition(self, key: tuple[str, ...], load: Callable[[], ForecastModel]) -> ForecastModel:
         if key not in self._partitions:
             self._partitions[key] = load()
         return self._partitions[key]
 
+    def clear(self) -> None:
+        self._globals.clear()
+        self._partitions.clear()
+
 
 DEFAULT_CACHE = ModelCache()
+
+
+def clear_caches() -> None:
+    """Forget what this process keeps between forecasts: loaded models, verified checksums, origin rows."""
+    from poe_pipeline import tracking
+
+    DEFAULT_CACHE.clear()
+    _ORIGIN_ROWS.clear()
+    tracking.forget_verified()
+
+
+def _registry_key(store: ModelStore) -> str:
+    return str(getattr(store, "uri", "") or id(store))
+
+
+def _champion_lookup(store: ModelStore, names: list[str]) -> Callable[[str], tuple[str, Path] | None]:
+    """``store.champion`` for these names, from one registry query when the store can answer for all at once
+    (``ModelTracker.champion_versions``); each champion's files are still verified when it is asked for."""
+    batch = getattr(store, "champion_versions", None)
+    if batch is None:
+        return store.champion
+    versions = batch(names)  # an unreachable registry raises here, as constructing the tracker used to
+
+    def champion(name: str) -> tuple[str, Path] | None:
+        version = versions.get(name)
+        return None if version is None else (str(version.version), store.verified(name, version))
+
+    return champion
 
 
 def load_champions(
@@ -565,6 +636,7 @@ def load_champions(
 
         store = ModelTracker(lake)
     cache = cache or DEFAULT_CACHE
+    registry = _registry_key(store)
     histories: dict[tuple[str, ...], pl.DataFrame] = {}
 
     def vol_history(names: list[str]) -> pl.DataFrame:
@@ -573,24 +645,26 @@ def load_champions(
             histories[key] = volatility_history(lake, names)
         return histories[key]
 
-    reasons = training_reasons(lake)
+    champion = _champion_lookup(store, [global_model_name(h) for h in horizons]
+                                + [registered_model_name(c, h) for h in horizons for c in currencies])
+    reasons = functools.cache(lambda: training_reasons(lake))  # read only to explain a failure
     models: dict[tuple[str, int], ForecastModel] = {}
     skipped: list[Skip] = []
     for h in horizons:
         gname = global_model_name(h)
         try:  # a broken or untrusted artifact folder (checksums) must not stop the other horizons
-            found = store.champion(gname)
+            found = champion(gname)
             if found is None:
                 skipped += [Skip(c, h, f"no champion model {gname}: train global_models first") for c in currencies]
                 continue
-            champion_global = cache.global_model(store, gname, found[0], vol_history)
+            champion_global = cache.global_model(store, gname, found[0], vol_history, directory=found[1])
         except Exception as exc:
             skipped += [Skip(c, h, f"global model {gname} failed to load: {exc}") for c in currencies]
             continue
         for currency in currencies:
             name = registered_model_name(currency, h)
             try:
-                partition = store.champion(name)
+                partition = champion(name)
             except Exception as exc:
                 skipped.append(Skip(currency, h, f"champion {name} failed to load: {exc}"))
                 continue
@@ -602,11 +676,12 @@ def load_champions(
                 from poe_pipeline.currency_model import read_currency_meta
 
                 built_on = str(read_currency_meta(directory)["global_version"])
-                base = cache.global_model(store, gname, built_on, vol_history)
-                models[(currency, h)] = cache.partition((name, version), functools.partial(
+                base = (champion_global if built_on == champion_global.version
+                        else cache.global_model(store, gname, built_on, vol_history))
+                models[(currency, h)] = cache.partition((registry, name, version), functools.partial(
                     ForecastModel.load, currency, h, version, directory, base, name))
             except Exception as exc:
-                why = reasons.get((currency, h))
+                why = reasons().get((currency, h))
                 skipped.append(Skip(currency, h, f"champion {name} v{version} at {directory} failed to load: {exc}"
                                     + (f" ({why})" if why else "")))
     return models, skipped

@@ -24,7 +24,9 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-ARTIFACT_KEY = "model"  # the native files, under <MLflow model>/artifacts/model/
+# the native files, under <MLflow model>/artifacts/model/: defined in tracking, which must not import MLflow
+from poe_pipeline.tracking import ARTIFACT_KEY, native_dir  # noqa: F401
+
 OUTPUT_COLUMNS = ("predicted_logret", "predicted_price")
 
 
@@ -103,8 +105,3 @@ def _save(directory: Path, python_model, staged: Path, inputs, outputs, kind: st
         metadata={"kind": kind,
                   "output": "predicted_logret: ln(predicted price / price_chaos); predicted_price: chaos"},
     )
-
-
-def native_dir(pyfunc_dir: Path) -> Path:
-    """Where the native files sit inside a saved MLflow model."""
-    return Path(pyfunc_dir) / "artifacts" / ARTIFACT_KEY

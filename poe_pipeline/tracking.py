@@ -16,13 +16,19 @@ so a crash never leaves the champion pointing at a broken model.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import sqlite3
+import stat
 import tempfile
+import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -70,20 +76,40 @@ class Registration:
     experiment_id: str = ""
 
 
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """What the registry records of one model version: enough to find its files and verify them."""
+
+    name: str
+    version: str
+    source: str
+    tags: dict[str, str] = field(default_factory=dict)  # read straight from SQLite: the checksums tag alone
+
+
 class ModelTracker:
-    """The parent process's handle on MLflow tracking and the model registry."""
+    """The parent process's handle on MLflow tracking and the model registry.
+
+    The MLflow client is created on first use: a process that only forecasts from a local (SQLite) registry reads
+    the champions with one SQL query and never imports MLflow (about a second of a cold start)."""
 
     def __init__(self, lake: Lake):
-        from mlflow import MlflowClient
-
         self.lake = lake
         self.uri = tracking_uri(lake)
         self.local = self.uri.startswith("sqlite")
+        self._workspace: str | None = None  # the registry's workspace column, once looked up
         if self.local:
             lake.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+
+    @functools.cached_property
+    def client(self):
+        from mlflow import MlflowClient
+
         # An explicit client, never mlflow.set_tracking_uri: that sets MLFLOW_TRACKING_URI for the whole process.
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        self.experiment_id = self._experiment()
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    @functools.cached_property
+    def experiment_id(self) -> str:
+        return self._experiment()
 
     def _experiment(self) -> str:
         """The experiment, created on first use and tagged as model development (MLflow 3 opens it in the model
@@ -299,28 +325,82 @@ class ModelTracker:
 
     def champion(self, name: str) -> tuple[str, Path] | None:
         """(version, local folder of its native files) of a registered model's champion, or None."""
-        version = self.champion_version(name)
+        version = self.champion_versions([name]).get(name)
         if version is None:
             return None
-        return str(version.version), self._verified(name, version)
+        return str(version.version), self.verified(name, version)
+
+    def champion_versions(self, names: Iterable[str]) -> dict[str, RegisteredVersion]:
+        """The champion version of each of these registered models that has one, in one registry query (not yet
+        verified: ``verified`` checks its files)."""
+        names = list(dict.fromkeys(names))
+        rows = self._registry_rows(names, alias=CHAMPION)
+        if rows is not None:
+            return rows
+        found = {}
+        for name in names:  # a server or an unknown schema: MLflow's client, one lookup a model
+            version = self.champion_version(name)
+            if version is not None:
+                found[name] = RegisteredVersion(name, str(version.version), version.source, dict(version.tags))
+        return found
 
     def version_dir(self, name: str, version: str) -> Path:
         """The local folder of one registered version's native files, verified."""
-        return self._verified(name, self.client.get_model_version(name, str(version)))
+        rows = self._registry_rows([name], version=str(version))
+        if rows is None:
+            return self.verified(name, self.client.get_model_version(name, str(version)))
+        if name not in rows:
+            raise LookupError(f"Model Version (name={name}, version={version}) not found in {self.uri}")
+        return self.verified(name, rows[name])
 
-    def _verified(self, name: str, version) -> Path:
+    def _registry_rows(self, names: list[str], alias: str | None = None,
+                       version: str | None = None) -> dict[str, RegisteredVersion] | None:
+        """Versions straight from a local SQLite registry, read-only: each name's version with ``alias`` (or the
+        given ``version``), with its checksums tag. None where MLflow's client must answer instead (a server,
+        workspaces, a schema this query does not know)."""
+        db = _sqlite_path(self.uri)
+        if db is None or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true"):
+            return None
+        if not db.exists():
+            return {}  # nothing registered yet (MLflow would create an empty registry)
+        found: dict[str, RegisteredVersion] = {}
+        try:
+            with _read_only(db) as con:
+                if self._workspace is None:  # MLflow 3.x keeps every model in a workspace, "default" here
+                    self._workspace = "default" if _has_column(con, "model_versions", "workspace") else ""
+                workspace = self._workspace or None
+                for start in range(0, len(names), 500):  # SQLite caps the parameters of one statement
+                    chunk = names[start:start + 500]
+                    found |= _query_versions(con, chunk, alias, version, workspace)
+        except sqlite3.Error as exc:
+            log.debug("registry query fell back to MLflow's client: %s", exc)
+            return None
+        return found
+
+    def verified(self, name: str, version) -> Path:
         """The version's native files, only from inside the lake's artifact root (or the configured MLflow
         artifact store) and only when every file matches the checksum recorded at registration: a model file is
-        code (the forest is a pickle), so nothing else is ever loaded."""
+        code (the forest is a pickle), so nothing else is ever loaded.
+
+        Files verified once in this process are not hashed again while none of them changed (same names, sizes,
+        inodes, modification and change times); any write, rename or ``touch`` changes the change time."""
         directory = self._local(name, version)
-        expected = json.loads(version.tags.get(CHECKSUMS_TAG, "{}") or "{}")
+        recorded = version.tags.get(CHECKSUMS_TAG, "{}") or "{}"
+        expected = json.loads(recorded)
         if not expected:
             raise UntrustedModel(f"{name} v{version.version} has no recorded checksums: retrain it")
+        key = (str(directory), recorded)
+        signature = _files_signature(directory)
+        if signature is not None and _VERIFIED.get(key) == signature:
+            return directory
         found = checksums(directory)
         if found != expected:
+            _VERIFIED.pop(key, None)
             bad = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
             raise UntrustedModel(f"{name} v{version.version}: {', '.join(bad)} at {directory} do not match the "
                                  "checksums recorded at registration (truncated or replaced): retrain it")
+        if signature is not None:
+            _VERIFIED[key] = signature
         return directory
 
     def _local(self, name: str, version) -> Path:
@@ -340,8 +420,6 @@ class ModelTracker:
     def _native_dir(self, artifact_location: str) -> Path:
         """A logged model's native files on this disk: re-rooted under this lake when the lake moved, and refused
         when the path leads outside the lake's artifact root."""
-        from poe_pipeline.mlflow_models import native_dir
-
         path = local_path(artifact_location)
         root = self.lake.mlflow_artifacts.resolve()
         if self.local:
@@ -371,6 +449,88 @@ class UntrustedModel(ValueError):
 
 
 CHECKSUMS_TAG = "poe.checksums"
+ARTIFACT_KEY = "model"  # the native files, under <MLflow model>/artifacts/model/ (``mlflow_models``)
+
+
+def native_dir(pyfunc_dir: Path) -> Path:
+    """Where the native files sit inside a saved MLflow model."""
+    return Path(pyfunc_dir) / "artifacts" / ARTIFACT_KEY
+
+
+_VERIFIED: dict[tuple[str, str], tuple] = {}  # (folder, recorded checksums) -> its files' signature when they matched
+_RECENT_S = 2.0  # a file changed this recently could change again within the clock's tick: never trusted from cache
+
+
+def forget_verified() -> None:
+    _VERIFIED.clear()
+
+
+def _files_signature(directory: Path) -> tuple | None:
+    """Each file's relative path, size, inode, modification and change time; None when a file changed just now."""
+    directory = Path(directory)
+    return files_signature(sorted(directory.rglob("*")), directory)
+
+
+def files_signature(paths: Iterable[Path], base: Path | None = None) -> tuple | None:
+    """(path, size, inode, modification and change time) of each regular file, to tell files that did not change
+    since they were read from any that did; None when one changed too recently to tell."""
+    now = time.time_ns()
+    out = []
+    for p in paths:
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if now - max(st.st_mtime_ns, st.st_ctime_ns) < _RECENT_S * 1e9:
+            return None
+        out.append((str(p.relative_to(base) if base else p), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (SQLAlchemy's form: four slashes for an absolute path)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = unquote(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def _read_only(db: Path):
+    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _has_column(con: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(row[1] == column for row in con.execute(f"PRAGMA table_info({table})"))
+
+
+def _query_versions(con: sqlite3.Connection, names: list[str], alias: str | None, version: str | None,
+                    workspace: str | None) -> dict[str, RegisteredVersion]:
+    """MLflow's own rule (``get_model_version_by_alias``, ``get_model_version``): a version not deleted."""
+    marks = ",".join("?" * len(names))
+    same_ws = " AND {t}.workspace = v.workspace" if workspace else ""
+    if alias is not None:
+        sql = (f"SELECT v.name, v.version, v.source, t.value FROM registered_model_aliases a "
+               f"JOIN model_versions v ON v.name = a.name AND v.version = a.version{same_ws.format(t='a')} "
+               f"LEFT JOIN model_version_tags t ON t.name = v.name AND t.version = v.version AND t.key = ?"
+               f"{same_ws.format(t='t')} "
+               f"WHERE a.alias = ? AND v.name IN ({marks}) AND v.current_stage != ?")
+        params: list = [CHECKSUMS_TAG, alias, *names, "Deleted_Internal"]
+    else:
+        sql = (f"SELECT v.name, v.version, v.source, t.value FROM model_versions v "
+               f"LEFT JOIN model_version_tags t ON t.name = v.name AND t.version = v.version AND t.key = ?"
+               f"{same_ws.format(t='t')} "
+               f"WHERE v.version = ? AND v.name IN ({marks}) AND v.current_stage != ?")
+        params = [CHECKSUMS_TAG, int(version), *names, "Deleted_Internal"]
+    if workspace:
+        sql += " AND v.workspace = ?"
+        params.append(workspace)
+    return {name: RegisteredVersion(name, str(number), source or "",
+                                    {CHECKSUMS_TAG: value} if value is not None else {})
+            for name, number, source, value in con.execute(sql, params)}
 
 
 def checksums(directory: Path) -> dict[str, str]:

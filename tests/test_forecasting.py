@@ -10,6 +10,7 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from conftest import SAMPLE
 from poe_pipeline.features import FEATURE_COLUMNS, build_features, write_features
@@ -338,3 +339,206 @@ def test_a_registered_version_pointing_outside_the_lake_is_never_loaded(world, t
         tags={CHECKSUMS_TAG: __import__("json").dumps(checksums(planted))})
     with pytest.raises(UntrustedModel, match="outside the lake's artifact root"):
         tracker.version_dir("poe-global-7d", version.version)
+
+
+# --- speed without a change of behaviour: one registry query, a per-process cache, verified checksums kept --------
+
+
+def _rows(run) -> pl.DataFrame:
+    return run.predictions.drop("created_at")
+
+
+class OneByOne:
+    """The registry read as before the batching: MLflow's client, one ``get_model_version_by_alias`` per model."""
+
+    uri = "one lookup per model"
+
+    def __init__(self, tracker: ModelTracker):
+        self.tracker = tracker
+
+    def champion(self, name):
+        version = self.tracker.champion_version(name)
+        return None if version is None else (str(version.version), self.tracker.verified(name, version))
+
+    def version_dir(self, name, version):
+        return self.tracker.verified(name, self.tracker.client.get_model_version(name, str(version)))
+
+
+def test_one_registry_query_and_the_cache_forecast_what_one_lookup_per_model_did(world, monkeypatch):
+    from poe_pipeline import forecasting, tracking
+
+    lake, _, _, tracker = world
+    currencies = [MODELLED, GLOBAL_ONLY, "Mirror of Calandra"]
+    forecasting.clear_caches()
+    before = predict_league(lake, "Sanctum", currencies, store=OneByOne(tracker))
+    queries = []
+    query = tracking._query_versions
+    monkeypatch.setattr(tracking, "_query_versions", lambda *a: queries.append(a[1]) or query(*a))
+    forecasting.clear_caches()
+    cold = predict_league(lake, "Sanctum", currencies, store=tracker)
+    warm = predict_league(lake, "Sanctum", currencies, store=tracker)
+    assert before.predictions.height == 6
+    assert_frame_equal(_rows(cold), _rows(before), check_exact=True)
+    assert_frame_equal(_rows(warm), _rows(before), check_exact=True)
+    assert cold.skipped == warm.skipped == before.skipped
+    assert len(queries) == 2 and len(queries[0]) == 3 + 3 * len(currencies)  # one query per forecast, every name
+
+
+def test_the_registry_query_agrees_with_mlflow(world):
+    tracker = world[3]
+    names = [f"poe-global-{h}d" for h in (1, 3, 7)] + [registered_model_name(c, h) for c in (MODELLED, GLOBAL_ONLY)
+                                                       for h in (1, 3, 7)]
+    found = tracker.champion_versions(names)
+    for name in names:
+        mlflow_version = tracker.champion_version(name)
+        if mlflow_version is None:
+            assert name not in found
+            continue
+        mine = found[name]
+        assert (mine.version, mine.source) == (str(mlflow_version.version), mlflow_version.source)
+        assert mine.tags["poe.checksums"] == mlflow_version.tags["poe.checksums"]
+        assert tracker.version_dir(name, mine.version) == tracker.champion(name)[1]
+    assert set(found) == set(names[:6])  # the global models and MODELLED's partitions; GLOBAL_ONLY has none
+    with pytest.raises(LookupError, match="not found"):
+        tracker.version_dir("poe-global-1d", "999")
+
+
+def test_vectorised_scales_and_cached_quantiles_are_the_scalar_ones(real_residuals):
+    from poe_pipeline.forecasting import (
+        bootstrap_quantile,
+        conformal_quantile,
+        volatility_scale,
+        volatility_scales,
+    )
+
+    residuals, vols = real_residuals
+    odd = np.array([np.nan, -0.1, 0.0, np.inf, 1e-9, 0.004, 0.3])
+    for values in (vols, odd):
+        for reference in (float(np.nanmedian(vols)), float("nan"), None, 0.0):
+            expected = np.array([volatility_scale(v, reference) for v in values])
+            assert np.array_equal(volatility_scales(values, reference), expected)
+    phases = np.array(["early", "mid", "late"])[np.arange(len(residuals)) % 3]
+    calibration = Calibration.from_arrays(residuals, vols, phases)
+    for phase in (None, "early", "mid", "late"):
+        for level in (0.5, 0.8, 0.95):
+            scale = volatility_scale(0.02, calibration.reference_vol)
+            old = conformal_quantile(np.abs(calibration.for_phase(phase)), level) * scale
+            assert prediction_interval(0.0, calibration, 0.02, 1, level, phase=phase).half_width == old
+    small = Calibration.from_arrays(residuals[:9], vols[:9])
+    old = bootstrap_quantile(np.abs(small.for_phase(None)), 0.8, seed=3) * volatility_scale(0.02, small.reference_vol)
+    assert prediction_interval(0.0, small, 0.02, 1, 0.8, seed=3).half_width == old
+
+
+def _new_version(tracker: ModelTracker, name: str) -> str:
+    """A new registered version of ``name`` with the champion's files, made champion (as a promotion does)."""
+    from poe_pipeline.tracking import CHAMPION, CHECKSUMS_TAG
+
+    current = tracker.champion_version(name)
+    version = tracker.client.create_model_version(name, source=current.source,
+                                                  tags={CHECKSUMS_TAG: current.tags[CHECKSUMS_TAG]})
+    tracker.client.set_registered_model_alias(name, CHAMPION, version.version)
+    return str(version.version)
+
+
+def test_a_new_champion_is_picked_up_by_a_warm_cache(moved_lake):
+    tracker = ModelTracker(moved_lake)
+    first = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=tracker)
+    assert set(first.predictions["model_version"]) == {"1", "global-v1"}
+    partition = _new_version(tracker, registered_model_name(MODELLED, 3))
+    global_7d = _new_version(tracker, "poe-global-7d")
+    assert partition != "1" and global_7d != "1"
+    again = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=tracker)
+    versions = {(r["currency"], r["horizon_days"]): (r["model_version"], r["global_model_version"])
+                for r in again.predictions.iter_rows(named=True)}
+    assert versions == {
+        (MODELLED, 1): ("1", "1"), (MODELLED, 3): (partition, "1"),
+        (MODELLED, 7): ("1", "1"),  # a partition forecasts through the global version it was built on
+        (GLOBAL_ONLY, 1): ("global-v1", "1"), (GLOBAL_ONLY, 3): ("global-v1", "1"),
+        (GLOBAL_ONLY, 7): (f"global-v{global_7d}", global_7d),
+    }
+    same_files = ["predicted_price", "pred_lower", "pred_upper", "confidence"]
+    assert_frame_equal(again.predictions.select(same_files), first.predictions.select(same_files), check_exact=True)
+
+
+def test_a_model_file_changed_after_a_warm_forecast_is_refused(moved_lake, monkeypatch):
+    """Verified checksums are kept per process only while no file changed: a file rewritten in place with its size
+    and modification time restored is still hashed again, and refused; so is a missing one."""
+    import os
+
+    import dagster as dg
+
+    from poe_pipeline import tracking
+    from poe_pipeline.assets.forecasts import _alert_broken_models
+    from poe_pipeline.monitoring import read_alerts
+    from poe_pipeline.resources import LakeResource, MonitoringResource
+
+    hashed = []
+    real_checksums = tracking.checksums
+    monkeypatch.setattr(tracking, "checksums", lambda d: hashed.append(d) or real_checksums(d))
+    tracker = ModelTracker(moved_lake)
+    currencies = [MODELLED, GLOBAL_ONLY]
+    monkeypatch.setattr(tracking, "_RECENT_S", 1e9)  # every file "changed just now": never trusted from the cache
+    predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    assert len(hashed) == 2 * 6  # 3 global models and 3 partitions, hashed by each forecast
+    monkeypatch.setattr(tracking, "_RECENT_S", 0.0)
+    hashed.clear()
+    first = predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    warm = predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    assert len(hashed) == 6 and warm.predictions.height == 6  # the second forecast hashed nothing
+    assert_frame_equal(_rows(warm), _rows(first), check_exact=True)
+
+    _, directory = tracker.champion("poe-global-3d")
+    model_file = next(directory / f for f in ("lightgbm.txt", "xgboost.ubj", "random_forest.joblib")
+                      if (directory / f).exists())
+    before = model_file.stat()
+    data = bytearray(model_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    model_file.write_bytes(bytes(data))
+    os.utime(model_file, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old modification time
+    run = predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    assert sorted(set(run.predictions["horizon_days"].to_list())) == [1, 7]
+    assert {(s.currency, s.horizon) for s in run.skipped} == {(MODELLED, 3), (GLOBAL_ONLY, 3)}
+    assert all(model_file.name in s.reason and "checksums" in s.reason for s in run.skipped)
+    _alert_broken_models(dg.build_asset_context(), run, LakeResource(root=str(moved_lake.root)), MonitoringResource())
+    (alert,) = read_alerts(moved_lake)
+    assert alert["kind"] == "model_load_failure" and alert["details"]["models"] == ["global model poe-global-3d"]
+
+    _, partition = tracker.champion(registered_model_name(MODELLED, 7))
+    (partition / "currency_model.json").unlink()
+    run = predict_league(moved_lake, "Sanctum", currencies, store=tracker)
+    assert {(s.currency, s.horizon) for s in run.skipped} == {(MODELLED, 3), (GLOBAL_ONLY, 3), (MODELLED, 7)}
+    (missing,) = [s for s in run.skipped if s.horizon == 7]
+    assert "currency_model.json" in missing.reason and "checksums" in missing.reason
+
+
+def test_new_features_give_new_origin_rows_in_a_warm_process(moved_lake, monkeypatch):
+    from poe_pipeline import tracking
+    from poe_pipeline.features import feature_path
+
+    monkeypatch.setattr(tracking, "_RECENT_S", 0.0)
+    tracker = ModelTracker(moved_lake)
+    first = predict_league(moved_lake, "Sanctum", [MODELLED], store=tracker)
+    path = feature_path(moved_lake, "Sanctum")
+    shorter = pl.read_parquet(path).filter(pl.col("date") < first.origin_date)
+    write_parquet_atomic(shorter, path)
+    again = predict_league(moved_lake, "Sanctum", [MODELLED], store=tracker)
+    assert again.origin_date == shorter["date"].max() < first.origin_date
+
+
+def test_forecasting_from_the_local_registry_never_imports_mlflow(world):
+    """A cold start pays for the model libraries, not for importing MLflow and its SQL store, nor Dagster."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from poe_pipeline.forecasting import predict_league; from poe_pipeline.lake import Lake; "
+            "from poe_pipeline.tracking import ModelTracker; lake = Lake(sys.argv[1]); "
+            f"run = predict_league(lake, 'Sanctum', [{MODELLED!r}, {GLOBAL_ONLY!r}], store=ModelTracker(lake)); "
+            "assert run.predictions.height == 6, run.skipped; "
+            "print(sorted(m for m in ('mlflow', 'dagster') if m in sys.modules))")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code, str(world[0].root)], capture_output=True, text=True,
+                         env=env, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
