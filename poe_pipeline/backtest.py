@@ -157,7 +157,7 @@ def _train_global_job(job: tuple) -> GlobalResult:
 
 def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currencies: list[str],
            horizons: list[int], profile: Profile, workdir: Path, pool: Executor | None, seed: int,
-           version: str, validations: dict[int, GlobalValidation] | None = None,
+           version: str, validations: dict[int, GlobalValidation] | None = None, workers: int = 1,
            ) -> tuple[dict[tuple[str, int], ForecastModel], list[Skip]]:
     """Train the global model of each horizon (in ``pool``) and specialise it to every currency, on the features
     known at the origin; load the models in memory and delete the artifacts.
@@ -168,9 +168,15 @@ def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currenci
     order = training_leagues(calendar, league)
     rows = pooled_rows(features, order, league, currencies)
     warm = validations or {}
-    jobs = [(rows, FEATURE_COLUMNS, h, order, league, profile, workdir / f"global-{h}d", seed, warm.get(h))
-            for h in horizons]
-    results = pool.map(_train_global_job, jobs) if pool is not None else map(_train_global_job, jobs)
+    if warm and set(horizons) <= set(warm):  # final fits only: a job per weighted kind packs two cores better
+        from poe_pipeline.training import refit_globals
+
+        results = refit_globals(rows, FEATURE_COLUMNS, horizons, order, league, profile, workdir, warm, workers,
+                                seed)
+    else:
+        jobs = [(rows, FEATURE_COLUMNS, h, order, league, profile, workdir / f"global-{h}d", seed, warm.get(h))
+                for h in horizons]
+        results = pool.map(_train_global_job, jobs) if pool is not None else map(_train_global_job, jobs)
     history = features.filter(pl.col("currency").is_in(set(currencies) | set(rows["currency"].unique())))
 
     def vol_history(names: list[str]) -> pl.DataFrame:
@@ -275,7 +281,7 @@ def run_backtest(
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poe-backtest-"))
         pool = None
-        if workers > 1:  # one pool for the whole replay: spawning workers costs seconds each time
+        if workers > 1 and tuning is None:  # one pool for the whole replay: spawning workers costs seconds each time
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                                            initializer=limit_threads))
         for i, origin in enumerate(origins):
@@ -287,7 +293,8 @@ def run_backtest(
                     validations.clear()  # a full re-tune
                 models, skipped = _refit(features, calendar, league, currencies, horizons, profile,
                                          Path(tmp) / origin.isoformat(), pool, seed, f"backtest-{origin}",
-                                         validations if retune_every > 1 or tuning else None)  # kept if reused
+                                         validations if retune_every > 1 or tuning else None,  # kept if reused
+                                         workers=workers)
                 refit_date = origin
                 run.refits.append(origin)
                 run.skipped += [(origin, s) for s in skipped]

@@ -135,17 +135,23 @@ class _Inline:
         pass
 
 
-def _global_results(specs: list[GlobalSpec], out_dirs: dict[int, Path], workers: int) -> Iterator[GlobalResult]:
+def _global_results(specs: list[GlobalSpec], out_dirs: dict[int, Path], workers: int,
+                    warm: dict[int, GlobalValidation] | None = None) -> Iterator[GlobalResult]:
     """Each horizon's result as soon as its final models are fitted: (horizon, kind) validation jobs, then a final
     fit per weighted kind, on a pool of fresh (spawned) processes (in this process for one worker). At most
-    ``workers`` jobs are in flight, so the next job is chosen when a worker frees up: final fits first."""
+    ``workers`` jobs are in flight, so the next job is chosen when a worker frees up: final fits first. A horizon
+    in ``warm`` keeps that validation (tuning, weights, out-of-fold rows): only its final fits run."""
     by_h = {s.horizon: s for s in specs}
+    warm = {h: v for h, v in (warm or {}).items() if h in by_h}
     queue: list[tuple[int, int, Callable, tuple]] = [  # (priority, order, job, args)
         (1 + _EXPECTED_COST[kind], i, _validate_job, (by_h[h], kind))
-        for i, (kind, h) in enumerate((k, h) for k in sorted(MODEL_KINDS, key=_EXPECTED_COST.get) for h in by_h)
+        for i, (kind, h) in enumerate((k, h) for k in sorted(MODEL_KINDS, key=_EXPECTED_COST.get) for h in by_h
+                                      if h not in warm)
     ]
+    queue += [(0, len(queue) + i, _fit_job, (by_h[h], k, v.params[k], v.rounds[k], out_dirs[h]))
+              for i, (h, v) in enumerate(warm.items()) for k in MODEL_KINDS if v.weights.get(k, 0) > 0]
     parts: dict[int, dict[str, KindValidation]] = {h: {} for h in by_h}
-    validations: dict[int, GlobalValidation] = {}
+    validations: dict[int, GlobalValidation] = dict(warm)
     gains: dict[int, dict[str, np.ndarray]] = {h: {} for h in by_h}
     seconds: dict[int, float] = dict.fromkeys(by_h, 0.0)
     skipped: set[int] = set()
@@ -191,10 +197,23 @@ def _global_results(specs: list[GlobalSpec], out_dirs: dict[int, Path], workers:
                 result = GlobalResult(h, trained=False, feature_names=data.feature_names)
                 importance = blend_importance(data.feature_names, checked.weights, gains[h])
                 yield finish_global(result, data, in_pool, spec.league_order, checked, importance, out_dirs[h],
-                                    False, seconds[h])
+                                    h in warm, seconds[h])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         _DATA.clear()
+
+
+def refit_globals(rows: pl.DataFrame, feature_columns: list[str], horizons: Iterable[int], league_order: list[str],
+                  current_league: str, profile: Profile, workdir: Path, warm: dict[int, GlobalValidation],
+                  workers: int = 1, seed: int = 42) -> list[GlobalResult]:
+    """The global model of each horizon, without MLflow, into ``workdir/global-<h>d``: the horizons in ``warm``
+    only refit their final models on ``rows`` (each weighted kind a job, so two cores share three horizons)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows_path = write_parquet_atomic(rows, workdir / "pooled_rows.parquet")
+    specs = [GlobalSpec(rows_path, list(feature_columns), h, list(league_order), current_league, profile, seed)
+             for h in horizons]
+    out_dirs = {s.horizon: workdir / f"global-{s.horizon}d" for s in specs}
+    return list(_global_results(specs, out_dirs, workers, warm))
 
 
 def _staging(lake: Lake) -> Path:
