@@ -33,7 +33,7 @@ from poe_pipeline.lake import Lake, read_parquet_files, write_parquet_atomic
 SOURCES = ("live", "backtest")
 BACKFILL_DAYS = 14  # a new lake's track record: the last two weeks of the league, replayed
 # One warm refit for those two weeks: the replay's models are up to 14 days old by its end, older than the weekly
-# retrain's, so its record is if anything pessimistic; each refit costs 25-40 s on two cores.
+# retrain's would be; each refit costs 30-40 s on two cores.
 BACKFILL_REFIT_EVERY = 14
 
 ADVICE_OUTCOMES_SCHEMA: dict[str, pl.DataType] = {
