@@ -76,7 +76,16 @@ def test_refits_between_re_tunes_keep_the_tuning(monkeypatch):
         calls.append(args[-1] is not None)  # the warm validation
         return real_train(*args)
 
+    import poe_pipeline.training as training
+
+    real_refit = training.refit_globals
+
+    def spy_warm(*args, **kwargs):  # a refit that keeps the tuning fits only the final models, a job per kind
+        calls.append(True)
+        return real_refit(*args, **kwargs)
+
     monkeypatch.setattr(backtest, "train_global", spy)
+    monkeypatch.setattr(training, "refit_globals", spy_warm)
     prices = real_prices()
     origins = backtest_origins(prices, "Sanctum")[:5]
     run = run_backtest(prices, "Sanctum", origins, ["Divine Orb"], refit_every=1, horizons=(1,), retune_every=2)
