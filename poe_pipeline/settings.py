@@ -94,6 +94,7 @@ class Settings:
     degradation_min_errors: int | None = None  # POE_DEGRADATION_MIN_ERRORS
     retrain_cooldown_hours: float | None = None  # POE_RETRAIN_COOLDOWN_HOURS
     jump_factor: float | None = None  # POE_JUMP_FACTOR: the day-over-day jump check's factor
+    track_record_days: int | None = None  # POE_TRACK_RECORD_DAYS: days advice_outcomes replays where no report is
     dagster_home: str = ""  # DAGSTER_HOME: Dagster's instance folder; empty, <lake>/.dagster
 
     @classmethod
@@ -117,6 +118,7 @@ class Settings:
             degradation_min_errors=_int("POE_DEGRADATION_MIN_ERRORS"),
             retrain_cooldown_hours=_float("POE_RETRAIN_COOLDOWN_HOURS"),
             jump_factor=_float("POE_JUMP_FACTOR"),
+            track_record_days=_int("POE_TRACK_RECORD_DAYS", minimum=0),
             dagster_home=env.get("DAGSTER_HOME", ""),
         )
 

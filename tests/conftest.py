@@ -33,6 +33,9 @@ def _isolated_env(monkeypatch, tmp_path):
     """No test reads the developer's lake or Dagster instance."""
     monkeypatch.setenv("POE_DATA_LAKE", str(tmp_path / "lake"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    # The track record's replay (a refit of the global models) only where it is tested: the demo lake and
+    # tests/test_track_record.py (their subprocesses get a clean environment, so the default of 14 days)
+    monkeypatch.setenv("POE_TRACK_RECORD_DAYS", "0")
     (tmp_path / "dagster_home").mkdir()
 
 

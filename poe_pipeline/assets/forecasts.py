@@ -22,7 +22,7 @@ from poe_pipeline.assets import column_schema, rounded, table, view_description
 from poe_pipeline.features import read_features
 from poe_pipeline.prices import read_daily_prices
 from poe_pipeline.resources import LakeResource, MonitoringResource, RunScopeResource
-from poe_pipeline.settings import HORIZONS_DAYS
+from poe_pipeline.settings import HORIZONS_DAYS, Settings
 from poe_pipeline.training import default_workers
 
 
@@ -32,8 +32,8 @@ class PredictionsConfig(dg.Config):
 
 class AdviceConfig(dg.Config):
     # Replay this many days before the latest forecast where no past report exists, so the track record is
-    # never empty; 0 scores only the stored reports.
-    backfill_days: int = track_record.BACKFILL_DAYS
+    # never empty; 0 scores only the stored reports. None: POE_TRACK_RECORD_DAYS, else 14.
+    backfill_days: int | None = None
     backfill_refit_every: int = track_record.BACKFILL_REFIT_EVERY
 
 
@@ -172,7 +172,11 @@ def advice_outcomes(
     prices = read_daily_prices(store)
     covered = set(reporting.read_report_table(store, league)["origin_date"].unique().to_list()) | set(
         track_record.read_backfill(store, league)["origin_date"].unique().to_list())
-    origins = track_record.backfill_origins(prices, league, latest, config.backfill_days, covered)
+    days = config.backfill_days
+    if days is None:
+        days = Settings.from_env(store.root).track_record_days
+    days = track_record.BACKFILL_DAYS if days is None else days
+    origins = track_record.backfill_origins(prices, league, latest, days, covered)
     replayed = 0
     if origins:
         tuning, missing = track_record.champion_tuning(store, HORIZONS_DAYS)
