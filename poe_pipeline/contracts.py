@@ -36,6 +36,13 @@ VIEW_DOCS: dict[str, str] = {
     "return against holding chaos and an equal-weight basket of the currencies the report ranked.",
 }
 
+# A forecast's prices and the report's pick flag, as both the report and the track record carry them
+_ADVICE_DOCS = {
+    "picked": "one of the report's buys after the diversification rule",
+    "predicted_price": "point forecast, in chaos",
+    "pred_lower": "lower end of the interval, in chaos", "pred_upper": "upper end of the interval, in chaos",
+}
+
 COLUMN_DOCS: dict[str, dict[str, str]] = {
     "daily_prices": {
         "price_chaos": "price of one unit in chaos (the day's close)",
@@ -97,9 +104,8 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
     "investment_report": {
         "rank": "1 = best score among the league's currencies at this horizon",
         "advice": "'buy' (the whole interval above today's price), 'sell' (below) or 'hold'",
-        "picked": "one of the report's buys after the diversification rule",
-        "current_price": "price at the origin, in chaos", "predicted_price": "point forecast, in chaos",
-        "pred_lower": "lower end of the interval, in chaos", "pred_upper": "upper end of the interval, in chaos",
+        **_ADVICE_DOCS,
+        "current_price": "price at the origin, in chaos",
         "current_price_divines": "current_price in Divine Orbs (current_price / divine_price_chaos)",
         "predicted_price_divines": "predicted_price in Divine Orbs, at the origin's Divine Orb price",
         "pred_lower_divines": "pred_lower in Divine Orbs, at the origin's Divine Orb price",
@@ -145,10 +151,9 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "target_date": "origin_date + horizon_days: the day the advice is judged on",
         "source": "'live' (a stored past report) or 'backtest' (a replay; live wins where both exist)",
         "advice": "'buy', 'hold' or 'sell', as the report said",
-        "picked": "one of the report's buys after the diversification rule",
+        **_ADVICE_DOCS,
         "allocation_fraction": "the pick's share of the budget, 0..1",
-        "price_at_origin": "price at the origin, in chaos", "predicted_price": "point forecast, in chaos",
-        "pred_lower": "lower end of the interval, in chaos", "pred_upper": "upper end of the interval, in chaos",
+        "price_at_origin": "price at the origin, in chaos",
         "expected_return": "the forecast's return, a fraction (0.05 = +5 %)",
         "price_at_horizon": "daily_prices' price on target_date, in chaos (null: not observed, or not yet)",
         "realized_return": "price_at_horizon / price_at_origin - 1, a fraction (0.05 = +5 %)",

@@ -390,8 +390,9 @@ def backfill_advice(
     from poe_pipeline.prices import read_daily_prices
     from poe_pipeline.reporting import REPORT_FEATURE_COLUMNS, build_report
 
+    stored = read_backfill(lake, league)
     if not origins:
-        return read_backfill(lake, league).clear()
+        return stored.clear()
     prices = read_daily_prices(lake)
     run = run_backtest(prices, league, origins, currencies, refit_every=refit_every, horizons=sorted(tuning),
                        workers=workers, progress=progress, tuning=tuning)
@@ -401,8 +402,7 @@ def backfill_advice(
         report = build_report(day.drop("actual_price", "refit_date"), features.filter(pl.col("date") <= origin),
                               **report_options)
         tables.append(report.table)
-    new = pl.concat(tables) if tables else read_backfill(lake, league).clear()
-    stored = read_backfill(lake, league)
+    new = pl.concat(tables) if tables else stored.clear()
     kept = stored.join(new.select("origin_date").unique(), on="origin_date", how="anti")
     write_parquet_atomic(pl.concat([kept, new], how="vertical_relaxed").sort("origin_date", "horizon_days", "rank"),
                          backfill_path(lake, league))

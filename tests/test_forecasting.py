@@ -300,6 +300,23 @@ def test_a_moved_lake_reads_its_models_where_they_are_now(moved_lake):
     assert run.predictions.height == 6 and not run.skipped
 
 
+def _assert_3d_refused_and_alerted(run, lake, file_name: str) -> None:
+    """The damaged 3d global model is refused by its checksums, the other horizons forecast, and the predictions
+    asset turns the skips into one alert (stored in the lake, posted to the webhook when one is set)."""
+    import dagster as dg
+
+    from poe_pipeline.assets.forecasts import _alert_broken_models
+    from poe_pipeline.monitoring import read_alerts
+    from poe_pipeline.resources import LakeResource, MonitoringResource
+
+    assert sorted(set(run.predictions["horizon_days"].to_list())) == [1, 7]
+    assert {(s.currency, s.horizon) for s in run.skipped} == {(MODELLED, 3), (GLOBAL_ONLY, 3)}
+    assert all(file_name in s.reason and "checksums" in s.reason for s in run.skipped)
+    _alert_broken_models(dg.build_asset_context(), run, LakeResource(root=str(lake.root)), MonitoringResource())
+    (alert,) = read_alerts(lake)
+    assert alert["kind"] == "model_load_failure" and alert["details"]["models"] == ["global model poe-global-3d"]
+
+
 def test_a_truncated_model_file_is_refused_and_the_other_horizons_forecast(moved_lake, world):
     tracker = ModelTracker(moved_lake)
     _, directory = tracker.champion("poe-global-3d")
@@ -308,19 +325,7 @@ def test_a_truncated_model_file_is_refused_and_the_other_horizons_forecast(moved
                       if (directory / f).exists())  # the models the ensemble weights
     model_file.write_bytes(model_file.read_bytes()[:1000])  # cut short, as by a full disk
     run = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=tracker)
-    assert sorted(set(run.predictions["horizon_days"].to_list())) == [1, 7]
-    assert {(s.currency, s.horizon) for s in run.skipped} == {(MODELLED, 3), (GLOBAL_ONLY, 3)}
-    assert all(model_file.name in s.reason and "checksums" in s.reason for s in run.skipped)
-    # the predictions asset turns it into an alert (stored in the lake, posted to the webhook when one is set)
-    import dagster as dg
-
-    from poe_pipeline.assets.forecasts import _alert_broken_models
-    from poe_pipeline.monitoring import read_alerts
-    from poe_pipeline.resources import LakeResource, MonitoringResource
-
-    _alert_broken_models(dg.build_asset_context(), run, LakeResource(root=str(moved_lake.root)), MonitoringResource())
-    (alert,) = read_alerts(moved_lake)
-    assert alert["kind"] == "model_load_failure" and alert["details"]["models"] == ["global model poe-global-3d"]
+    _assert_3d_refused_and_alerted(run, moved_lake, model_file.name)
     _, original = world[3].champion("poe-global-3d")  # the lake it was copied from is untouched
     assert (original / model_file.name).stat().st_size > 1000
 
@@ -465,12 +470,7 @@ def test_a_model_file_changed_after_a_warm_forecast_is_refused(moved_lake, monke
     and modification time restored is still hashed again, and refused; so is a missing one."""
     import os
 
-    import dagster as dg
-
     from poe_pipeline import tracking
-    from poe_pipeline.assets.forecasts import _alert_broken_models
-    from poe_pipeline.monitoring import read_alerts
-    from poe_pipeline.resources import LakeResource, MonitoringResource
 
     hashed = []
     real_checksums = tracking.checksums
@@ -497,12 +497,7 @@ def test_a_model_file_changed_after_a_warm_forecast_is_refused(moved_lake, monke
     model_file.write_bytes(bytes(data))
     os.utime(model_file, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old modification time
     run = predict_league(moved_lake, "Sanctum", currencies, store=tracker)
-    assert sorted(set(run.predictions["horizon_days"].to_list())) == [1, 7]
-    assert {(s.currency, s.horizon) for s in run.skipped} == {(MODELLED, 3), (GLOBAL_ONLY, 3)}
-    assert all(model_file.name in s.reason and "checksums" in s.reason for s in run.skipped)
-    _alert_broken_models(dg.build_asset_context(), run, LakeResource(root=str(moved_lake.root)), MonitoringResource())
-    (alert,) = read_alerts(moved_lake)
-    assert alert["kind"] == "model_load_failure" and alert["details"]["models"] == ["global model poe-global-3d"]
+    _assert_3d_refused_and_alerted(run, moved_lake, model_file.name)
 
     _, partition = tracker.champion(registered_model_name(MODELLED, 7))
     (partition / "currency_model.json").unlink()

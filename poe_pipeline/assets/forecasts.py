@@ -170,8 +170,7 @@ def advice_outcomes(
     if latest is None:
         raise dg.Failure(f"No predictions for {league}: nothing to score (materialize predictions first)")
     prices = read_daily_prices(store)
-    covered = set(reporting.read_report_table(store, league)["origin_date"].unique().to_list()) | set(
-        track_record.read_backfill(store, league)["origin_date"].unique().to_list())
+    covered = set(track_record.league_advice(store, league)["origin_date"].unique().to_list())
     days = config.backfill_days
     if days is None:
         days = Settings.from_env(store.root).track_record_days
