@@ -14,10 +14,17 @@ were pooled LightGBMs), and on the development leagues it beat per-currency mode
   existed, so that a partition can specialise on its own currency's out-of-fold rows (``currency_model``).
 - **Warm refits.** ``train_global(warm=...)`` keeps a validation (tuning, weights, out-of-fold rows) and refits
   only the final models on the new rows: the league folds do not change within a league.
+- **Reuse within a league.** A validation is a function of its ``tuning_inputs``: the past leagues' rows, the
+  profile and the seed, never the current league's rows. A retrain whose inputs equal the champion's keeps its
+  validation; one whose past leagues and profile are the same but whose rows differ (a currency joined the
+  forecast, the features changed) keeps its tuned parameters and forecasts the folds again without a search
+  (``reuse_of``). Only a new past league or another profile tunes again: once a league, not every week.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -99,6 +106,8 @@ class GlobalValidation:
     folds: list[str]
     oof: pl.DataFrame  # OOF_SCHEMA
     tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> trials, pruned, rounds, seconds
+    inputs: dict = field(default_factory=dict)  # tuning_inputs: what this validation is a function of
+    reused: str = ""  # "" tuned here; else what was kept of an earlier validation, and why
 
     @classmethod
     def read(cls, directory: Path) -> GlobalValidation:
@@ -106,7 +115,44 @@ class GlobalValidation:
 
         meta = json.loads((Path(directory) / "ensemble.json").read_text())
         return cls(meta["params"], meta["rounds"], meta["weights"], meta["metrics"], meta["folds"],
-                   pl.read_parquet(Path(directory) / OOF_FILE), meta.get("tuning", {}))
+                   pl.read_parquet(Path(directory) / OOF_FILE), meta.get("tuning", {}), meta.get("inputs", {}))
+
+
+_LIBRARIES = ("lightgbm", "xgboost", "sklearn", "optuna", "numpy")  # modules: xgboost ships as xgboost-cpu too
+
+
+def tuning_inputs(data: ModelData, in_pool: np.ndarray, current_league: str, profile: Profile, seed: int) -> dict:
+    """What a validation is a function of: the past leagues' rows (inputs, targets, weights, pool flags and keys),
+    the feature names, the profile, the seed and the model libraries. The current league is never a fold."""
+    past = data.leagues != current_league
+    digest = hashlib.sha256()
+    for part in (data.X[past], data.y[past], data.weight[past], in_pool[past], data.dates[past].astype(np.int64)):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    digest.update("\x1f".join(map(str, data.currencies[past])).encode())
+    leagues = [lg for lg in data.league_order if lg != current_league and lg in set(data.leagues[past])]
+    return {"past_leagues": leagues, "profile": profile.as_dict(), "seed": seed,
+            "features": hashlib.sha256(",".join(data.feature_names).encode()).hexdigest()[:16],
+            "libraries": {lib: importlib.import_module(lib).__version__ for lib in _LIBRARIES},
+            "rows": digest.hexdigest()[:16]}
+
+
+_SAME_SETUP = ("past_leagues", "profile", "seed", "features", "libraries")
+
+
+def reuse_of(earlier: GlobalValidation | None, inputs: dict) -> tuple[str, str]:
+    """What a retrain can keep of an ``earlier`` validation (the champion's), given today's ``tuning_inputs``:
+    ("validation", why) when the inputs are equal, ("params", why) when only the past leagues' rows differ,
+    ("", why) when it must tune."""
+    if earlier is None:
+        return "", "no champion to start from"
+    if not earlier.inputs:
+        return "", "the champion predates recorded tuning inputs"
+    if earlier.inputs == inputs:
+        return "validation", "the past leagues' rows, the profile and the seed are unchanged"
+    changed = [k for k in _SAME_SETUP if earlier.inputs.get(k) != inputs.get(k)]
+    if changed:
+        return "", f"{', '.join(k.replace('_', ' ') for k in changed)} changed"
+    return "params", "the same past leagues and profile, but their rows changed"
 
 
 @dataclass
@@ -123,6 +169,7 @@ class GlobalResult:
     feature_names: list[str] = field(default_factory=list)
     feature_importance: dict[str, float] = field(default_factory=dict)
     tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> trials, pruned, rounds, seconds
+    inputs: dict = field(default_factory=dict)
     artifact_dir: str = ""
     seconds: float = 0.0
 
@@ -180,15 +227,17 @@ def validation_folds(data: ModelData, in_pool: np.ndarray, current_league: str,
 
 
 def validate_kind(kind: str, data: ModelData, in_pool: np.ndarray, current_league: str, profile: Profile,
-                  seed: int, matrices: list[FoldData] | None = None) -> KindValidation:
+                  seed: int, matrices: list[FoldData] | None = None,
+                  fixed_params: dict | None = None) -> KindValidation:
     """Tune one model kind on the tuning folds and forecast the holdout fold with its best parameters.
-    ``matrices``: the tuning folds' ``fold_data``, when several kinds share them."""
+    ``matrices``: the tuning folds' ``fold_data``, when several kinds share them; ``fixed_params``: an earlier
+    tuning's parameters, forecast on the folds instead of a search."""
     started = time.perf_counter()
     tuning, holdout = validation_folds(data, in_pool, current_league, profile)
     if not tuning:
         return KindValidation(kind, None)
     tuned = tune(kind, data, matrices if matrices is not None else fold_data(data, tuning, kinds=(kind,)),
-                 profile, seed)
+                 profile, seed, fixed_params=fixed_params)
     holdout_pred = None
     if holdout is not None:
         (fd,) = fold_data(data, [holdout], kinds=(kind,))
@@ -198,12 +247,13 @@ def validate_kind(kind: str, data: ModelData, in_pool: np.ndarray, current_leagu
 
 
 def combine_validation(data: ModelData, in_pool: np.ndarray, current_league: str, profile: Profile,
-                       parts: dict[str, KindValidation]) -> GlobalValidation:
+                       parts: dict[str, KindValidation], seed: int) -> GlobalValidation:
     """The validation of the ensemble from its kinds' parts: weights on the tuning folds, scores on the holdout."""
     tuning, holdout = validation_folds(data, in_pool, current_league, profile)
+    inputs = tuning_inputs(data, in_pool, current_league, profile, seed)
     if not tuning:
         return GlobalValidation(dict(DEFAULT_PARAMS), dict(DEFAULT_ROUNDS), {k: 1 / 3 for k in MODEL_KINDS}, {},
-                                [], pl.DataFrame(schema=OOF_SCHEMA))
+                                [], pl.DataFrame(schema=OOF_SCHEMA), inputs=inputs)
     tuned = {k: parts[k].tuned for k in MODEL_KINDS}
     params = {k: t.params for k, t in tuned.items()}
     rounds = {k: t.rounds for k, t in tuned.items()} | {"random_forest": DEFAULT_ROUNDS["random_forest"]}
@@ -223,7 +273,7 @@ def combine_validation(data: ModelData, in_pool: np.ndarray, current_league: str
     folds = [*tuning, *([holdout] if holdout is not None else [])]
     work = {k: {"trials": t.trials, "pruned": t.pruned, "boosting_rounds": t.boosting_rounds,
                 "seconds": round(parts[k].seconds, 2)} for k, t in tuned.items()}
-    return GlobalValidation(params, rounds, weights, metrics, [f.name for f in folds], pl.concat(oof), work)
+    return GlobalValidation(params, rounds, weights, metrics, [f.name for f in folds], pl.concat(oof), work, inputs)
 
 
 def validate_global(data: ModelData, in_pool: np.ndarray, current_league: str, profile: Profile,
@@ -234,7 +284,7 @@ def validate_global(data: ModelData, in_pool: np.ndarray, current_league: str, p
     parts = {kind: validate_kind(kind, data, in_pool, current_league, profile, seed, matrices)
              for kind in MODEL_KINDS}
     del matrices
-    return combine_validation(data, in_pool, current_league, profile, parts)
+    return combine_validation(data, in_pool, current_league, profile, parts, seed)
 
 
 def global_data(rows: pl.DataFrame, feature_columns: list[str], horizon: int,
@@ -266,12 +316,14 @@ def finish_global(result: GlobalResult, data: ModelData, in_pool: np.ndarray, le
     result.metrics, result.folds = checked.metrics, checked.folds
     result.feature_importance = importance
     result.tuning = checked.tuning
+    result.inputs = checked.inputs
     result.artifact_dir = str(out_dir)
     result.data_window = {
         "first_date": str(data.dates[train_rows].min()), "last_date": str(data.dates[train_rows].max()),
         "rows": int(len(train_rows)), "currencies": int(len(set(data.currencies[train_rows]))),
         "leagues": [lg for lg in league_order if lg in set(data.leagues[train_rows])],
         "data_hash": data.data_hash(), "oof_rows": checked.oof.height, "warm_refit": warm,
+        "tuning": checked.reused or "tuned",
     }
     result.seconds = seconds
     write_meta(out_dir, {**result.as_dict(), "kind": "global"})

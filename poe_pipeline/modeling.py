@@ -445,7 +445,7 @@ PRUNE_INSIDE_FITS = False  # measured: half the CPU of a dev-profile tuning, but
 
 
 def tune(kind: str, data: ModelData, folds: list[FoldData], profile: Profile, seed: int,
-         prune_inside_fits: bool = PRUNE_INSIDE_FITS) -> Tuned:
+         prune_inside_fits: bool = PRUNE_INSIDE_FITS, fixed_params: dict | None = None) -> Tuned:
     """Optuna over the model's space; objective: mean validation MAE across folds. A fixed number of trials; a
     median pruner stops a trial after a fold whose running error is worse than the completed trials' median.
 
@@ -454,9 +454,10 @@ def tune(kind: str, data: ModelData, folds: list[FoldData], profile: Profile, se
     it halved tuning's CPU time but the holdout skill fell from +0.117 to +0.095; a learning-curve pruner favours
     fast learning rates.
 
-    The measured default is the first trial, so a tiny budget never does worse than it."""
+    The measured default is the first trial, so a tiny budget never does worse than it. ``fixed_params`` (an earlier
+    tuning's best) is then the only trial: the folds are forecast again without a search."""
     build = PARAM_BUILDERS[kind]
-    n_trials = max(1, round(profile.optuna_trials * TRIAL_SHARE[kind]))
+    n_trials = 1 if fixed_params is not None else max(1, round(profile.optuna_trials * TRIAL_SHARE[kind]))
     early = max(profile.early_stopping_rounds, MIN_PATIENCE)
     outputs: dict[int, tuple[list[np.ndarray], list[int]]] = {}
     work = [0]
@@ -485,7 +486,7 @@ def tune(kind: str, data: ModelData, folds: list[FoldData], profile: Profile, se
         pruner=StepMedianPruner(n_startup_trials=3) if prune_inside_fits
         else optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0),
     )
-    study.enqueue_trial(DEFAULT_PARAMS[kind])
+    study.enqueue_trial(DEFAULT_PARAMS[kind] if fixed_params is None else fixed_params)
     study.optimize(objective, n_trials=n_trials)
     # the best trial ran every fold (a pruned trial is never best): its predictions are the fold predictions
     preds, rounds = outputs[study.best_trial.number]

@@ -66,13 +66,14 @@ def summarize(lake: Lake, league: str, not_eligible: list[str] | None = None) ->
 
 def _track_record_lines(lake: Lake, league: str) -> list[str]:
     """The report's "How did past advice do?" numbers, per horizon, for the command line."""
+    from poe_pipeline.forecasting import latest_origin
     from poe_pipeline.track_record import TrackRecord, read_outcomes
 
     outcomes, plans = read_outcomes(lake, league)
     if outcomes.height == 0:
         return []
-    last = outcomes["origin_date"].max()
-    record = TrackRecord.build(outcomes, plans, league, last)
+    # what had come true by the latest forecast, as the report counts it
+    record = TrackRecord.build(outcomes, plans, league, latest_origin(lake, league) or outcomes["origin_date"].max())
     if record.empty:
         return [f"How did past advice do? Nothing has come true yet ({outcomes.height} pieces of advice pending).", ""]
     return [f"How did past advice do? {record.sources_text()} (view advice_outcomes)",

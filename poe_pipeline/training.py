@@ -35,7 +35,9 @@ from poe_pipeline.global_model import (
     finish_global,
     global_data,
     pooled_rows,
+    reuse_of,
     skip_reason,
+    tuning_inputs,
     validate_kind,
 )
 from poe_pipeline.lake import Lake, write_parquet_atomic
@@ -101,12 +103,14 @@ def _global_data(spec: GlobalSpec) -> tuple:
     return _DATA[key]
 
 
-def _validate_job(spec: GlobalSpec, kind: str) -> tuple[str, KindValidation | str]:
-    """A worker's job: one kind's validation, or the reason the horizon cannot be trained."""
+def _validate_job(spec: GlobalSpec, kind: str, fixed_params: dict | None = None) -> tuple[str, KindValidation | str]:
+    """A worker's job: one kind's validation (``fixed_params``: without a search), or the reason the horizon cannot
+    be trained."""
     data, in_pool = _global_data(spec)
     if reason := skip_reason(in_pool, spec.horizon):
         return "skip", reason
-    return "validated", validate_kind(kind, data, in_pool, spec.current_league, spec.profile, spec.seed)
+    return "validated", validate_kind(kind, data, in_pool, spec.current_league, spec.profile, spec.seed,
+                                      fixed_params=fixed_params)
 
 
 def _fit_job(spec: GlobalSpec, kind: str, params: dict, rounds: int, out_dir: Path) -> tuple[str, tuple]:
@@ -136,15 +140,19 @@ class _Inline:
 
 
 def _global_results(specs: list[GlobalSpec], out_dirs: dict[int, Path], workers: int,
-                    warm: dict[int, GlobalValidation] | None = None) -> Iterator[GlobalResult]:
+                    warm: dict[int, GlobalValidation] | None = None,
+                    fixed: dict[int, GlobalValidation] | None = None) -> Iterator[GlobalResult]:
     """Each horizon's result as soon as its final models are fitted: (horizon, kind) validation jobs, then a final
     fit per weighted kind, on a pool of fresh (spawned) processes (in this process for one worker). At most
     ``workers`` jobs are in flight, so the next job is chosen when a worker frees up: final fits first. A horizon
-    in ``warm`` keeps that validation (tuning, weights, out-of-fold rows): only its final fits run."""
+    in ``warm`` keeps that validation (tuning, weights, out-of-fold rows): only its final fits run. One in
+    ``fixed`` validates with that validation's parameters, without a search."""
     by_h = {s.horizon: s for s in specs}
     warm = {h: v for h, v in (warm or {}).items() if h in by_h}
+    fixed = {h: v for h, v in (fixed or {}).items() if h in by_h and h not in warm}
     queue: list[tuple[int, int, Callable, tuple]] = [  # (priority, order, job, args)
-        (1 + _EXPECTED_COST[kind], i, _validate_job, (by_h[h], kind))
+        (1 + _EXPECTED_COST[kind], i, _validate_job,
+         (by_h[h], kind, fixed[h].params.get(kind) if h in fixed else None))
         for i, (kind, h) in enumerate((k, h) for k in sorted(MODEL_KINDS, key=_EXPECTED_COST.get) for h in by_h
                                       if h not in warm)
     ]
@@ -181,7 +189,10 @@ def _global_results(specs: list[GlobalSpec], out_dirs: dict[int, Path], workers:
                     if len(parts[h]) < len(MODEL_KINDS):
                         continue
                     data, in_pool = _global_data(spec)
-                    validations[h] = combine_validation(data, in_pool, spec.current_league, spec.profile, parts[h])
+                    validations[h] = combine_validation(data, in_pool, spec.current_league, spec.profile, parts[h],
+                                                        spec.seed)
+                    if h in fixed:
+                        validations[h].reused = fixed[h].reused
                     for k in MODEL_KINDS:
                         if validations[h].weights.get(k, 0) > 0:
                             order += 1
@@ -216,6 +227,40 @@ def refit_globals(rows: pl.DataFrame, feature_columns: list[str], horizons: Iter
     return list(_global_results(specs, out_dirs, workers, warm))
 
 
+def _reusable(tracker: ModelTracker, specs: list[GlobalSpec],
+              progress: Callable[[str], None]) -> tuple[dict[int, GlobalValidation], dict[int, GlobalValidation]]:
+    """(horizon -> champion validation kept whole, horizon -> champion whose tuned parameters are kept): tuning on
+    the same past leagues gives the same answer, so a weekly retrain does not repeat it."""
+    warm: dict[int, GlobalValidation] = {}
+    fixed: dict[int, GlobalValidation] = {}
+    for spec in specs:
+        name = global_model_name(spec.horizon)
+        try:
+            found = tracker.champion(name)
+            champion = GlobalValidation.read(found[1]) if found else None
+        except Exception as exc:  # a damaged or untrusted champion: tune from scratch, the forecasts alert on it
+            found, champion = None, None
+            progress(f"global {spec.horizon}d: its champion cannot be read ({exc}); tuning from scratch")
+        data, in_pool = _global_data(spec)
+        if skip_reason(in_pool, spec.horizon):
+            continue
+        keep, why = reuse_of(champion, tuning_inputs(data, in_pool, spec.current_league, spec.profile, spec.seed))
+        if keep == "validation":
+            champion.reused = f"validation of {name} v{found[0]} kept: {why}"
+            warm[spec.horizon] = champion
+            progress(f"global {spec.horizon}d: keeps the tuning, weights and out-of-fold forecasts of champion "
+                     f"v{found[0]} ({why}); only the final models are fitted")
+        elif keep == "params":
+            champion.reused = f"parameters of {name} v{found[0]} kept: {why}"
+            fixed[spec.horizon] = champion
+            progress(f"global {spec.horizon}d: keeps the tuned parameters of champion v{found[0]} ({why}); the "
+                     "folds are forecast again without a search")
+        else:
+            progress(f"global {spec.horizon}d: tuning with Optuna ({why})")
+    _DATA.clear()
+    return warm, fixed
+
+
 def _staging(lake: Lake) -> Path:
     return lake.models_staging / datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
 
@@ -233,8 +278,10 @@ def train_globals(
     workers: int | None = None,
     seed: int = 42,
     progress: Callable[[str], None] = print,
+    retune: bool = False,
 ) -> list[GlobalOutcome]:
-    """Train, log and register the global model of each horizon; ``currencies`` are the ones being forecast now."""
+    """Train, log and register the global model of each horizon; ``currencies`` are the ones being forecast now.
+    What a horizon keeps of its champion's validation is ``global_model.reuse_of``'s choice (``retune``: nothing)."""
     horizons = list(horizons)
     workers = min(workers or default_workers(), max(1, len(horizons) * len(MODEL_KINDS)))
     staging = _staging(lake)
@@ -253,7 +300,8 @@ def train_globals(
     failed = False
     try:
         out_dirs = {h: staging / f"global-{h}d" for h in horizons}
-        for done, result in enumerate(_global_results(specs, out_dirs, workers), 1):
+        warm, fixed = ({}, {}) if retune else _reusable(tracker, specs, progress)
+        for done, result in enumerate(_global_results(specs, out_dirs, workers, warm, fixed), 1):
             registration = None
             if result.trained:
                 registration = tracker.log_global(result, {**tags, "league": current_league, "profile": profile.name,

@@ -305,3 +305,81 @@ def test_the_champion_loads_as_an_mlflow_pyfunc_and_forecasts_like_the_pipeline(
     np.testing.assert_allclose(out["predicted_price"].to_numpy(), rows["price_chaos"].to_numpy() * np.exp(expected),
                                rtol=1e-6)
     assert model.metadata.signature is not None and "price_chaos" in model.metadata.signature.inputs.input_names()
+
+
+# --- tuning once a league ---------------------------------------------------------------------------------------
+
+
+def test_fixed_parameters_on_unchanged_rows_give_the_tuned_validation_again(global_3d, real):
+    """The weekly retrain's cheap path: the champion's parameters forecast the folds again without a search. On
+    the same rows that is the tuning's own validation: weights, scores and out-of-fold rows."""
+    from poe_pipeline.global_model import combine_validation, global_data, validate_kind
+
+    _, order, rows = real
+    champion = GlobalValidation.read(global_3d.artifact_dir)
+    data, in_pool = global_data(rows, FEATURE_COLUMNS, 3, order)
+    parts = {k: validate_kind(k, data, in_pool, "Sanctum", PROFILE, 42, fixed_params=champion.params[k])
+             for k in champion.params}
+    again = combine_validation(data, in_pool, "Sanctum", PROFILE, parts, 42)
+    assert all(p.tuned.trials == 1 for p in parts.values())
+    assert (again.params, again.rounds, again.weights, again.metrics, again.folds) == (
+        champion.params, champion.rounds, champion.weights, champion.metrics, champion.folds)
+    assert again.oof.equals(champion.oof) and again.inputs == champion.inputs
+
+
+def test_what_a_retrain_keeps_of_its_champion(global_3d, real):
+    from poe_pipeline.global_model import global_data, reuse_of, tuning_inputs
+
+    features, order, rows = real
+    champion = GlobalValidation.read(global_3d.artifact_dir)
+    data, in_pool = global_data(rows, FEATURE_COLUMNS, 3, order)
+    same = tuning_inputs(data, in_pool, "Sanctum", PROFILE, 42)
+    assert reuse_of(champion, same)[0] == "validation"
+    # a week later: more rows of the current league only
+    later = rows.filter((pl.col("league") != "Sanctum") | (pl.col("date") <= rows["date"].max() - pl.duration(days=7)))
+    assert reuse_of(champion, tuning_inputs(*global_data(later, FEATURE_COLUMNS, 3, order), "Sanctum", PROFILE,
+                                            42))[0] == "validation"
+    # a currency joined the forecast: its past-league rows are new to the folds
+    joined = pooled_rows(features, order, "Sanctum", [*FORECAST, "Annulment Shard"], pool_size=30)
+    keep, why = reuse_of(champion, tuning_inputs(*global_data(joined, FEATURE_COLUMNS, 3, order), "Sanctum",
+                                                 PROFILE, 42))
+    assert (keep, why) == ("params", "the same past leagues and profile, but their rows changed")
+    assert reuse_of(champion, tuning_inputs(data, in_pool, "Sanctum", get_profile("dev"), 42)) == (
+        "", "profile changed")
+    assert reuse_of(champion, {**same, "past_leagues": [*same["past_leagues"], "Sanctum"]})[0] == ""
+    assert reuse_of(None, same) == ("", "no champion to start from")
+    assert reuse_of(dataclasses.replace(champion, inputs={}), same)[0] == ""
+
+
+def test_a_weekly_retrain_keeps_the_champions_tuning_and_says_so(real, lake):
+    """Through ``train_globals``, as the weekly schedule runs it: the first retrain tunes; the next, where a
+    currency joined the forecast, keeps the champion's parameters; the one after, with nothing changed, keeps its
+    whole validation. Each is registered and promoted on the same folds and rows."""
+    from poe_pipeline.training import train_globals
+
+    features, order, _ = real
+    said: list[str] = []
+
+    def retrain(currencies: list[str]):
+        said.clear()
+        (outcome,) = train_globals(lake, features, FEATURE_COLUMNS, [3], order, "Sanctum", currencies, PROFILE,
+                                   {"dagster_run_id": "test"}, workers=1, progress=said.append)
+        assert outcome.registration.promoted, outcome.registration.reason
+        return outcome.result
+
+    tuned = retrain(FORECAST)
+    assert any("tuning with Optuna (no champion to start from)" in s for s in said)
+    assert tuned.data_window["tuning"] == "tuned"
+    kept_params = retrain([*FORECAST, "Annulment Shard"])
+    assert any("keeps the tuned parameters of champion v1" in s for s in said)
+    assert kept_params.data_window["tuning"].startswith("parameters of poe-global-3d v1 kept")
+    assert all(t["trials"] == 1 for t in kept_params.tuning.values())
+    assert (kept_params.params, kept_params.weights, kept_params.metrics) == (tuned.params, tuned.weights,
+                                                                              tuned.metrics)
+    _, champion = ModelTracker(lake).champion(global_model_name(3))
+    oof = pl.read_parquet(champion / OOF_FILE)
+    assert "Annulment Shard" in set(oof.filter(pl.col("league") != "Sanctum")["currency"])  # forecast out of fold
+    kept_all = retrain([*FORECAST, "Annulment Shard"])
+    assert any("keeps the tuning, weights and out-of-fold forecasts of champion v2" in s for s in said)
+    assert kept_all.data_window["tuning"].startswith("validation of poe-global-3d v2 kept")
+    assert (kept_all.metrics, kept_all.data_window["oof_rows"]) == (kept_params.metrics, oof.height)

@@ -129,6 +129,10 @@ def test_backfill_origins_skip_covered_days_and_the_first_league_week():
 def test_demo_advice_outcomes_match_daily_prices_by_hand(demo_lake):
     root, currencies = demo_lake.root, demo_lake.currencies
     assert "How did past advice do? Scored:" in demo_lake.stdout  # the run's summary shows the track record too
+    # ... with the same numbers as the report: both count what had come true by the latest forecast
+    (report,) = root.glob("reports/*/investment_report_sanctum.md")
+    one_day = re.search(r"^\| 1d .*$", report.read_text().split("## How did past advice do?")[1], re.M).group(0)
+    assert one_day in demo_lake.stdout
     with duckdb.connect(str(root / "warehouse.duckdb"), read_only=True) as con:
         rows = con.sql("SELECT * FROM advice_outcomes").pl()
         assert rows.filter(pl.col("status") == "scored").height > 0

@@ -44,10 +44,15 @@ horizon_partitions = dg.StaticPartitionsDefinition(list(HORIZON_KEYS))
 model_partitions = dg.MultiPartitionsDefinition({"currency": currency_partitions, "horizon": horizon_partitions})
 
 
+class GlobalModelsConfig(dg.Config):
+    retune: bool = False  # True: tune even where the champion's tuning still applies (same past leagues)
+
+
 class RetrainConfig(dg.Config):
     currencies: list[str] = []  # empty: every `currency` partition
     horizons: list[str] = list(HORIZON_KEYS)
     retrain_global: bool = True  # False: specialise the current global champions only
+    retune: bool = False  # True: tune the global models even where the champion's tuning still applies
 
 
 def retrain_run_config(currencies: list[str], horizons: list[str] | None = None, retrain_global: bool = True,
@@ -85,6 +90,7 @@ def global_metadata(outcome: GlobalOutcome, mlflow_url: str) -> dict:
         "folds": r.folds,
         "rows": r.data_window.get("rows", 0),
         "currencies_pooled": r.data_window.get("currencies", 0),
+        "tuning": r.data_window.get("tuning", "tuned"),
         **_registration_metadata(reg, mlflow_url),
     }
 
@@ -109,7 +115,8 @@ def partition_metadata(outcome: TrainOutcome, mlflow_url: str) -> dict:
 
 
 def train(context, lake: LakeResource, run_scope: RunScopeResource, horizons: list[int],
-          requests: list[TrainRequest], retrain_global: bool) -> tuple[list[GlobalOutcome], list[TrainOutcome]]:
+          requests: list[TrainRequest], retrain_global: bool,
+          retune: bool = False) -> tuple[list[GlobalOutcome], list[TrainOutcome]]:
     """The one training path: the global models of ``horizons`` (when ``retrain_global``), then the partitions."""
     store = lake.lake
     scope = run_scope.scope(store)
@@ -118,7 +125,7 @@ def train(context, lake: LakeResource, run_scope: RunScopeResource, horizons: li
     if retrain_global:
         globals_ = train_globals(store, load_training_features(store), FEATURE_COLUMNS, horizons,
                                  scope.training_leagues, scope.league, scope.eligible(), scope.profile, tags,
-                                 progress=context.log.info)
+                                 progress=context.log.info, retune=retune)
         failed = [g for g in globals_ if not g.result.trained]
         if failed:
             raise dg.Failure("; ".join(f"global model {g.horizon}d not trained: {g.result.reason}" for g in failed))
@@ -135,13 +142,15 @@ def train(context, lake: LakeResource, run_scope: RunScopeResource, horizons: li
     deps=["features", "currency_universe"],
     op_tags=TRAINING_QUEUE,
     description="One ensemble of LightGBM, XGBoost and RandomForest per horizon, pooled over the liquid currencies "
-    "of every league; tuned with Optuna on league folds and scored on a holdout league that tuning never saw; "
-    "logged to MLflow and registered as poe-global-<h>d (`champion` moves only to a model that is no worse).",
+    "of every league; tuned with Optuna on league folds and scored on a holdout league that tuning never saw "
+    "(tuned once a league: a retrain with the same past leagues keeps the champion's tuning; config retune: true "
+    "tunes anyway); logged to MLflow and registered as poe-global-<h>d (`champion` moves only to a model that is "
+    "no worse).",
 )
 def global_models(
-    context: dg.AssetExecutionContext, lake: LakeResource, run_scope: RunScopeResource
+    context: dg.AssetExecutionContext, config: GlobalModelsConfig, lake: LakeResource, run_scope: RunScopeResource
 ) -> dg.MaterializeResult:
-    (outcome,), _ = train(context, lake, run_scope, [HORIZON_KEYS[context.partition_key]], [], True)
+    (outcome,), _ = train(context, lake, run_scope, [HORIZON_KEYS[context.partition_key]], [], True, config.retune)
     return dg.MaterializeResult(metadata=global_metadata(outcome, Settings.from_env().mlflow_url))
 
 
@@ -184,7 +193,8 @@ def retrain_partitions(
     requests = [TrainRequest(c, h) for c in currencies for h in horizons]
     context.log.info(f"Training {'the global models and ' if config.retrain_global else ''}{len(requests)} "
                      f"partitions ({len(currencies)} currencies x {len(horizons)} horizons)")
-    globals_, partitions = train(context, lake, run_scope, horizons, requests, config.retrain_global)
+    globals_, partitions = train(context, lake, run_scope, horizons, requests, config.retrain_global,
+                                 config.retune)
     mlflow_url = Settings.from_env().mlflow_url
     for outcome in globals_:
         context.log_event(dg.AssetMaterialization(asset_key=global_models.key, partition=f"{outcome.horizon}d",
