@@ -239,8 +239,11 @@ def _reusable(tracker: ModelTracker, specs: list[GlobalSpec],
             found = tracker.champion(name)
             champion = GlobalValidation.read(found[1]) if found else None
         except Exception as exc:  # a damaged or untrusted champion: tune from scratch, the forecasts alert on it
-            found, champion = None, None
-            progress(f"global {spec.horizon}d: its champion cannot be read ({exc}); tuning from scratch")
+            progress(f"global {spec.horizon}d: tuning with Optuna (its champion cannot be read: {exc})")
+            continue
+        if champion is None:  # nothing to compare with: skip building the matrices
+            progress(f"global {spec.horizon}d: tuning with Optuna ({reuse_of(None, {})[1]})")
+            continue
         data, in_pool = _global_data(spec)
         if skip_reason(in_pool, spec.horizon):
             continue
