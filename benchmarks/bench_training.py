@@ -135,8 +135,7 @@ def read_manifest(root: Path) -> dict:
     return json.loads((root / MANIFEST).read_text())
 
 
-def train_global_models(lake, manifest: dict, workers: int = RETRAIN_WORKERS, profile="test",
-                        progress=lambda _: None) -> tuple[list, float]:
+def train_global_models(lake, manifest: dict, workers: int = RETRAIN_WORKERS, profile="test") -> tuple[list, float]:
     """``load_training_features`` + ``train_globals`` (1/3/7d, ``profile``: a name or a ``Profile``), as the
     ``global_models`` asset calls them; (outcomes, seconds spent loading the features). Raises unless every horizon
     trained."""
@@ -150,7 +149,7 @@ def train_global_models(lake, manifest: dict, workers: int = RETRAIN_WORKERS, pr
     outcomes = train_globals(lake, features, FEATURE_COLUMNS, HORIZONS_DAYS, manifest["league_order"],
                              manifest["league"], manifest["eligible"],
                              get_profile(profile) if isinstance(profile, str) else profile, TAGS, workers=workers,
-                             progress=progress)
+                             progress=lambda _: None)
     if failed := [o for o in outcomes if not o.result.trained]:
         raise RuntimeError("; ".join(f"global {o.horizon}d not trained: {o.result.reason}" for o in failed))
     return outcomes, load_s
@@ -366,16 +365,17 @@ def global_prod() -> dict:
     }
 
 
-def retrain_prod() -> dict:
-    """The weekly retrain in the ``prod`` profile: the global models of 1/3/7d (2 workers), then every eligible
-    currency x 1/3/7d partitions, MLflow included, from an empty registry."""
+def _timed_retrain(profile, fresh: bool) -> dict:
+    """The weekly retrain with ``profile`` (a name or a ``Profile``): the global models of 1/3/7d (2 workers), then
+    every eligible currency x 1/3/7d partitions, MLflow included; ``fresh``: from an empty registry."""
     lake, manifest = _lake(), read_manifest(_work() / "lake")
-    for part in [*_registry_parts(lake), lake.models_staging]:
-        shutil.rmtree(part, ignore_errors=True)
+    if fresh:
+        for part in [*_registry_parts(lake), lake.models_staging]:
+            shutil.rmtree(part, ignore_errors=True)
     before = loadavg("loadavg_before")
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with RssSampler() as sampler:
-        outcomes, load_s = train_global_models(lake, manifest, profile="prod")
+        outcomes, load_s = train_global_models(lake, manifest, profile=profile)
         globals_s = time.perf_counter() - wall0
         after_globals = loadavg("loadavg_after_globals")
         partitions = train_partitions(lake, manifest, manifest["eligible"], profile="prod")
@@ -384,7 +384,7 @@ def retrain_prod() -> dict:
     for o in sorted(outcomes, key=lambda o: o.horizon):
         r = o.result
         per_horizon |= {f"global_{o.horizon}d_job_s": r.seconds, f"global_{o.horizon}d_rows": r.data_window["rows"],
-                        f"global_{o.horizon}d_holdout_skill": r.skill,
+                        f"global_{o.horizon}d_holdout_skill": r.skill, f"reused_{o.horizon}d": r.data_window["tuning"],
                         **{f"global_{o.horizon}d_{k}_{stat}": v for k, t in r.tuning.items()
                            for stat, v in t.items()}}
     return {
@@ -397,6 +397,7 @@ def retrain_prod() -> dict:
         "eligible": len(manifest["eligible"]),
         "workers": RETRAIN_WORKERS,
         "profile": "prod",
+        "promoted": sum(1 for o in outcomes if o.registration is not None and o.registration.promoted),
         **per_horizon,
         **sampler.figures(),
         "league": manifest["league"],
@@ -406,6 +407,11 @@ def retrain_prod() -> dict:
     }
 
 
+def retrain_prod() -> dict:
+    """The weekly retrain in the ``prod`` profile, from an empty registry: a league's first, which tunes."""
+    return _timed_retrain("prod", fresh=True)
+
+
 def _weekly_profile():
     from poe_pipeline.settings import Profile, get_profile
 
@@ -413,45 +419,12 @@ def _weekly_profile():
     return Profile("prod", optuna_trials=1, cv_folds=prod.cv_folds, early_stopping_rounds=prod.early_stopping_rounds)
 
 
-def _retrain_weekly(fresh: bool) -> dict:
-    lake, manifest = _lake(), read_manifest(_work() / "lake")
-    if fresh:
-        for part in [*_registry_parts(lake), lake.models_staging]:
-            shutil.rmtree(part, ignore_errors=True)
-    said: list[str] = []
-    before = loadavg("loadavg_before")
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    with RssSampler() as sampler:
-        outcomes, load_s = train_global_models(lake, manifest, profile=_weekly_profile(), progress=said.append)
-        globals_s = time.perf_counter() - wall0
-        partitions = train_partitions(lake, manifest, manifest["eligible"], profile="prod")
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    return {
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "load_features_s": load_s,
-        "globals_wall_s": globals_s,
-        "partitions_wall_s": wall - globals_s,
-        "partitions": len(partitions),
-        "eligible": len(manifest["eligible"]),
-        "workers": RETRAIN_WORKERS,
-        **{f"global_{o.horizon}d_job_s": o.result.seconds for o in outcomes},
-        **{f"reused_{o.horizon}d": o.result.data_window["tuning"] for o in outcomes},
-        **{f"global_{o.horizon}d_holdout_skill": o.result.skill for o in outcomes},
-        "promoted": sum(1 for o in outcomes if o.registration is not None and o.registration.promoted),
-        **sampler.figures(),
-        "league": manifest["league"],
-        **before,
-        **loadavg("loadavg_after"),
-    }
-
-
 def retrain_prod_refold() -> dict:
-    return _retrain_weekly(fresh=True)
+    return _timed_retrain(_weekly_profile(), fresh=True)
 
 
 def retrain_prod_weekly() -> dict:
-    return _retrain_weekly(fresh=False)
+    return _timed_retrain(_weekly_profile(), fresh=False)
 
 
 def run(repeats: int) -> dict:

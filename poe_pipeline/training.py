@@ -241,13 +241,13 @@ def _reusable(tracker: ModelTracker, specs: list[GlobalSpec],
         except Exception as exc:  # a damaged or untrusted champion: tune from scratch, the forecasts alert on it
             progress(f"global {spec.horizon}d: tuning with Optuna (its champion cannot be read: {exc})")
             continue
-        if champion is None:  # nothing to compare with: skip building the matrices
-            progress(f"global {spec.horizon}d: tuning with Optuna ({reuse_of(None, {})[1]})")
-            continue
-        data, in_pool = _global_data(spec)
-        if skip_reason(in_pool, spec.horizon):
-            continue
-        keep, why = reuse_of(champion, tuning_inputs(data, in_pool, spec.current_league, spec.profile, spec.seed))
+        inputs: dict = {}
+        if champion is not None and champion.inputs:  # else nothing to compare with: no matrices to build
+            data, in_pool = _global_data(spec)
+            if skip_reason(in_pool, spec.horizon):
+                continue  # the horizon's job says why
+            inputs = tuning_inputs(data, in_pool, spec.current_league, spec.profile, spec.seed)
+        keep, why = reuse_of(champion, inputs)
         if keep == "validation":
             champion.reused = f"validation of {name} v{found[0]} kept: {why}"
             warm[spec.horizon] = champion
