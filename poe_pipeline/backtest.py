@@ -10,7 +10,8 @@
 - **Refits.** Every ``refit_every`` origins, the global model of each horizon is retrained
   (``global_model.train_global``) and specialised to every currency (``currency_model.train_currency``), without
   MLflow (artifacts in a temporary folder, loaded and then deleted); between refits the latest models predict from
-  each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``). With
+  each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``),
+  the league's own interval scale included: it learns from the replay's forecasts come true by each origin. With
   ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates; the refits between keep that tuning
   (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data.
 - **Outputs.** A predictions file with the live columns plus ``actual_price`` (the price observed on
@@ -51,6 +52,8 @@ from poe_pipeline.forecasting import (
     GlobalForecaster,
     Skip,
     forecast,
+    league_interval_scales,
+    resolved_forecasts,
 )
 from poe_pipeline.global_model import OOF_FILE, GlobalResult, GlobalValidation, pooled_rows, train_global
 from poe_pipeline.lake import Lake, write_parquet_atomic, write_text_atomic
@@ -273,6 +276,7 @@ def run_backtest(
         raise ValueError(f"No eligible currency in {league} on {origins[0]}: pass currencies explicitly")
     say = progress or (lambda _: None)
     builder = FeaturesAsOf(prices)
+    league_prices = prices.filter(pl.col("league") == league)
     frames: list[pl.DataFrame] = []
     run = BacktestRun(league, pl.DataFrame(schema=BACKTEST_SCHEMA), currencies=list(currencies))
     models: dict[tuple[str, int], ForecastModel] = {}
@@ -303,7 +307,11 @@ def run_backtest(
                     f"({len(skipped)} skipped) in {time.perf_counter() - t:.1f}s")
             rows = features.filter((pl.col("league") == league) & (pl.col("date") == origin)
                                    & pl.col("currency").is_in(currencies))
-            frame = forecast(rows, models, level)
+            # as live: the replay's own forecasts that have come true by this origin scale its intervals
+            scales = league_interval_scales(resolved_forecasts(
+                pl.concat(frames).drop("refit_date") if frames else pl.DataFrame(schema=PREDICTIONS_SCHEMA),
+                league_prices, origin), level)
+            frame = forecast(rows, models, level, league_scales=scales)
             if i % STRATEGY_EVERY == 0:
                 run.report_features[origin] = features.filter(pl.col("league") == league).select(
                     [c for c in REPORT_FEATURE_COLUMNS if c in features.columns])

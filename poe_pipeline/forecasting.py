@@ -26,6 +26,13 @@ For every currency and horizon, from the origin (the league's latest day of feat
 
   Intervals are symmetric in log-price, so they always contain the point forecast, and the half-width never shrinks
   from one horizon to a longer one (a longer horizon cannot honestly be more certain).
+- **The league's own scale.** Past leagues' residuals do not follow a league's own volatility: on the late weeks of
+  four development leagues, coverage ran 65-70 % in one league and 88-92 % in another. So each horizon's half-width
+  is multiplied by ``interval_scale``, learnt from this league's forecasts that have already come true (stored
+  predictions whose ``origin + horizon`` price is known at the origin): ``r_i = |actual - point| / half_i`` in
+  log-return, ``half_i`` the half-width before that forecast's own scale; ``q`` is the split-conformal
+  ``level`` quantile of ``r``, and ``interval_scale = q ^ (n / (n + LEAGUE_PRIOR_ROWS))``, shrunk towards 1 until
+  the league has as many resolved forecasts as the prior (``LEAGUE_PRIOR_ROWS``, four days of 30 currencies).
 - **Confidence in [0, 1].** ``sqrt(quality x width)`` times penalty factors, where quality averages
   ``clip(0.5 + skill)`` and ``clip(0.5 + R2)`` of validation (0.25 when unvalidated), width is
   ``1 / (1 + half_width / WIDTH_SCALE)``, and the factors are: sample size ``1 - penalty`` (n < 5: 0.7, < 10: 0.5,
@@ -52,6 +59,7 @@ import numpy as np
 import polars as pl
 
 from poe_pipeline.lake import Lake, hive_dir, write_parquet_atomic
+from poe_pipeline.prices import read_daily_prices
 from poe_pipeline.settings import HORIZONS_DAYS
 
 if TYPE_CHECKING:  # both are imported where used: this module stays light for the warehouse to import
@@ -68,6 +76,7 @@ VOL_FLOOR = 0.005  # 0.5 % a day: flat, quantised series (a price stuck at 1.0) 
 VOL_FLOOR_REL = 0.25  # and never below a quarter of the currency's typical volatility
 FALLBACK_DAILY_VOL = 0.07  # median realized_vol_14 of the poe.ninja dumps: a currency without any history
 WIDTH_SCALE = 0.10  # a +-10 % interval halves the width factor of the confidence
+LEAGUE_PRIOR_ROWS = 120  # resolved forecasts of the league that weigh as much as the past leagues' calibration
 RECENCY_DAYS = 7.0
 SAMPLE_PENALTIES = ((5, 0.7), (10, 0.5), (30, 0.3), (100, 0.1))
 
@@ -102,6 +111,7 @@ PREDICTIONS_SCHEMA: dict[str, pl.DataType] = {
     "days_since_observed": pl.Int32,
     "created_at": pl.Datetime("us", "UTC"),
     "global_model_version": pl.Utf8,
+    "interval_scale": pl.Float64,  # the league's own scale of the half-width (1.0: as calibrated on past leagues)
 }
 
 PREDICTION_ERRORS_SQL = """
@@ -286,6 +296,50 @@ def prediction_interval(
     return IntervalEstimate(point, half, VOLATILITY, n)
 
 
+@dataclass(frozen=True)
+class LeagueScale:
+    """How much wider (> 1) or narrower (< 1) this league's forecasts need their intervals, from ``resolved`` of
+    them (see the module docstring)."""
+
+    factor: float = 1.0
+    resolved: int = 0
+    quantile: float = 1.0  # the unshrunk conformal quantile of |error| / half-width
+
+
+def resolved_forecasts(predictions: pl.DataFrame, prices: pl.DataFrame, as_of: date) -> pl.DataFrame:
+    """The ``predictions`` whose target day (``origin + horizon``) is at or before ``as_of`` and was observed in
+    ``prices`` (league, currency, date, price_chaos), with ``actual_logret`` from the price at the origin."""
+    if predictions.height == 0:
+        return predictions.with_columns(pl.lit(None, pl.Float64).alias("actual_logret"))
+    target = (pl.col("origin_date") + pl.duration(days=pl.col("horizon_days"))).cast(pl.Date)
+    known = prices.select("league", "currency", pl.col("date").alias("_target"), pl.col("price_chaos").alias("_p"))
+    due = predictions.with_columns(target.alias("_target")).filter(pl.col("_target") <= as_of)
+    return (due.join(known, on=["league", "currency", "_target"], how="inner")
+            .with_columns((pl.col("_p") / pl.col("current_price")).log().alias("actual_logret"))
+            .drop("_target", "_p"))
+
+
+def league_interval_scales(resolved: pl.DataFrame, level: float = INTERVAL_LEVEL,
+                           prior_rows: int = LEAGUE_PRIOR_ROWS) -> dict[int, LeagueScale]:
+    """The league's ``LeagueScale`` per horizon from its resolved forecasts (``resolved_forecasts``); a stored
+    prediction without ``interval_scale`` (written before it existed) had the scale 1."""
+    if resolved.height == 0:
+        return {}
+    scale = (pl.col("interval_scale").fill_null(1.0) if "interval_scale" in resolved.columns else pl.lit(1.0))
+    ratios = resolved.select(
+        "horizon_days",
+        ((pl.col("actual_logret") - pl.col("predicted_logret")).abs()
+         / ((pl.col("upper_logret") - pl.col("predicted_logret")) / scale)).alias("r"),
+    ).filter(pl.col("r").is_finite())
+    out: dict[int, LeagueScale] = {}
+    for (h,), part in ratios.partition_by("horizon_days", as_dict=True).items():
+        n = part.height
+        q = conformal_quantile(part["r"].to_numpy(), level)
+        factor = math.exp(n / (n + prior_rows) * math.log(q)) if q > 0 else 1.0
+        out[int(h)] = LeagueScale(factor, n, q)
+    return out
+
+
 # --- confidence -------------------------------------------------------------------------------------------------
 
 
@@ -380,11 +434,13 @@ def forecast(
     models: Mapping[tuple[str, int], ForecastModel],
     level: float = INTERVAL_LEVEL,
     created_at: datetime | None = None,
+    league_scales: Mapping[int, LeagueScale] | None = None,
 ) -> pl.DataFrame:
     """Prediction rows (``PREDICTIONS_SCHEMA``) for the feature rows at one origin, one per available model.
 
     ``origin_rows`` holds one feature row per currency (all of the same league and date). Each global ensemble
-    forecasts every currency that uses it in one batched call.
+    forecasts every currency that uses it in one batched call. ``league_scales``: the league's own interval scale
+    per horizon (``league_interval_scales``; none: 1).
     """
     from poe_pipeline.modeling import model_inputs
 
@@ -414,7 +470,9 @@ def forecast(
         vol = vols.get(m.currency)
         estimate = prediction_interval(point, m.calibration, vol, m.horizon, level, seed=m.horizon,
                                        phase=interval_phase(row.get("league_day")))
-        half = max(estimate.half_width, previous_half.get(m.currency, 0.0))  # never narrower than a shorter horizon
+        league_scale = (league_scales or {}).get(m.horizon, LeagueScale()).factor
+        # never narrower than a shorter horizon
+        half = max(estimate.half_width * league_scale, previous_half.get(m.currency, 0.0))
         previous_half[m.currency] = half
         stale = int(row.get("days_since_observed") or 0)
         price = float(row["price_chaos"])
@@ -433,7 +491,7 @@ def forecast(
             "skill": _finite(m.metrics.get("skill")), "r2": _finite(m.metrics.get("r2")),
             "daily_volatility": volatility_scale(vol, m.calibration.reference_vol),
             "days_since_observed": stale, "created_at": created_at,
-            "global_model_version": m.global_version,
+            "global_model_version": m.global_version, "interval_scale": league_scale,
         })
     frame = pl.DataFrame(out, schema=PREDICTIONS_SCHEMA)
     return frame.sort("currency", "horizon_days")
@@ -520,6 +578,7 @@ class PredictionRun:
     predictions: pl.DataFrame
     skipped: list[Skip] = field(default_factory=list)
     path: Path | None = None
+    league_scales: dict[int, LeagueScale] = field(default_factory=dict)
 
     def skipped_frame(self) -> pl.DataFrame:
         return pl.DataFrame([s.__dict__ for s in self.skipped],
@@ -708,8 +767,11 @@ def predict_league(
         if currency not in present:
             skipped += [Skip(currency, h, f"no price for {currency} in {league} on {origin} or the 14 days before")
                         for h in horizons if (currency, h) in models]
-    frame = forecast(rows.filter(pl.col("currency").is_in(currencies)), models, level)
-    return PredictionRun(league, origin, frame, skipped)
+    scales = league_interval_scales(resolved_forecasts(
+        read_predictions(lake, league).filter(pl.col("origin_date") < origin),
+        read_daily_prices(lake, [league]), origin), level)
+    frame = forecast(rows.filter(pl.col("currency").is_in(currencies)), models, level, league_scales=scales)
+    return PredictionRun(league, origin, frame, skipped, league_scales=scales)
 
 
 def prediction_path(lake: Lake, league: str, origin: date) -> Path:
@@ -723,7 +785,7 @@ def write_predictions(lake: Lake, predictions: pl.DataFrame) -> list[Path]:
     for (league, origin), part in frame.partition_by("league", "origin_date", as_dict=True).items():
         path = prediction_path(lake, league, origin)
         if path.exists():
-            old = pl.read_parquet(path).select(list(PREDICTIONS_SCHEMA)).cast(PREDICTIONS_SCHEMA)
+            old = _conformed(pl.read_parquet(path))
             kept = old.join(part.select("currency", "horizon_days"), on=["currency", "horizon_days"], how="anti")
             part = pl.concat([kept, part])
         paths.append(write_parquet_atomic(part.sort("currency", "horizon_days"), path))
@@ -739,7 +801,14 @@ def read_predictions(lake: Lake, league: str | None = None, origin: date | None 
         files = [p for p in files if p.parent.name == f"origin_date={origin.isoformat()}"]
     if not files:
         return pl.DataFrame(schema=PREDICTIONS_SCHEMA)
-    return pl.read_parquet(files, hive_partitioning=False)
+    # files written before a column existed lack it: null there
+    return pl.read_parquet(files, hive_partitioning=False, schema=PREDICTIONS_SCHEMA, missing_columns="insert")
+
+
+def _conformed(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with every column of ``PREDICTIONS_SCHEMA`` (null where missing), in its order and types."""
+    missing = [pl.lit(None, kind).alias(name) for name, kind in PREDICTIONS_SCHEMA.items() if name not in frame.columns]
+    return frame.with_columns(missing).select(list(PREDICTIONS_SCHEMA)).cast(PREDICTIONS_SCHEMA)
 
 
 def latest_origin(lake: Lake, league: str) -> date | None:

@@ -40,18 +40,26 @@ def _forecast_part(run) -> pl.DataFrame:
 
 def test_the_backtest_never_reads_a_date_after_its_origin(monkeypatch):
     prices = real_prices()
-    origin = backtest_origins(prices, "Sanctum")[10]  # league day 17
+    origins = backtest_origins(prices, "Sanctum")[10:15]  # league days 17-21, one refit
+    origin = origins[-1]
     corrupted = prices.with_columns(
         pl.when(pl.col("date") > origin).then(pl.col("price_chaos") * 100).otherwise(pl.col("price_chaos"))
         .alias("price_chaos"))
     assert corrupted.filter(pl.col("date") > origin).height > 5000  # the future exists, and it is now absurd
 
-    clean = run_backtest(prices, "Sanctum", [origin], ["Divine Orb"], horizons=(1,))
-    dirty = run_backtest(corrupted, "Sanctum", [origin], ["Divine Orb"], horizons=(1,))
-    assert clean.predictions.height == 1
+    currencies = ["Divine Orb", "Exalted Orb", "Orb of Alteration"]
+    clean = run_backtest(prices, "Sanctum", origins, currencies, refit_every=10, horizons=(1, 3))
+    dirty = run_backtest(corrupted, "Sanctum", origins, currencies, refit_every=10, horizons=(1, 3))
+    assert clean.predictions.height == 5 * 3 * 2
     assert_frame_equal(_forecast_part(clean), _forecast_part(dirty), check_exact=True)
+    # the league's own interval scale was learnt along the way, from forecasts come true by each origin only
+    last = clean.predictions.filter(pl.col("origin_date") == origin)
+    assert (last["interval_scale"] != 1.0).all()
+    assert (clean.predictions.filter(pl.col("origin_date") == origins[0])["interval_scale"] == 1.0).all()
     # the corrupted future is really there: the realised price the backtest scores against is 100x
-    assert dirty.predictions["actual_price"][0] == pytest.approx(100 * clean.predictions["actual_price"][0])
+    tail = pl.col("origin_date") == origin
+    assert dirty.predictions.filter(tail)["actual_price"].to_numpy() == pytest.approx(
+        100 * clean.predictions.filter(tail)["actual_price"].to_numpy())
 
     # and the check has teeth: a backtest that builds features from all the data sees the corruption
     def leaky_at(self, origin_day):
@@ -62,8 +70,9 @@ def test_the_backtest_never_reads_a_date_after_its_origin(monkeypatch):
         return build_features(self.prices, calendar), calendar
 
     monkeypatch.setattr(FeaturesAsOf, "at", leaky_at)
+    one_clean = run_backtest(prices, "Sanctum", [origin], ["Divine Orb"], horizons=(1,))
     leaky = run_backtest(corrupted, "Sanctum", [origin], ["Divine Orb"], horizons=(1,))
-    assert not _forecast_part(leaky).equals(_forecast_part(clean))
+    assert not _forecast_part(leaky).equals(_forecast_part(one_clean))
 
 
 def test_refits_between_re_tunes_keep_the_tuning(monkeypatch):

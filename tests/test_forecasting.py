@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import duckdb
@@ -18,13 +18,17 @@ from poe_pipeline.forecasting import (
     BOOTSTRAP,
     CONFORMAL,
     CONTRACT_COLUMNS,
+    LEAGUE_PRIOR_ROWS,
     PREDICTION_ERRORS_SQL,
+    PREDICTIONS_SCHEMA,
     VOLATILITY,
     Calibration,
     confidence_score,
+    league_interval_scales,
     predict_league,
     prediction_interval,
     read_predictions,
+    resolved_forecasts,
     write_predictions,
 )
 from poe_pipeline.lake import Lake, write_parquet_atomic
@@ -145,6 +149,66 @@ def test_intervals_contain_the_forecast_and_widen_with_the_horizon(world):
         assert set(p["interval_method"]) == {CONFORMAL}
         assert (p["residual_count"] >= 15).all()  # out-of-fold residuals of its phase in the validation league
         assert ((p["confidence"] > 0) & (p["confidence"] < 1)).all()
+
+
+def test_the_leagues_own_forecasts_that_came_true_scale_its_intervals():
+    # 200 one-day forecasts whose errors were all twice their half-width, half of them already scaled by 2
+    n = 200
+    resolved = pl.DataFrame({
+        "horizon_days": [1] * n, "predicted_logret": [0.01] * n, "actual_logret": [0.01 + 0.2] * n,
+        "upper_logret": [0.01 + 0.1] * 100 + [0.01 + 0.2] * 100, "interval_scale": [1.0] * 100 + [2.0] * 100,
+    })
+    scale = league_interval_scales(resolved)[1]
+    assert scale.resolved == n and scale.quantile == pytest.approx(2.0)
+    assert scale.factor == pytest.approx(2.0 ** (n / (n + LEAGUE_PRIOR_ROWS)))  # shrunk towards 1
+    assert league_interval_scales(resolved.head(0)) == {}
+    # errors inside their intervals narrow them; a file written before the column existed counts as scale 1
+    calm = resolved.with_columns(pl.lit(0.01 + 0.05).alias("actual_logret")).drop("interval_scale")
+    narrowed = league_interval_scales(calm)[1]
+    assert narrowed.quantile == pytest.approx(0.5)  # the 161st of 200 ratios: 100 of 0.25, then 100 of 0.5
+    assert narrowed.factor == pytest.approx(0.5 ** (n / (n + LEAGUE_PRIOR_ROWS)))
+
+
+def test_only_forecasts_whose_day_has_come_and_was_observed_are_resolved():
+    day = date(2023, 1, 10)
+    predictions = pl.DataFrame({
+        "league": ["L"] * 3, "currency": ["A", "A", "B"], "origin_date": [day - timedelta(days=3)] * 3,
+        "horizon_days": [1, 7, 1], "current_price": [2.0, 2.0, 5.0],
+    })
+    prices = pl.DataFrame({"league": ["L", "L"], "currency": ["A", "A"],
+                           "date": [day - timedelta(days=2), day + timedelta(days=4)], "price_chaos": [4.0, 9.0]})
+    resolved = resolved_forecasts(predictions, prices, day)
+    # A at 1 day came true (price doubled); A at 7 days is after the day; B's target day was never observed
+    assert resolved.select("currency", "horizon_days").rows() == [("A", 1)]
+    assert resolved["actual_logret"][0] == pytest.approx(math.log(2.0))
+
+
+def test_a_league_whose_forecasts_missed_gets_wider_intervals(moved_lake, world):
+    import shutil
+
+    from poe_pipeline.forecasting import predictions_dir
+
+    _, prices, _, _ = world
+    shutil.rmtree(predictions_dir(moved_lake), ignore_errors=True)  # other tests stored some
+    store = ModelTracker(moved_lake)
+    last = prices["date"].max()
+    plain = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=store)
+    assert plain.league_scales == {} and (plain.predictions["interval_scale"] == 1.0).all()
+    for back in range(8, 31):  # earlier forecasts, stored with intervals far too narrow for what came
+        past = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], origin=last - timedelta(days=back),
+                              store=store).predictions
+        write_predictions(moved_lake, past.with_columns(
+            (pl.col("predicted_logret") + (pl.col("upper_logret") - pl.col("predicted_logret")) / 10)
+            .alias("upper_logret")))
+    widened = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=store)
+    assert set(widened.league_scales) == {1, 3, 7}
+    for h, scale in widened.league_scales.items():
+        assert scale.resolved >= 30 and scale.factor > 1.5, (h, scale)
+    half = lambda p: (p["upper_logret"] - p["predicted_logret"]).to_numpy()  # noqa: E731
+    one_day = pl.col("horizon_days") == 1
+    assert half(widened.predictions.filter(one_day)) == pytest.approx(
+        half(plain.predictions.filter(one_day)) * widened.league_scales[1].factor)
+    assert set(PREDICTIONS_SCHEMA) == set(read_predictions(moved_lake).columns)
 
 
 @pytest.fixture(scope="module")
