@@ -11,7 +11,8 @@
   (``global_model.train_global``) and specialised to every currency (``currency_model.train_currency``), without
   MLflow (artifacts in a temporary folder, loaded and then deleted); between refits the latest models predict from
   each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``),
-  the league's own interval scale included: it learns from the replay's forecasts come true by each origin. With
+  the league's own shrink and interval scale included: they learn from the replay's forecasts come true by each
+  origin. With
   ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates; the refits between keep that tuning
   (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data.
 - **Outputs.** A predictions file with the live columns plus ``actual_price`` (the price observed on
@@ -52,7 +53,7 @@ from poe_pipeline.forecasting import (
     GlobalForecaster,
     Skip,
     forecast,
-    league_interval_scales,
+    league_adjustments,
     resolved_forecasts,
 )
 from poe_pipeline.global_model import OOF_FILE, GlobalResult, GlobalValidation, pooled_rows, train_global
@@ -307,11 +308,11 @@ def run_backtest(
                     f"({len(skipped)} skipped) in {time.perf_counter() - t:.1f}s")
             rows = features.filter((pl.col("league") == league) & (pl.col("date") == origin)
                                    & pl.col("currency").is_in(currencies))
-            # as live: the replay's own forecasts that have come true by this origin scale its intervals
-            scales = league_interval_scales(resolved_forecasts(
+            # as live: the replay's own forecasts that have come true by this origin adjust the next ones
+            adjustments = league_adjustments(resolved_forecasts(
                 pl.concat(frames).drop("refit_date") if frames else pl.DataFrame(schema=PREDICTIONS_SCHEMA),
                 league_prices, origin), level)
-            frame = forecast(rows, models, level, league_scales=scales)
+            frame = forecast(rows, models, level, league=adjustments)
             if i % STRATEGY_EVERY == 0:
                 run.report_features[origin] = features.filter(pl.col("league") == league).select(
                     [c for c in REPORT_FEATURE_COLUMNS if c in features.columns])

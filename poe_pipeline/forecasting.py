@@ -3,9 +3,10 @@
 For every currency and horizon, from the origin (the league's latest day of features):
 
 - **Point forecast.** The global model's predicted log-return for the currency, times its partition's scale
-  (``currency_model``); ``predicted_price = current_price x exp(m)``. A partition forecasts through the global version
-  it was built on. A currency without a partition champion gets the global champion's forecast at the pooled scale,
-  with its confidence halved (``GLOBAL_ONLY_CONFIDENCE``). Each global model forecasts all its currencies at once.
+  (``currency_model``), times the league's ``point_shrink`` (below); ``predicted_price = current_price x exp(m)``.
+  A partition forecasts through the global version it was built on. A currency without a partition champion gets
+  the global champion's forecast at the pooled scale, with its confidence halved (``GLOBAL_ONLY_CONFIDENCE``). Each
+  global model forecasts all its currencies at once.
 - **Interval, volatility-scaled split conformal, per league phase.** The global model kept the out-of-fold
   residuals of every currency it pooled; they calibrate every currency's intervals. (Each currency's own residuals
   were measured too: on nine development leagues, 27 league-phase cells, the pooled ones held 80 % coverage within
@@ -26,13 +27,18 @@ For every currency and horizon, from the origin (the league's latest day of feat
 
   Intervals are symmetric in log-price, so they always contain the point forecast, and the half-width never shrinks
   from one horizon to a longer one (a longer horizon cannot honestly be more certain).
-- **The league's own scale.** Past leagues' residuals do not follow a league's own volatility: on the late weeks of
-  four development leagues, coverage ran 65-70 % in one league and 88-92 % in another. So each horizon's half-width
-  is multiplied by ``interval_scale``, learnt from this league's forecasts that have already come true (stored
-  predictions whose ``origin + horizon`` price is known at the origin): ``r_i = |actual - point| / half_i`` in
-  log-return, ``half_i`` the half-width before that forecast's own scale; ``q`` is the split-conformal
-  ``level`` quantile of ``r``, and ``interval_scale = q ^ (n / (n + LEAGUE_PRIOR_ROWS))``, shrunk towards 1 until
-  the league has as many resolved forecasts as the prior (``LEAGUE_PRIOR_ROWS``, four days of 30 currencies).
+- **What the league itself teaches.** Models and calibration learn from past leagues, and a league does not always
+  behave like them: on the late weeks of four development leagues, interval coverage ran 65-70 % in one and
+  88-92 % in another, and the same models beat "no change" by 7 % in one league and lost 8 % in the next. So at
+  each horizon, this league's forecasts that have already come true (stored predictions whose ``origin + horizon``
+  price is known at the origin; ``n`` of them) adjust the next ones, each shrunk towards "no adjustment" with the
+  weight ``w = n / (n + LEAGUE_PRIOR_ROWS)`` (the prior: four days of 30 currencies):
+
+  - ``point_shrink``: the multiplier ``b`` in [0, 1] of the models' forecast (``model_logret``) that minimised the
+    absolute error of the resolved ones (a weighted median), used as ``1 + w x (b - 1)``. A league where the
+    models keep missing moves its forecasts towards "no change"; the models are never amplified.
+  - ``interval_scale``: ``r_i = |actual - point| / half_i`` in log-return, ``half_i`` the half-width before that
+    forecast's own scale; ``q`` is the split-conformal ``level`` quantile of ``r``, used as ``q ^ w``.
 - **Confidence in [0, 1].** ``sqrt(quality x width)`` times penalty factors, where quality averages
   ``clip(0.5 + skill)`` and ``clip(0.5 + R2)`` of validation (0.25 when unvalidated), width is
   ``1 / (1 + half_width / WIDTH_SCALE)``, and the factors are: sample size ``1 - penalty`` (n < 5: 0.7, < 10: 0.5,
@@ -111,6 +117,8 @@ PREDICTIONS_SCHEMA: dict[str, pl.DataType] = {
     "days_since_observed": pl.Int32,
     "created_at": pl.Datetime("us", "UTC"),
     "global_model_version": pl.Utf8,
+    "model_logret": pl.Float64,  # the models' forecast, before the league's own shrink
+    "point_shrink": pl.Float64,  # predicted_logret / model_logret, learnt from the league's resolved forecasts
     "interval_scale": pl.Float64,  # the league's own scale of the half-width (1.0: as calibrated on past leagues)
 }
 
@@ -297,13 +305,15 @@ def prediction_interval(
 
 
 @dataclass(frozen=True)
-class LeagueScale:
-    """How much wider (> 1) or narrower (< 1) this league's forecasts need their intervals, from ``resolved`` of
-    them (see the module docstring)."""
+class LeagueAdjustment:
+    """What one horizon's forecasts of this league that have come true (``resolved`` of them) teach the next ones:
+    the shrink of the point towards "no change" and the scale of the interval (see the module docstring)."""
 
-    factor: float = 1.0
+    point_shrink: float = 1.0
+    interval_scale: float = 1.0
     resolved: int = 0
-    quantile: float = 1.0  # the unshrunk conformal quantile of |error| / half-width
+    best_shrink: float = 1.0  # unshrunk: the multiplier in [0, 1] with the least absolute error on them
+    quantile: float = 1.0  # unshrunk: the conformal quantile of |error| / half-width
 
 
 def resolved_forecasts(predictions: pl.DataFrame, prices: pl.DataFrame, as_of: date) -> pl.DataFrame:
@@ -319,24 +329,43 @@ def resolved_forecasts(predictions: pl.DataFrame, prices: pl.DataFrame, as_of: d
             .drop("_target", "_p"))
 
 
-def league_interval_scales(resolved: pl.DataFrame, level: float = INTERVAL_LEVEL,
-                           prior_rows: int = LEAGUE_PRIOR_ROWS) -> dict[int, LeagueScale]:
-    """The league's ``LeagueScale`` per horizon from its resolved forecasts (``resolved_forecasts``); a stored
-    prediction without ``interval_scale`` (written before it existed) had the scale 1."""
+def least_absolute_shrink(model: np.ndarray, actual: np.ndarray) -> float:
+    """The ``b`` in [0, 1] that minimises ``sum |actual - b x model|``: the median of ``actual / model`` weighted by
+    ``|model|`` (rows where the model forecast no move weigh nothing), clipped; 1 without any such row."""
+    moved = model != 0
+    if not moved.any():
+        return 1.0
+    ratios, weights = actual[moved] / model[moved], np.abs(model[moved])
+    order = np.argsort(ratios)
+    cumulative = np.cumsum(weights[order])
+    median = ratios[order][np.searchsorted(cumulative, cumulative[-1] / 2)]
+    return float(min(max(median, 0.0), 1.0))
+
+
+def league_adjustments(resolved: pl.DataFrame, level: float = INTERVAL_LEVEL,
+                       prior_rows: int = LEAGUE_PRIOR_ROWS) -> dict[int, LeagueAdjustment]:
+    """The league's ``LeagueAdjustment`` per horizon from its resolved forecasts (``resolved_forecasts``). A stored
+    prediction written before these columns existed had neither shrink nor scale."""
     if resolved.height == 0:
         return {}
-    scale = (pl.col("interval_scale").fill_null(1.0) if "interval_scale" in resolved.columns else pl.lit(1.0))
-    ratios = resolved.select(
-        "horizon_days",
-        ((pl.col("actual_logret") - pl.col("predicted_logret")).abs()
-         / ((pl.col("upper_logret") - pl.col("predicted_logret")) / scale)).alias("r"),
-    ).filter(pl.col("r").is_finite())
-    out: dict[int, LeagueScale] = {}
-    for (h,), part in ratios.partition_by("horizon_days", as_dict=True).items():
+
+    def stored(name: str, default: pl.Expr) -> pl.Expr:
+        return pl.col(name).fill_null(default) if name in resolved.columns else default
+
+    point, actual = pl.col("predicted_logret"), pl.col("actual_logret")
+    rows = resolved.select(
+        "horizon_days", actual, stored("model_logret", point).alias("model"),
+        ((actual - point).abs() / ((pl.col("upper_logret") - point) / stored("interval_scale", pl.lit(1.0))))
+        .alias("r"),
+    ).filter(pl.col("r").is_finite() & pl.col("model").is_finite() & actual.is_finite())
+    out: dict[int, LeagueAdjustment] = {}
+    for (h,), part in rows.partition_by("horizon_days", as_dict=True).items():
         n = part.height
+        weight = n / (n + prior_rows)
+        best = least_absolute_shrink(part["model"].to_numpy(), part["actual_logret"].to_numpy())
         q = conformal_quantile(part["r"].to_numpy(), level)
-        factor = math.exp(n / (n + prior_rows) * math.log(q)) if q > 0 else 1.0
-        out[int(h)] = LeagueScale(factor, n, q)
+        out[int(h)] = LeagueAdjustment(1 + weight * (best - 1), math.exp(weight * math.log(q)) if q > 0 else 1.0,
+                                       n, best, q)
     return out
 
 
@@ -434,13 +463,13 @@ def forecast(
     models: Mapping[tuple[str, int], ForecastModel],
     level: float = INTERVAL_LEVEL,
     created_at: datetime | None = None,
-    league_scales: Mapping[int, LeagueScale] | None = None,
+    league: Mapping[int, LeagueAdjustment] | None = None,
 ) -> pl.DataFrame:
     """Prediction rows (``PREDICTIONS_SCHEMA``) for the feature rows at one origin, one per available model.
 
     ``origin_rows`` holds one feature row per currency (all of the same league and date). Each global ensemble
-    forecasts every currency that uses it in one batched call. ``league_scales``: the league's own interval scale
-    per horizon (``league_interval_scales``; none: 1).
+    forecasts every currency that uses it in one batched call. ``league``: what the league's resolved forecasts
+    teach, per horizon (``league_adjustments``; none: nothing).
     """
     from poe_pipeline.modeling import model_inputs
 
@@ -466,13 +495,14 @@ def forecast(
         if m.currency not in index:
             continue
         row = rows[m.currency]
-        point = m.scale * float(global_forecasts[id(m.global_model)][index[m.currency]])
+        adjustment = (league or {}).get(m.horizon, LeagueAdjustment())
+        model_point = m.scale * float(global_forecasts[id(m.global_model)][index[m.currency]])
+        point = adjustment.point_shrink * model_point
         vol = vols.get(m.currency)
         estimate = prediction_interval(point, m.calibration, vol, m.horizon, level, seed=m.horizon,
                                        phase=interval_phase(row.get("league_day")))
-        league_scale = (league_scales or {}).get(m.horizon, LeagueScale()).factor
         # never narrower than a shorter horizon
-        half = max(estimate.half_width * league_scale, previous_half.get(m.currency, 0.0))
+        half = max(estimate.half_width * adjustment.interval_scale, previous_half.get(m.currency, 0.0))
         previous_half[m.currency] = half
         stale = int(row.get("days_since_observed") or 0)
         price = float(row["price_chaos"])
@@ -491,7 +521,8 @@ def forecast(
             "skill": _finite(m.metrics.get("skill")), "r2": _finite(m.metrics.get("r2")),
             "daily_volatility": volatility_scale(vol, m.calibration.reference_vol),
             "days_since_observed": stale, "created_at": created_at,
-            "global_model_version": m.global_version, "interval_scale": league_scale,
+            "global_model_version": m.global_version, "model_logret": model_point,
+            "point_shrink": adjustment.point_shrink, "interval_scale": adjustment.interval_scale,
         })
     frame = pl.DataFrame(out, schema=PREDICTIONS_SCHEMA)
     return frame.sort("currency", "horizon_days")
@@ -578,7 +609,7 @@ class PredictionRun:
     predictions: pl.DataFrame
     skipped: list[Skip] = field(default_factory=list)
     path: Path | None = None
-    league_scales: dict[int, LeagueScale] = field(default_factory=dict)
+    league_adjustments: dict[int, LeagueAdjustment] = field(default_factory=dict)
 
     def skipped_frame(self) -> pl.DataFrame:
         return pl.DataFrame([s.__dict__ for s in self.skipped],
@@ -767,11 +798,11 @@ def predict_league(
         if currency not in present:
             skipped += [Skip(currency, h, f"no price for {currency} in {league} on {origin} or the 14 days before")
                         for h in horizons if (currency, h) in models]
-    scales = league_interval_scales(resolved_forecasts(
+    adjustments = league_adjustments(resolved_forecasts(
         read_predictions(lake, league).filter(pl.col("origin_date") < origin),
         read_daily_prices(lake, [league]), origin), level)
-    frame = forecast(rows.filter(pl.col("currency").is_in(currencies)), models, level, league_scales=scales)
-    return PredictionRun(league, origin, frame, skipped, league_scales=scales)
+    frame = forecast(rows.filter(pl.col("currency").is_in(currencies)), models, level, league=adjustments)
+    return PredictionRun(league, origin, frame, skipped, league_adjustments=adjustments)
 
 
 def prediction_path(lake: Lake, league: str, origin: date) -> Path:

@@ -24,7 +24,8 @@ from poe_pipeline.forecasting import (
     VOLATILITY,
     Calibration,
     confidence_score,
-    league_interval_scales,
+    league_adjustments,
+    least_absolute_shrink,
     predict_league,
     prediction_interval,
     read_predictions,
@@ -154,19 +155,42 @@ def test_intervals_contain_the_forecast_and_widen_with_the_horizon(world):
 def test_the_leagues_own_forecasts_that_came_true_scale_its_intervals():
     # 200 one-day forecasts whose errors were all twice their half-width, half of them already scaled by 2
     n = 200
+    weight = n / (n + LEAGUE_PRIOR_ROWS)
     resolved = pl.DataFrame({
         "horizon_days": [1] * n, "predicted_logret": [0.01] * n, "actual_logret": [0.01 + 0.2] * n,
         "upper_logret": [0.01 + 0.1] * 100 + [0.01 + 0.2] * 100, "interval_scale": [1.0] * 100 + [2.0] * 100,
     })
-    scale = league_interval_scales(resolved)[1]
-    assert scale.resolved == n and scale.quantile == pytest.approx(2.0)
-    assert scale.factor == pytest.approx(2.0 ** (n / (n + LEAGUE_PRIOR_ROWS)))  # shrunk towards 1
-    assert league_interval_scales(resolved.head(0)) == {}
+    wide = league_adjustments(resolved)[1]
+    assert wide.resolved == n and wide.quantile == pytest.approx(2.0)
+    assert wide.interval_scale == pytest.approx(2.0 ** weight)  # shrunk towards 1
+    assert wide.point_shrink == 1.0  # the moves came in the forecast's direction, larger: never amplified
+    assert league_adjustments(resolved.head(0)) == {}
     # errors inside their intervals narrow them; a file written before the column existed counts as scale 1
     calm = resolved.with_columns(pl.lit(0.01 + 0.05).alias("actual_logret")).drop("interval_scale")
-    narrowed = league_interval_scales(calm)[1]
+    narrowed = league_adjustments(calm)[1]
     assert narrowed.quantile == pytest.approx(0.5)  # the 161st of 200 ratios: 100 of 0.25, then 100 of 0.5
-    assert narrowed.factor == pytest.approx(0.5 ** (n / (n + LEAGUE_PRIOR_ROWS)))
+    assert narrowed.interval_scale == pytest.approx(0.5 ** weight)
+
+
+def test_a_league_where_the_models_keep_missing_moves_its_forecasts_towards_no_change():
+    # the least absolute error multiplier: a weighted median of actual / model, clipped to [0, 1]
+    assert least_absolute_shrink(np.array([0.1, 0.1, 0.1]), np.array([0.05, 0.04, 0.06])) == pytest.approx(0.5)
+    assert least_absolute_shrink(np.array([0.1, -0.2]), np.array([-0.1, 0.2])) == 0.0  # always the wrong way
+    assert least_absolute_shrink(np.array([0.0, 0.0]), np.array([0.3, -0.1])) == 1.0  # nothing to learn from
+    # |model| weighs: the big forecast that came half true outweighs two small ones that came to nothing
+    assert least_absolute_shrink(np.array([0.3, 0.01, 0.01]), np.array([0.15, 0.0, 0.0])) == pytest.approx(0.5)
+    brute = np.linspace(0, 1, 10001)
+    rng = np.random.default_rng(3)
+    model, actual = rng.normal(0, 0.05, 300), rng.normal(0, 0.05, 300) + 0.3 * rng.normal(0, 0.05, 300)
+    best = brute[np.argmin([np.abs(actual - b * model).sum() for b in brute])]
+    assert least_absolute_shrink(model, actual) == pytest.approx(best, abs=1e-3)
+
+    n = 90  # three-day forecasts: the models said +10 %, the price did not move
+    resolved = pl.DataFrame({"horizon_days": [3] * n, "predicted_logret": [0.05] * n, "model_logret": [0.1] * n,
+                             "actual_logret": [0.0] * n, "upper_logret": [0.15] * n})
+    adjustment = league_adjustments(resolved)[3]
+    assert adjustment.best_shrink == 0.0
+    assert adjustment.point_shrink == pytest.approx(1 - n / (n + LEAGUE_PRIOR_ROWS))
 
 
 def test_only_forecasts_whose_day_has_come_and_was_observed_are_resolved():
@@ -193,7 +217,8 @@ def test_a_league_whose_forecasts_missed_gets_wider_intervals(moved_lake, world)
     store = ModelTracker(moved_lake)
     last = prices["date"].max()
     plain = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=store)
-    assert plain.league_scales == {} and (plain.predictions["interval_scale"] == 1.0).all()
+    assert plain.league_adjustments == {} and (plain.predictions["interval_scale"] == 1.0).all()
+    assert (plain.predictions["predicted_logret"] == plain.predictions["model_logret"]).all()
     for back in range(8, 31):  # earlier forecasts, stored with intervals far too narrow for what came
         past = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], origin=last - timedelta(days=back),
                               store=store).predictions
@@ -201,13 +226,15 @@ def test_a_league_whose_forecasts_missed_gets_wider_intervals(moved_lake, world)
             (pl.col("predicted_logret") + (pl.col("upper_logret") - pl.col("predicted_logret")) / 10)
             .alias("upper_logret")))
     widened = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=store)
-    assert set(widened.league_scales) == {1, 3, 7}
-    for h, scale in widened.league_scales.items():
-        assert scale.resolved >= 30 and scale.factor > 1.5, (h, scale)
+    assert set(widened.league_adjustments) == {1, 3, 7}
+    for h, adjustment in widened.league_adjustments.items():
+        assert adjustment.resolved >= 30 and adjustment.interval_scale > 1.5, (h, adjustment)
+    p = widened.predictions
+    assert p["predicted_logret"].to_numpy() == pytest.approx((p["point_shrink"] * p["model_logret"]).to_numpy())
     half = lambda p: (p["upper_logret"] - p["predicted_logret"]).to_numpy()  # noqa: E731
     one_day = pl.col("horizon_days") == 1
     assert half(widened.predictions.filter(one_day)) == pytest.approx(
-        half(plain.predictions.filter(one_day)) * widened.league_scales[1].factor)
+        half(plain.predictions.filter(one_day)) * widened.league_adjustments[1].interval_scale)
     assert set(PREDICTIONS_SCHEMA) == set(read_predictions(moved_lake).columns)
 
 

@@ -90,6 +90,7 @@ def predictions(
     global_only = frame.filter(pl.col("model_version").str.starts_with("global-"))["currency"].n_unique()
     context.log.info(f"predictions: {frame.height} rows for {scope.league} from {run.origin_date}; "
                      f"{global_only} currencies by the global model alone")
+    context.log.info(f"what {scope.league}'s own forecasts taught: {_league_text(run.league_adjustments)}")
     preview = frame.select(
         "currency", pl.col("horizon_days").alias("h"), "current_price", "predicted_price", "pred_lower", "pred_upper",
         "confidence", pl.col("interval_method").alias("method"), "model_version")
@@ -100,12 +101,20 @@ def predictions(
         "rows_per_horizon": dg.MetadataValue.json(
             {f"{h}d": frame.filter(pl.col("horizon_days") == h).height for h in HORIZONS_DAYS}),
         "interval_level": rounded(config.interval_level, 3),
+        "league_adjustments": _league_text(run.league_adjustments),
         "currencies_by_the_global_model_alone": global_only,
         "without_forecast": table(run.skipped_frame(), rows=50) if run.skipped else "none",
         "not_eligible": left_out,
         "predictions": table(preview, rows=60),
         "path": dg.MetadataValue.path(str(paths[0].parent)),
     })
+
+
+def _league_text(adjustments: dict[int, forecasting.LeagueAdjustment]) -> str:
+    if not adjustments:
+        return "nothing yet: no forecast of this league has come true (the models and past leagues' calibration only)"
+    return "; ".join(f"{h}d from {a.resolved} forecasts come true: forecast x{a.point_shrink:.2f}, "
+                     f"interval x{a.interval_scale:.2f}" for h, a in sorted(adjustments.items()))
 
 
 def _alert_broken_models(context, run: forecasting.PredictionRun, lake: LakeResource,
