@@ -94,6 +94,11 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "predicted_logret": "forecast log-return: ln(predicted_price / current_price)",
         "skill": "the model's out-of-sample skill against 'no change' (fraction)",
         "global_model_version": "the global model version the forecast went through",
+        "model_logret": "the models' forecast log-return, before the league's point_shrink",
+        "point_shrink": "predicted_logret / model_logret: learnt from this league's forecasts that came true "
+                        "(1 = none; towards 0 = towards 'no change')",
+        "interval_scale": "the half-width's scale learnt from this league's forecasts that came true "
+                          "(1 = as calibrated on past leagues)",
     },
     "prediction_errors": {
         "realized_price": "the price on origin_date + horizon_days, in chaos",
