@@ -443,6 +443,12 @@ class BacktestOutput:
             markdown_table(scores) if scores.height else "(no origin has a realised price yet)",
             "",
         ]
+        if p.height:
+            last = p.filter(pl.col("origin_date") == p["origin_date"].max()).group_by("horizon_days").agg(
+                pl.col("point_shrink").first(), pl.col("interval_scale").first()).sort("horizon_days")
+            lines += [f"What the replay's forecasts that came true taught by {p['origin_date'].max()} (as live):",
+                      *[f"  {h}d: forecast x{shrink:.2f}, interval x{scale:.2f}" for h, shrink, scale in last.rows()],
+                      ""]
         if self.strategy:
             s = self.strategy
             lines += [
