@@ -28,11 +28,11 @@ For every currency and horizon, from the origin (the league's latest day of feat
   Intervals are symmetric in log-price, so they always contain the point forecast, and the half-width never shrinks
   from one horizon to a longer one (a longer horizon cannot honestly be more certain).
 - **What the league itself teaches.** Models and calibration learn from past leagues, and a league does not always
-  behave like them: on the late weeks of four development leagues, interval coverage ran 65-70 % in one and
-  88-92 % in another, and the same models beat "no change" by 7 % in one league and lost 8 % in the next. So at
-  each horizon, this league's forecasts that have already come true (stored predictions whose ``origin + horizon``
-  price is known at the origin; ``n`` of them) adjust the next ones, each shrunk towards "no adjustment" with the
-  weight ``w = n / (n + LEAGUE_PRIOR_ROWS)`` (the prior: four days of 30 currencies):
+  behave like them: on the late weeks of four development leagues, interval coverage fell to 65 % in one and
+  rose to 92 % in another, and the same models beat "no change" by 7 % at 7 days in two leagues and lost 4 % at 3
+  days in two others. So at each horizon, this league's forecasts that have already come true (stored predictions
+  whose ``origin + horizon`` price is known at the origin; ``n`` of them) adjust the next ones, each shrunk towards
+  "no adjustment" with the weight ``w = n / (n + LEAGUE_PRIOR_ROWS)`` (the prior: four days of 30 currencies):
 
   - ``point_shrink``: the multiplier ``b`` in [0, 1] of the models' forecast (``model_logret``) that minimised the
     absolute error of the resolved ones (a weighted median), used as ``1 + w x (b - 1)``. A league where the
