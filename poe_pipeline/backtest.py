@@ -10,9 +10,8 @@
 - **Refits.** Every ``refit_every`` origins, the global model of each horizon is retrained
   (``global_model.train_global``) and specialised to every currency (``currency_model.train_currency``), without
   MLflow (artifacts in a temporary folder, loaded and then deleted); between refits the latest models predict from
-  each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``),
-  the league's own shrink and interval scale included: they learn from the replay's forecasts come true by each
-  origin. With
+  each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``), the league's
+  own shrink and interval scale included: they learn from the replay's forecasts come true by each origin. With
   ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates; the refits between keep that tuning
   (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data.
 - **Outputs.** A predictions file with the live columns plus ``actual_price`` (the price observed on

@@ -816,7 +816,7 @@ def write_predictions(lake: Lake, predictions: pl.DataFrame) -> list[Path]:
     for (league, origin), part in frame.partition_by("league", "origin_date", as_dict=True).items():
         path = prediction_path(lake, league, origin)
         if path.exists():
-            old = _conformed(pl.read_parquet(path))
+            old = _read_stored([path])
             kept = old.join(part.select("currency", "horizon_days"), on=["currency", "horizon_days"], how="anti")
             part = pl.concat([kept, part])
         paths.append(write_parquet_atomic(part.sort("currency", "horizon_days"), path))
@@ -830,16 +830,12 @@ def read_predictions(lake: Lake, league: str | None = None, origin: date | None 
         files = [p for p in files if p.parent.parent.name == f"league={league}"]
     if origin is not None:
         files = [p for p in files if p.parent.name == f"origin_date={origin.isoformat()}"]
-    if not files:
-        return pl.DataFrame(schema=PREDICTIONS_SCHEMA)
-    # files written before a column existed lack it: null there
+    return _read_stored(files) if files else pl.DataFrame(schema=PREDICTIONS_SCHEMA)
+
+
+def _read_stored(files: list[Path]) -> pl.DataFrame:
+    """Prediction files as ``PREDICTIONS_SCHEMA``; a file written before a column existed has it null."""
     return pl.read_parquet(files, hive_partitioning=False, schema=PREDICTIONS_SCHEMA, missing_columns="insert")
-
-
-def _conformed(frame: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` with every column of ``PREDICTIONS_SCHEMA`` (null where missing), in its order and types."""
-    missing = [pl.lit(None, kind).alias(name) for name, kind in PREDICTIONS_SCHEMA.items() if name not in frame.columns]
-    return frame.with_columns(missing).select(list(PREDICTIONS_SCHEMA)).cast(PREDICTIONS_SCHEMA)
 
 
 def latest_origin(lake: Lake, league: str) -> date | None:
