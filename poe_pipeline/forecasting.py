@@ -38,7 +38,10 @@ For every currency and horizon, from the origin (the league's latest day of feat
     absolute error of the resolved ones (a weighted median), used as ``1 + w x (b - 1)``. A league where the
     models keep missing moves its forecasts towards "no change"; the models are never amplified.
   - ``interval_scale``: ``r_i = |actual - point| / half_i`` in log-return, ``half_i`` the half-width before that
-    forecast's own scale; ``q`` is the split-conformal ``level`` quantile of ``r``, used as ``q ^ w``.
+    forecast's own scale; ``q`` is the split-conformal ``level`` quantile of ``r``, used as ``q ^ w``. Only the
+    forecasts whose target day falls in the latest ``LEAGUE_SCALE_DAYS`` days of targets count here (``n`` is
+    theirs in ``w``): a league's volatility turns within weeks, and a scale pooled over all its days carried the
+    calm first weeks into rougher ones (on two development leagues, days 21-34 then covered 68-74 %).
 - **Confidence in [0, 1].** ``sqrt(quality x width)`` times penalty factors, where quality averages
   ``clip(0.5 + skill)`` and ``clip(0.5 + R2)`` of validation (0.25 when unvalidated), width is
   ``1 / (1 + half_width / WIDTH_SCALE)``, and the factors are: sample size ``1 - penalty`` (n < 5: 0.7, < 10: 0.5,
@@ -56,7 +59,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Protocol
@@ -83,6 +86,7 @@ VOL_FLOOR_REL = 0.25  # and never below a quarter of the currency's typical vola
 FALLBACK_DAILY_VOL = 0.07  # median realized_vol_14 of the poe.ninja dumps: a currency without any history
 WIDTH_SCALE = 0.10  # a +-10 % interval halves the width factor of the confidence
 LEAGUE_PRIOR_ROWS = 120  # resolved forecasts of the league that weigh as much as the past leagues' calibration
+LEAGUE_SCALE_DAYS = 7  # the interval scale learns from the forecasts that came true in the latest week only
 RECENCY_DAYS = 7.0
 SAMPLE_PENALTIES = ((5, 0.7), (10, 0.5), (30, 0.3), (100, 0.1))
 
@@ -313,20 +317,23 @@ class LeagueAdjustment:
     interval_scale: float = 1.0
     resolved: int = 0
     best_shrink: float = 1.0  # unshrunk: the multiplier in [0, 1] with the least absolute error on them
-    quantile: float = 1.0  # unshrunk: the conformal quantile of |error| / half-width
+    quantile: float = 1.0  # unshrunk: the conformal quantile of |error| / half-width in the latest week of targets
+    recent: int = 0  # the resolved forecasts of that week
 
 
 def resolved_forecasts(predictions: pl.DataFrame, prices: pl.DataFrame, as_of: date) -> pl.DataFrame:
     """The ``predictions`` whose target day (``origin + horizon``) is at or before ``as_of`` and was observed in
-    ``prices`` (league, currency, date, price_chaos), with ``actual_logret`` from the price at the origin."""
+    ``prices`` (league, currency, date, price_chaos), with ``target_date`` and ``actual_logret`` from the price at
+    the origin."""
     if predictions.height == 0:
-        return predictions.with_columns(pl.lit(None, pl.Float64).alias("actual_logret"))
+        return predictions.with_columns(pl.lit(None, pl.Date).alias("target_date"),
+                                        pl.lit(None, pl.Float64).alias("actual_logret"))
     target = (pl.col("origin_date") + pl.duration(days=pl.col("horizon_days"))).cast(pl.Date)
-    known = prices.select("league", "currency", pl.col("date").alias("_target"), pl.col("price_chaos").alias("_p"))
-    due = predictions.with_columns(target.alias("_target")).filter(pl.col("_target") <= as_of)
-    return (due.join(known, on=["league", "currency", "_target"], how="inner")
+    known = prices.select("league", "currency", pl.col("date").alias("target_date"), pl.col("price_chaos").alias("_p"))
+    due = predictions.with_columns(target.alias("target_date")).filter(pl.col("target_date") <= as_of)
+    return (due.join(known, on=["league", "currency", "target_date"], how="inner")
             .with_columns((pl.col("_p") / pl.col("current_price")).log().alias("actual_logret"))
-            .drop("_target", "_p"))
+            .drop("_p"))
 
 
 def least_absolute_shrink(model: np.ndarray, actual: np.ndarray) -> float:
@@ -354,7 +361,7 @@ def league_adjustments(resolved: pl.DataFrame, level: float = INTERVAL_LEVEL,
 
     point, actual = pl.col("predicted_logret"), pl.col("actual_logret")
     rows = resolved.select(
-        "horizon_days", actual, stored("model_logret", point).alias("model"),
+        "horizon_days", "target_date", actual, stored("model_logret", point).alias("model"),
         ((actual - point).abs() / ((pl.col("upper_logret") - point) / stored("interval_scale", pl.lit(1.0))))
         .alias("r"),
     ).filter(pl.col("r").is_finite() & pl.col("model").is_finite() & actual.is_finite())
@@ -363,9 +370,11 @@ def league_adjustments(resolved: pl.DataFrame, level: float = INTERVAL_LEVEL,
         n = part.height
         weight = n / (n + prior_rows)
         best = least_absolute_shrink(part["model"].to_numpy(), part["actual_logret"].to_numpy())
-        q = conformal_quantile(part["r"].to_numpy(), level)
-        out[int(h)] = LeagueAdjustment(1 + weight * (best - 1), math.exp(weight * math.log(q)) if q > 0 else 1.0,
-                                       n, best, q)
+        recent = part.filter(pl.col("target_date") > part["target_date"].max() - timedelta(days=LEAGUE_SCALE_DAYS))
+        q = conformal_quantile(recent["r"].to_numpy(), level)
+        recent_weight = recent.height / (recent.height + prior_rows)
+        scale = math.exp(recent_weight * math.log(q)) if q > 0 else 1.0
+        out[int(h)] = LeagueAdjustment(1 + weight * (best - 1), scale, n, best, q, recent.height)
     return out
 
 

@@ -159,9 +159,10 @@ def test_the_leagues_own_forecasts_that_came_true_scale_its_intervals():
     resolved = pl.DataFrame({
         "horizon_days": [1] * n, "predicted_logret": [0.01] * n, "actual_logret": [0.01 + 0.2] * n,
         "upper_logret": [0.01 + 0.1] * 100 + [0.01 + 0.2] * 100, "interval_scale": [1.0] * 100 + [2.0] * 100,
+        "target_date": [date(2023, 1, 10)] * n,
     })
     wide = league_adjustments(resolved)[1]
-    assert wide.resolved == n and wide.quantile == pytest.approx(2.0)
+    assert wide.resolved == wide.recent == n and wide.quantile == pytest.approx(2.0)
     assert wide.interval_scale == pytest.approx(2.0 ** weight)  # shrunk towards 1
     assert wide.point_shrink == 1.0  # the moves came in the forecast's direction, larger: never amplified
     assert league_adjustments(resolved.head(0)) == {}
@@ -170,6 +171,20 @@ def test_the_leagues_own_forecasts_that_came_true_scale_its_intervals():
     narrowed = league_adjustments(calm)[1]
     assert narrowed.quantile == pytest.approx(0.5)  # the 161st of 200 ratios: 100 of 0.25, then 100 of 0.5
     assert narrowed.interval_scale == pytest.approx(0.5 ** weight)
+
+
+def test_the_interval_scale_follows_the_latest_week_of_forecasts_come_true():
+    # 20 days of 30 one-day forecasts: calm for 17 days (errors half the half-width), then three times the half-width
+    days = [date(2023, 1, 1) + timedelta(days=d) for d in range(20) for _ in range(30)]
+    rough = [d >= date(2023, 1, 18) for d in days]
+    resolved = pl.DataFrame({
+        "horizon_days": [1] * 600, "target_date": days, "predicted_logret": [0.0] * 600,
+        "actual_logret": [0.3 if r else 0.05 for r in rough], "upper_logret": [0.1] * 600,
+    })
+    adjustment = league_adjustments(resolved)[1]
+    assert adjustment.resolved == 600 and adjustment.recent == 7 * 30  # targets of Jan 14-20
+    assert adjustment.quantile == pytest.approx(3.0)  # 90 rough of 210; over all 20 days it would be 0.5 (510 calm)
+    assert adjustment.interval_scale == pytest.approx(3.0 ** (210 / (210 + LEAGUE_PRIOR_ROWS)))
 
 
 def test_a_league_where_the_models_keep_missing_moves_its_forecasts_towards_no_change():
@@ -187,7 +202,8 @@ def test_a_league_where_the_models_keep_missing_moves_its_forecasts_towards_no_c
 
     n = 90  # three-day forecasts: the models said +10 %, the price did not move
     resolved = pl.DataFrame({"horizon_days": [3] * n, "predicted_logret": [0.05] * n, "model_logret": [0.1] * n,
-                             "actual_logret": [0.0] * n, "upper_logret": [0.15] * n})
+                             "actual_logret": [0.0] * n, "upper_logret": [0.15] * n,
+                             "target_date": [date(2023, 1, 10)] * n})
     adjustment = league_adjustments(resolved)[3]
     assert adjustment.best_shrink == 0.0
     assert adjustment.point_shrink == pytest.approx(1 - n / (n + LEAGUE_PRIOR_ROWS))
@@ -228,7 +244,9 @@ def test_a_league_whose_forecasts_missed_gets_wider_intervals(moved_lake, world)
     widened = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=store)
     assert set(widened.league_adjustments) == {1, 3, 7}
     for h, adjustment in widened.league_adjustments.items():
-        assert adjustment.resolved >= 30 and adjustment.interval_scale > 1.5, (h, adjustment)
+        assert adjustment.resolved >= 30 and adjustment.recent >= 14 and adjustment.quantile > 5, (h, adjustment)
+        weight = adjustment.recent / (adjustment.recent + LEAGUE_PRIOR_ROWS)  # the latest week's, two currencies
+        assert adjustment.interval_scale == pytest.approx(adjustment.quantile ** weight) and weight > 0.1
     p = widened.predictions
     assert p["predicted_logret"].to_numpy() == pytest.approx((p["point_shrink"] * p["model_logret"]).to_numpy())
     half = lambda p: (p["upper_logret"] - p["predicted_logret"]).to_numpy()  # noqa: E731

@@ -114,7 +114,8 @@ def _league_text(adjustments: dict[int, forecasting.LeagueAdjustment]) -> str:
     if not adjustments:
         return "nothing yet: no forecast of this league has come true (the models and past leagues' calibration only)"
     return "; ".join(f"{h}d from {a.resolved} forecasts come true: forecast x{a.point_shrink:.2f}, "
-                     f"interval x{a.interval_scale:.2f}" for h, a in sorted(adjustments.items()))
+                     f"interval x{a.interval_scale:.2f} (from the latest week's {a.recent})"
+                     for h, a in sorted(adjustments.items()))
 
 
 def _alert_broken_models(context, run: forecasting.PredictionRun, lake: LakeResource,
