@@ -60,6 +60,7 @@ from poe_pipeline.lake import Lake, write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
 from poe_pipeline.names import canonical_currency_name, slug
+from poe_pipeline.prices import actual_prices
 from poe_pipeline.reporting import REPORT_FEATURE_COLUMNS, markdown_table
 from poe_pipeline.settings import HORIZONS_DAYS, Profile, get_profile, resolve_lake_root
 
@@ -206,28 +207,6 @@ def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currenci
             shutil.rmtree(part.artifact_dir, ignore_errors=True)
         shutil.rmtree(directory, ignore_errors=True)  # loaded in memory
     return models, skipped
-
-
-def actual_prices(prices: pl.DataFrame, predictions: pl.DataFrame, exact: bool = True) -> pl.Series:
-    """The price on ``origin + horizon`` of each prediction: observed that day (``exact``), or else the last one
-    observed before it (null when that day lies beyond the league's data)."""
-    target = predictions.select(
-        pl.int_range(pl.len()).alias("_i"), "league", "currency",
-        (pl.col("origin_date") + pl.duration(days=pl.col("horizon_days"))).cast(pl.Date).alias("_target"),
-    )
-    known = prices.select("league", "currency", pl.col("date").alias("_target"), pl.col("price_chaos").alias("_p"))
-    if exact:
-        joined = target.join(known, on=["league", "currency", "_target"], how="left")
-    else:
-        last = prices.group_by("league").agg(pl.col("date").max().alias("_last"))
-        joined = (
-            target.sort("_target")
-            .join_asof(known.sort("_target"), on="_target", by=["league", "currency"], strategy="backward",
-                       check_sortedness=False)
-            .join(last, on="league", how="left")
-            .with_columns(pl.when(pl.col("_target") <= pl.col("_last")).then(pl.col("_p")).alias("_p"))
-        )
-    return joined.sort("_i")["_p"].alias("actual_price")
 
 
 def run_backtest(

@@ -97,8 +97,8 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "model_logret": "the models' forecast log-return, before the league's point_shrink",
         "point_shrink": "predicted_logret / model_logret: learnt from this league's forecasts that came true "
                         "(1 = none; towards 0 = towards 'no change')",
-        "interval_scale": "the half-width's scale learnt from this league's forecasts that came true "
-                          "(1 = as calibrated on past leagues)",
+        "interval_scale": "the half-width's scale learnt from this league's forecasts that came true in the "
+                          "latest week (1 = as calibrated on past leagues)",
     },
     "prediction_errors": {
         "realized_price": "the price on origin_date + horizon_days, in chaos",
