@@ -40,7 +40,10 @@ relative to the backtest's ``current_price`` (the feature store's forward-filled
   log-price (methods with intervals), the share of the league's 30 x 3 (currency, horizon) pairs and of its
   rows that got a forecast, and each method's wall time for the whole backtest.
 
-``repeats`` is ignored: the backtest is deterministic and runs once, in this process. Targets (from the issue),
+``repeats`` is ignored: the backtest is deterministic and runs once, in this process. Each league's replay is kept
+in ``results/cache/`` as soon as it is done; ``POE_BENCH_REUSE_PROJECT=1`` reads back the leagues that the same
+settings and the same source code (a digest of ``poe_pipeline/``) already replayed, with the wall time they took,
+so a long run cut short resumes where it stopped. Targets (from the issue),
 judged on ``project-test``: skill >= +0.03 at 1 day and >= +0.08 at 3 and 7 days, each with DM p < 0.05; log-MAE
 below mlforecast's at every horizon; coverage 75-85 % in every league and phase; at least 95 % of the pairs
 forecast; the project's backtest no slower than mlforecast's.
@@ -66,6 +69,7 @@ from poe_pipeline.forecasting import INTERVAL_LEVEL
 from poe_pipeline.lake import write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import is_event_league, league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
+from poe_pipeline.names import slug
 from poe_pipeline.settings import HORIZONS_DAYS
 from poe_pipeline.significance import diebold_mariano
 
@@ -142,39 +146,59 @@ def league_origins(prices: pl.DataFrame, league: str, max_origins: int, origin_s
 
 def project_predictions(prices: pl.DataFrame, cfg: dict, universes: dict[str, list[str]],
                         profile: str) -> tuple[pl.DataFrame, float, int]:
-    """(predictions of every test league, wall seconds, refits)."""
+    """(predictions of every test league, wall seconds, refits), league by league (``league_predictions``)."""
     limit_threads()
-    frames, refits, t0 = [], 0, time.perf_counter()
+    frames, wall, refits = [], 0.0, 0
     for league in cfg["leagues"]:
-        origins = league_origins(prices, league, cfg["max_origins"], cfg["origin_slice"])
-        run = run_backtest(prices, league, origins, universes[league], cfg["refit_every"], profile, cfg["horizons"],
-                           cfg["level"], workers=cfg["workers"], progress=lambda m, lg=league: _say(f"{lg} {m}"),
-                           retune_every=cfg["retune_every"])
-        refits += len(run.refits)
-        frames.append(run.predictions.select(*KEYS, "current_price", "predicted_price", "pred_lower", "pred_upper",
-                                             "actual_price"))
-    return pl.concat(frames), time.perf_counter() - t0, refits
+        frame, seconds, league_refits = league_predictions(prices, cfg, league, universes[league], profile)
+        frames.append(frame)
+        wall += seconds
+        refits += league_refits
+    return pl.concat(frames), wall, refits
 
 
-def _kept_project_predictions(prices: pl.DataFrame, cfg: dict, universes: dict[str, list[str]],
-                              profile: str) -> tuple[pl.DataFrame, float, int]:
-    """``project_predictions``, kept on disk as soon as they exist, so that a peer failing later loses nothing.
-    ``POE_BENCH_REUSE_PROJECT=1`` reads them back for the same configuration (only valid for unchanged code)."""
-    key = json.dumps({k: cfg[k] for k in ("leagues", "currencies", "refit_every", "retune_every", "max_origins",
-                                          "origin_slice",
-                                          "horizons", "level")} | {"universes": universes, "profile": profile},
+def _replay_league(prices: pl.DataFrame, cfg: dict, league: str, universe: list[str],
+                   profile: str) -> tuple[pl.DataFrame, float, int]:
+    started = time.perf_counter()
+    origins = league_origins(prices, league, cfg["max_origins"], cfg["origin_slice"])
+    run = run_backtest(prices, league, origins, universe, cfg["refit_every"], profile, cfg["horizons"],
+                       cfg["level"], workers=cfg["workers"], progress=lambda m: _say(f"{league} {m}"),
+                       retune_every=cfg["retune_every"])
+    frame = run.predictions.select(*KEYS, "current_price", "predicted_price", "pred_lower", "pred_upper",
+                                   "actual_price")
+    return frame, time.perf_counter() - started, len(run.refits)
+
+
+def _code_digest() -> str:
+    """A digest of the project's source files: kept forecasts are only ever reused by the code that made them."""
+    root = Path(__file__).resolve().parent.parent / "poe_pipeline"
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def league_predictions(prices: pl.DataFrame, cfg: dict, league: str, universe: list[str],
+                       profile: str) -> tuple[pl.DataFrame, float, int]:
+    """One test league's replay (predictions, wall seconds, refits), kept on disk as soon as it exists, so that a
+    later league or a peer failing loses nothing. ``POE_BENCH_REUSE_PROJECT=1`` reads it back instead when the
+    same configuration was replayed by the same source code (``_code_digest``)."""
+    key = json.dumps({k: cfg[k] for k in ("currencies", "refit_every", "retune_every", "max_origins", "origin_slice",
+                                          "horizons", "level")}
+                     | {"league": league, "universe": universe, "profile": profile, "code": _code_digest()},
                      sort_keys=True)
-    path = RESULTS_DIR / "cache" / f"accuracy-project-{hashlib.sha256(key.encode()).hexdigest()[:12]}.parquet"
+    path = RESULTS_DIR / "cache" / f"accuracy-{slug(league)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.parquet"
     meta = path.with_suffix(".json")
     if os.environ.get("POE_BENCH_REUSE_PROJECT") == "1" and path.exists() and meta.exists():
         kept = json.loads(meta.read_text())
-        _say(f"reusing {path.name} (wall {kept['wall_s']:.0f}s when measured)")
+        _say(f"{league}: reusing {path.name} (wall {kept['wall_s']:.0f}s when measured)")
         return pl.read_parquet(path), kept["wall_s"], kept["refits"]
-    pred, wall, refits = project_predictions(prices, cfg, universes, profile)
+    frame, wall, refits = _replay_league(prices, cfg, league, universe, profile)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(pred, path)
+    write_parquet_atomic(frame, path)
     write_text_atomic(json.dumps({"config": json.loads(key), "wall_s": wall, "refits": refits}), meta)
-    return pred, wall, refits
+    return frame, wall, refits
 
 
 # --- league-phase drift -----------------------------------------------------------------------------------------
@@ -462,7 +486,7 @@ def run(repeats: int = 1, **overrides) -> dict:
     project: dict[str, tuple[pl.DataFrame, float, int]] = {}
     for profile in cfg["profiles"]:
         _say(f"project, profile {profile}")
-        project[profile] = _kept_project_predictions(prices, cfg, universes, profile)
+        project[profile] = project_predictions(prices, cfg, universes, profile)
     first = cfg["profiles"][0]
     # the scored rows: the first profile's forecasts whose realised price is known
     base = with_context(project[first][0].filter(pl.col("actual_price").is_not_null()).select(
