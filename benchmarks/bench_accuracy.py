@@ -36,7 +36,7 @@ relative to the backtest's ``current_price`` (the feature store's forward-filled
   p-value against persistence (absolute-error loss, averaged over currencies per origin so that same-day errors
   are one observation; rectangular weights over h-1 lags with the Harvey-Leybourne-Newbold correction; one-sided,
   "better than persistence"), directional accuracy on moves of at least 1 % (persistence makes no call: null),
-  80 % coverage overall and per league and phase (league days 7-20, 21-55, 56+) and mean Winkler score in
+  80 % coverage overall and per league and phase (league days 7-20, 21-55, 56+; skill too) and mean Winkler score in
   log-price (methods with intervals), the share of the league's 30 x 3 (currency, horizon) pairs and of its
   rows that got a forecast, and each method's wall time for the whole backtest.
 
@@ -391,6 +391,14 @@ def score(frame: pl.DataFrame, level: float, has_intervals: bool, makes_calls: b
             "moves": int(moved.sum()),
             "coverage": None, "mean_winkler": None,
         }
+        if "league_day" in g.columns:  # where in a league the skill comes from
+            day, leagues = g["league_day"].to_numpy(), g["league"].to_numpy()
+            row["skill_by_league_phase"] = [
+                {"league": lg, "phase": name, "n": int(m.sum()), "log_mae": float(err[m].mean()),
+                 "persistence_log_mae": float(base[m].mean()),
+                 "skill": 1 - float(err[m].mean()) / float(base[m].mean()) if base[m].mean() > 0 else None}
+                for lg in dict.fromkeys(leagues) for first, last, name in PHASES
+                if (m := (leagues == lg) & (day >= first) & (day <= last)).any()]
         if has_intervals:  # over the rows that have an interval (mlforecast has none on a league's first days)
             lo = g["lo_logret"].cast(pl.Float64).fill_null(np.nan).to_numpy()
             hi = g["hi_logret"].cast(pl.Float64).fill_null(np.nan).to_numpy()
