@@ -70,6 +70,7 @@ from poe_pipeline.lake import write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import is_event_league, league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
 from poe_pipeline.names import slug
+from poe_pipeline.prices import target_day
 from poe_pipeline.settings import HORIZONS_DAYS
 from poe_pipeline.significance import diebold_mariano
 
@@ -346,8 +347,7 @@ def with_context(base: pl.DataFrame, prices: pl.DataFrame) -> pl.DataFrame:
     scoring reads the days after the target."""
     calendar = league_calendar(prices).select("league", "start_date")
     lp = prices.select("league", "currency", "date", pl.col("price_chaos").log().alias("lp"))
-    target = (pl.col("origin_date") + pl.duration(days=pl.col("horizon_days"))).cast(pl.Date)
-    rows = base.with_columns(target.alias("_t")).join(calendar, on="league", how="left").with_columns(
+    rows = base.with_columns(target_day().alias("_t")).join(calendar, on="league", how="left").with_columns(
         (pl.col("origin_date") - pl.col("start_date")).dt.total_days().cast(pl.Int32).alias("league_day"))
     shifted = {k: lp.with_columns((pl.col("date") - timedelta(days=k)).alias("_t")).select(
         "league", "currency", "_t", pl.col("lp").alias(f"_lp{k}")) for k in (-1, 0, 1, 2, 3)}

@@ -68,7 +68,7 @@ import numpy as np
 import polars as pl
 
 from poe_pipeline.lake import Lake, hive_dir, write_parquet_atomic
-from poe_pipeline.prices import actual_prices, read_daily_prices
+from poe_pipeline.prices import actual_prices, read_daily_prices, target_day
 from poe_pipeline.settings import HORIZONS_DAYS
 
 if TYPE_CHECKING:  # both are imported where used: this module stays light for the warehouse to import
@@ -325,8 +325,7 @@ def resolved_forecasts(predictions: pl.DataFrame, prices: pl.DataFrame, as_of: d
     """The ``predictions`` whose target day (``origin + horizon``) is at or before ``as_of`` and was observed in
     ``prices`` (league, currency, date, price_chaos), with ``target_date`` and ``actual_logret`` from the price at
     the origin."""
-    target = (pl.col("origin_date") + pl.duration(days=pl.col("horizon_days"))).cast(pl.Date).alias("target_date")
-    due = predictions.with_columns(target).filter(pl.col("target_date") <= as_of)
+    due = predictions.with_columns(target_day().alias("target_date")).filter(pl.col("target_date") <= as_of)
     return (due.with_columns(actual_prices(prices, due))
             .filter(pl.col("actual_price").is_not_null())
             .with_columns((pl.col("actual_price") / pl.col("current_price")).log().alias("actual_logret"))

@@ -131,12 +131,16 @@ def refresh_daily_prices(lake) -> dict[str, int]:
     return written
 
 
+def target_day() -> pl.Expr:
+    """The day a forecast is for: ``origin_date + horizon_days``."""
+    return (pl.col("origin_date") + pl.duration(days=pl.col("horizon_days"))).cast(pl.Date)
+
+
 def actual_prices(prices: pl.DataFrame, predictions: pl.DataFrame, exact: bool = True) -> pl.Series:
     """The price on ``origin + horizon`` of each prediction: observed that day (``exact``), or else the last one
     observed before it (null when that day lies beyond the league's data)."""
     target = predictions.select(
-        pl.int_range(pl.len()).alias("_i"), "league", "currency",
-        (pl.col("origin_date") + pl.duration(days=pl.col("horizon_days"))).cast(pl.Date).alias("_target"),
+        pl.int_range(pl.len()).alias("_i"), "league", "currency", target_day().alias("_target"),
     )
     known = prices.select("league", "currency", pl.col("date").alias("_target"), pl.col("price_chaos").alias("_p"))
     if exact:

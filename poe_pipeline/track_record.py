@@ -29,6 +29,7 @@ from pathlib import Path
 import polars as pl
 
 from poe_pipeline.lake import Lake, read_parquet_files, write_parquet_atomic
+from poe_pipeline.prices import target_day
 
 SOURCES = ("live", "backtest")
 BACKFILL_DAYS = 14  # a new lake's track record: the last two weeks of the league, replayed
@@ -139,7 +140,7 @@ def score_advice(advice: pl.DataFrame, daily_prices: pl.DataFrame) -> pl.DataFra
                                    pl.col("price_chaos").alias("price_at_horizon"))
     rows = (
         advice.with_columns(
-            (pl.col("origin_date") + pl.duration(days=pl.col("horizon_days"))).cast(pl.Date).alias("target_date"),
+            target_day().alias("target_date"),
             pl.col("current_price").alias("price_at_origin"),
         )
         .join(realised, on=["league", "currency", "target_date"], how="left")
