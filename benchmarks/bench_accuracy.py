@@ -43,7 +43,11 @@ relative to the backtest's ``current_price`` (the feature store's forward-filled
 ``repeats`` is ignored: the backtest is deterministic and runs once, in this process. Each league's replay is kept
 in ``results/cache/`` as soon as it is done; ``POE_BENCH_REUSE_PROJECT=1`` reads back the leagues that the same
 settings and the same source code (a digest of ``poe_pipeline/``) already replayed, with the wall time they took,
-so a long run cut short resumes where it stopped. Targets (from the issue),
+so a long run cut short resumes where it stopped. ``POE_BENCH_KEPT_REPLAYS`` (comma-separated kept ``.parquet``
+files, each with its ``.json`` beside it) scores kept replays together, whatever code made them, instead of
+replaying: runs of two leagues each become one four-league score. Each file must hold the configured leagues with
+the same settings and universe, or the bench stops; the peers run as usual, and the JSON names the files, their
+settings and, where they recorded it, the source digest that made them. Targets (from the issue),
 judged on ``project-test``: skill >= +0.03 at 1 day and >= +0.08 at 3 and 7 days, each with DM p < 0.05; log-MAE
 below mlforecast's at every horizon; coverage 75-85 % in every league and phase; at least 95 % of the pairs
 forecast; the project's backtest no slower than mlforecast's.
@@ -88,6 +92,8 @@ MLF_WINDOWS = (3, 7, 14)
 MLF_THREADS = 1  # OpenMP threads spin: on a busy 2-core machine 2 threads made a fit ~50x slower
 MLF_CONFORMAL_WINDOWS = 2
 KEYS = ["league", "currency", "origin_date", "horizon_days"]
+# the settings a kept replay must share with the run that reuses it
+REPLAY_SETTINGS = ("currencies", "refit_every", "retune_every", "max_origins", "origin_slice", "horizons", "level")
 
 
 # --- configuration ----------------------------------------------------------------------------------------------
@@ -107,6 +113,7 @@ def config_from_env() -> dict:
         "workers": int(env("POE_BENCH_WORKERS", "0")) or (os.cpu_count() or 1),
         "horizons": list(HORIZONS_DAYS),
         "level": INTERVAL_LEVEL,
+        "kept_replays": [x.strip() for x in env("POE_BENCH_KEPT_REPLAYS", "").split(",") if x.strip()],
     }
 
 
@@ -185,8 +192,7 @@ def league_predictions(prices: pl.DataFrame, cfg: dict, league: str, universe: l
     """One test league's replay (predictions, wall seconds, refits), kept on disk as soon as it exists, so that a
     later league or a peer failing loses nothing. ``POE_BENCH_REUSE_PROJECT=1`` reads it back instead when the
     same configuration was replayed by the same source code (``_code_digest``)."""
-    key = json.dumps({k: cfg[k] for k in ("currencies", "refit_every", "retune_every", "max_origins", "origin_slice",
-                                          "horizons", "level")}
+    key = json.dumps({k: cfg[k] for k in REPLAY_SETTINGS}
                      | {"league": league, "universe": universe, "profile": profile, "code": _code_digest()},
                      sort_keys=True)
     path = RESULTS_DIR / "cache" / f"accuracy-{slug(league)}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.parquet"
@@ -200,6 +206,43 @@ def league_predictions(prices: pl.DataFrame, cfg: dict, league: str, universe: l
     write_parquet_atomic(frame, path)
     write_text_atomic(json.dumps({"config": json.loads(key), "wall_s": wall, "refits": refits}), meta)
     return frame, wall, refits
+
+
+def kept_project_predictions(cfg: dict, universes: dict[str, list[str]],
+                             profile: str) -> tuple[pl.DataFrame, float, int, list[dict]]:
+    """(predictions, wall seconds, refits, where each came from) read from ``cfg["kept_replays"]``: each file's
+    leagues that the run tests, checked against the run's settings and universes so that nothing is scored
+    that this configuration would not have replayed."""
+    frames, wall, refits, sources, seen = [], 0.0, 0, [], set()
+    for name in cfg["kept_replays"]:
+        path = Path(name)
+        meta_path = path.with_suffix(".json")
+        if not path.exists() or not meta_path.exists():
+            raise FileNotFoundError(f"kept replay {path} (and {meta_path.name} beside it) not found")
+        meta = json.loads(meta_path.read_text())
+        kept = meta["config"]
+        leagues = kept["leagues"] if "leagues" in kept else [kept["league"]]
+        kept_universes = kept.get("universes") or {kept.get("league"): kept.get("universe")}
+        wrong = [k for k in REPLAY_SETTINGS if kept.get(k) != cfg[k]]
+        if kept.get("profile") != profile:
+            wrong.append("profile")
+        wrong += [f"universe of {lg}" for lg in leagues if lg in universes and kept_universes.get(lg) != universes[lg]]
+        if wrong:
+            raise ValueError(f"kept replay {path.name} was made with other settings: {', '.join(wrong)}")
+        if extra := [lg for lg in leagues if lg not in cfg["leagues"]]:  # its wall time would count them
+            raise ValueError(f"kept replay {path.name} also holds {', '.join(extra)}, which this run does not test")
+        if overlap := seen & set(leagues):
+            raise ValueError(f"kept replay {path.name} repeats {', '.join(sorted(overlap))}")
+        seen |= set(leagues)
+        frames.append(pl.read_parquet(path))
+        wall += meta["wall_s"]
+        refits += meta["refits"]
+        sources.append({"file": path.name, "leagues": leagues, "wall_s": meta["wall_s"], "refits": meta["refits"],
+                        "code": kept.get("code")})
+        _say(f"kept replay {path.name}: {', '.join(leagues)} (wall {meta['wall_s']:.0f}s when measured)")
+    if missing := [lg for lg in cfg["leagues"] if lg not in seen]:
+        raise ValueError(f"no kept replay holds {', '.join(missing)}")
+    return pl.concat(frames), wall, refits, sources
 
 
 # --- league-phase drift -----------------------------------------------------------------------------------------
@@ -492,7 +535,13 @@ def run(repeats: int = 1, **overrides) -> dict:
         _say(f"{league} universe ({len(universes[league])}): {', '.join(universes[league])}")
     methods: dict[str, dict] = {}
     project: dict[str, tuple[pl.DataFrame, float, int]] = {}
-    for profile in cfg["profiles"]:
+    kept_from: list[dict] = []
+    if cfg["kept_replays"]:
+        if len(cfg["profiles"]) != 1:
+            raise ValueError("POE_BENCH_KEPT_REPLAYS scores one profile: set POE_BENCH_PROFILES to it")
+        pred, wall, refits, kept_from = kept_project_predictions(cfg, universes, cfg["profiles"][0])
+        project[cfg["profiles"][0]] = (pred, wall, refits)
+    for profile in [] if kept_from else cfg["profiles"]:
         _say(f"project, profile {profile}")
         project[profile] = project_predictions(prices, cfg, universes, profile)
     first = cfg["profiles"][0]
@@ -531,7 +580,8 @@ def run(repeats: int = 1, **overrides) -> dict:
         "config": {**cfg, "universes": universes, "liquidity_ties_broken_on": ranked_on, "data": source,
                    "origins_per_league": {lg: len(league_origins(prices, lg, cfg["max_origins"], cfg["origin_slice"]))
                                           for lg in cfg["leagues"]},
-                   "scored_rows": common.height, "rows_dropped_not_common": base.height - common.height},
+                   "scored_rows": common.height, "rows_dropped_not_common": base.height - common.height,
+                   **({"kept_replays": kept_from} if kept_from else {})},
         "methods": {},
     }
     for name, m in methods.items():
