@@ -655,7 +655,9 @@ class GlobalForecaster:
 
 class ModelCache:
     """Loaded models, kept per process and keyed by registry and registered version, so a new champion is picked
-    up, an unchanged one is never loaded twice, and two lakes in one process never share an entry."""
+    up, an unchanged one is never loaded twice, and two lakes in one process never share an entry. Versions that
+    a newer champion replaced are forgotten (``forget_superseded``): a long-lived process (a notebook, a server)
+    holds the current models, not one set per retrain."""
 
     def __init__(self) -> None:
         self._globals: dict[tuple[str, str, str], GlobalForecaster] = {}
@@ -675,6 +677,26 @@ class ModelCache:
         if key not in self._partitions:
             self._partitions[key] = load()
         return self._partitions[key]
+
+    def forget_superseded(self, used: Iterable[tuple[str, str, str]]) -> None:
+        """Drop every (registry, name, version) whose name was just used at another version. A global version
+        stays while a kept partition still forecasts through it."""
+        from poe_pipeline.tracking import global_model_name
+
+        versions: dict[tuple[str, str], set[str]] = {}
+        for registry, name, version in used:
+            versions.setdefault((registry, name), set()).add(version)
+
+        def current(key: tuple[str, ...]) -> bool:
+            return key[2] in versions.get((key[0], key[1]), {key[2]})
+
+        self._partitions = {k: m for k, m in self._partitions.items() if current(k)}
+        through = {(k[0], global_model_name(m.horizon), m.global_version) for k, m in self._partitions.items()}
+        self._globals = {k: g for k, g in self._globals.items() if current(k) or k in through}
+
+    def held(self) -> set[tuple[str, str]]:
+        """(name, version) of every model held."""
+        return {key[1:] for key in (*self._globals, *self._partitions)}
 
     def clear(self) -> None:
         self._globals.clear()
@@ -745,6 +767,7 @@ def load_champions(
     reasons = functools.cache(lambda: training_reasons(lake))  # read only to explain a failure
     models: dict[tuple[str, int], ForecastModel] = {}
     skipped: list[Skip] = []
+    used: set[tuple[str, str, str]] = set()  # (registry, name, version) of each model loaded now
     for h in horizons:
         gname = global_model_name(h)
         try:  # a broken or untrusted artifact folder (checksums) must not stop the other horizons
@@ -753,6 +776,7 @@ def load_champions(
                 skipped += [Skip(c, h, f"no champion model {gname}: train global_models first") for c in currencies]
                 continue
             champion_global = cache.global_model(store, gname, found[0], vol_history, directory=found[1])
+            used.add((registry, gname, found[0]))
         except Exception as exc:
             skipped += [Skip(c, h, f"global model {gname} failed to load: {exc}") for c in currencies]
             continue
@@ -775,10 +799,12 @@ def load_champions(
                         else cache.global_model(store, gname, built_on, vol_history))
                 models[(currency, h)] = cache.partition((registry, name, version), functools.partial(
                     ForecastModel.load, currency, h, version, directory, base, name))
+                used |= {(registry, gname, built_on), (registry, name, version)}
             except Exception as exc:
                 why = reasons().get((currency, h))
                 skipped.append(Skip(currency, h, f"champion {name} v{version} at {directory} failed to load: {exc}"
                                     + (f" ({why})" if why else "")))
+    cache.forget_superseded(used)
     return models, skipped
 
 

@@ -555,6 +555,8 @@ def _new_version(tracker: ModelTracker, name: str) -> str:
 
 
 def test_a_new_champion_is_picked_up_by_a_warm_cache(moved_lake):
+    from poe_pipeline import forecasting
+
     tracker = ModelTracker(moved_lake)
     first = predict_league(moved_lake, "Sanctum", [MODELLED, GLOBAL_ONLY], store=tracker)
     assert set(first.predictions["model_version"]) == {"1", "global-v1"}
@@ -572,6 +574,28 @@ def test_a_new_champion_is_picked_up_by_a_warm_cache(moved_lake):
     }
     same_files = ["predicted_price", "pred_lower", "pred_upper", "confidence"]
     assert_frame_equal(again.predictions.select(same_files), first.predictions.select(same_files), check_exact=True)
+    # the replaced 3d partition is forgotten; global 7d v1 stays while MODELLED's 7d partition forecasts through it
+    assert forecasting.DEFAULT_CACHE.held() == {
+        *{(registered_model_name(MODELLED, h), v) for h, v in ((1, "1"), (3, partition), (7, "1"))},
+        ("poe-global-1d", "1"), ("poe-global-3d", "1"), ("poe-global-7d", "1"), ("poe-global-7d", global_7d)}
+
+
+def test_a_warm_cache_forgets_the_global_versions_no_kept_model_forecasts_through():
+    from types import SimpleNamespace
+
+    from poe_pipeline.forecasting import ModelCache
+
+    cache = ModelCache()
+    cache._globals = {("lake", "poe-global-7d", v): SimpleNamespace() for v in ("1", "2", "3")}
+    cache._globals[("other lake", "poe-global-7d", "1")] = SimpleNamespace()
+    cache._partitions = {("lake", "poe-divine-orb-7d", "4"): SimpleNamespace(horizon=7, global_version="2")}
+    cache.forget_superseded({("lake", "poe-global-7d", "3")})
+    assert cache.held() == {("poe-global-7d", "3"), ("poe-global-7d", "2"), ("poe-global-7d", "1"),
+                            ("poe-divine-orb-7d", "4")}  # v2 through the partition, v1 of the other lake
+    assert ("lake", "poe-global-7d", "1") not in cache._globals
+    cache.forget_superseded({("lake", "poe-divine-orb-7d", "5"), ("lake", "poe-global-7d", "3")})
+    assert sorted(k for k in cache._globals if k[0] == "lake") == [("lake", "poe-global-7d", "3")]
+    assert not cache._partitions
 
 
 def test_a_model_file_changed_after_a_warm_forecast_is_refused(moved_lake, monkeypatch):
