@@ -1,0 +1,75 @@
+"""The accuracy bench scores kept replays together only when they were made with the run's own settings."""
+
+import json
+from datetime import date
+
+import polars as pl
+import pytest
+
+from benchmarks.bench_accuracy import REPLAY_SETTINGS, kept_project_predictions
+
+SETTINGS = {"currencies": 2, "refit_every": 7, "retune_every": 1000, "max_origins": 0, "origin_slice": "last",
+            "horizons": [1, 3, 7], "level": 0.8}
+UNIVERSES = {"Scourge": ["Divine Orb", "Chromatic Orb"], "Sentinel": ["Divine Orb", "Orb of Fusing"],
+             "Kalandra": ["Divine Orb", "Vaal Orb"]}
+
+
+def _kept(tmp_path, name: str, config: dict, leagues: list[str], wall: float) -> str:
+    rows = pl.DataFrame({"league": leagues, "currency": ["Divine Orb"] * len(leagues),
+                         "origin_date": [date(2022, 9, 1)] * len(leagues), "horizon_days": [1] * len(leagues),
+                         "current_price": [200.0] * len(leagues), "predicted_price": [201.0] * len(leagues),
+                         "pred_lower": [190.0] * len(leagues), "pred_upper": [210.0] * len(leagues),
+                         "actual_price": [205.0] * len(leagues)})
+    path = tmp_path / f"{name}.parquet"
+    rows.write_parquet(path)
+    path.with_suffix(".json").write_text(json.dumps({"config": config, "wall_s": wall, "refits": 3}))
+    return str(path)
+
+
+def _run(files: list[str], leagues: list[str], **changed) -> dict:
+    return {**SETTINGS, **changed, "leagues": leagues, "kept_replays": files}
+
+
+@pytest.fixture
+def replays(tmp_path):
+    """A two-league replay as the bench kept it before per-league files, and a one-league one as it keeps it now."""
+    pair = _kept(tmp_path, "pair", {**SETTINGS, "leagues": ["Scourge", "Sentinel"], "profile": "test",
+                                    "universes": {lg: UNIVERSES[lg] for lg in ("Scourge", "Sentinel")}},
+                 ["Scourge", "Sentinel"], 100.0)
+    one = _kept(tmp_path, "one", {**SETTINGS, "league": "Kalandra", "universe": UNIVERSES["Kalandra"],
+                                  "profile": "test", "code": "abc"}, ["Kalandra"], 50.0)
+    return pair, one
+
+
+def test_kept_replays_of_the_same_settings_are_scored_together(replays):
+    frame, wall, refits, sources = kept_project_predictions(
+        _run(list(replays), ["Scourge", "Sentinel", "Kalandra"]), UNIVERSES, "test")
+    assert sorted(frame["league"]) == ["Kalandra", "Scourge", "Sentinel"]
+    assert (wall, refits) == (150.0, 6)
+    assert [s["leagues"] for s in sources] == [["Scourge", "Sentinel"], ["Kalandra"]]
+    assert sources[1]["code"] == "abc"
+
+
+@pytest.mark.parametrize("setting", REPLAY_SETTINGS)
+def test_a_replay_made_with_another_setting_is_refused(replays, setting):
+    other = {"horizons": [1], "level": 0.9, "origin_slice": "first"}.get(setting, 99)
+    with pytest.raises(ValueError, match=f"other settings: {setting}"):
+        kept_project_predictions(_run(list(replays), ["Scourge", "Sentinel", "Kalandra"], **{setting: other}),
+                                 UNIVERSES, "test")
+
+
+def test_what_cannot_be_scored_together_is_refused(replays):
+    pair, one = replays
+    everyone = ["Scourge", "Sentinel", "Kalandra"]
+    with pytest.raises(ValueError, match="other settings: profile"):
+        kept_project_predictions(_run([one], ["Kalandra"]), UNIVERSES, "dev")
+    with pytest.raises(ValueError, match="universe of Kalandra"):
+        kept_project_predictions(_run([one], ["Kalandra"]), {**UNIVERSES, "Kalandra": ["Vaal Orb"]}, "test")
+    with pytest.raises(ValueError, match="repeats Kalandra"):
+        kept_project_predictions(_run([one, one, pair], everyone), UNIVERSES, "test")
+    with pytest.raises(ValueError, match="also holds Sentinel"):
+        kept_project_predictions(_run([pair, one], ["Scourge", "Kalandra"]), UNIVERSES, "test")
+    with pytest.raises(ValueError, match="no kept replay holds Kalandra"):
+        kept_project_predictions(_run([pair], everyone), UNIVERSES, "test")
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        kept_project_predictions(_run([pair.replace("pair", "missing")], everyone), UNIVERSES, "test")
