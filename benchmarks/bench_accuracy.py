@@ -210,9 +210,9 @@ def league_predictions(prices: pl.DataFrame, cfg: dict, league: str, universe: l
 
 def kept_project_predictions(cfg: dict, universes: dict[str, list[str]],
                              profile: str) -> tuple[pl.DataFrame, float, int, list[dict]]:
-    """(predictions, wall seconds, refits, where each came from) read from ``cfg["kept_replays"]``: each file's
-    leagues that the run tests, checked against the run's settings and universes so that nothing is scored
-    that this configuration would not have replayed."""
+    """(predictions, wall seconds, refits, where each came from) read from ``cfg["kept_replays"]``, each file
+    checked against the run's settings, universes and leagues, so that nothing is scored that this configuration
+    would not have replayed and every test league is scored once."""
     frames, wall, refits, sources, seen = [], 0.0, 0, [], set()
     for name in cfg["kept_replays"]:
         path = Path(name)
