@@ -23,6 +23,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import polars as pl
+import polars.selectors as cs
 
 # the native files, under <MLflow model>/artifacts/model/: defined in tracking, which must not import MLflow
 from poe_pipeline.tracking import ARTIFACT_KEY, native_dir  # noqa: F401
@@ -83,7 +84,9 @@ def save_pyfunc(directory: Path, model_dir: Path, kind: str, feature_names: list
     """Write the MLflow model of ``model_dir`` (native files) into ``directory``; returns it."""
     python_model = GlobalPyfunc() if kind == "global" else CurrencyPyfunc()
     example = example.select(input_columns(feature_names)).head(5)
-    inputs = example.to_pandas()
+    # integer columns are described as doubles: MLflow still takes ints there, and a day where one is missing
+    # (pandas holds it as a float NaN) is accepted too
+    inputs = example.with_columns(cs.integer().cast(pl.Float64)).to_pandas()
     outputs = _output(example, example_logret[: example.height])
     # MLflow keeps an artifact folder's own name: stage it as ARTIFACT_KEY so native_dir() finds it
     staged = Path(tempfile.mkdtemp()) / ARTIFACT_KEY
