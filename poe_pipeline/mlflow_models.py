@@ -84,8 +84,8 @@ def save_pyfunc(directory: Path, model_dir: Path, kind: str, feature_names: list
     """Write the MLflow model of ``model_dir`` (native files) into ``directory``; returns it."""
     python_model = GlobalPyfunc() if kind == "global" else CurrencyPyfunc()
     example = example.select(input_columns(feature_names)).head(5)
-    # integer columns are described as doubles: MLflow still takes ints there, and a day where one is missing
-    # (pandas holds it as a float NaN) is accepted too
+    # integer columns are described as doubles, as MLflow advises for columns that may be missing (pandas holds a
+    # missing integer as a float NaN); it still takes ints there, and no longer warns at every logged model
     inputs = example.with_columns(cs.integer().cast(pl.Float64)).to_pandas()
     outputs = _output(example, example_logret[: example.height])
     # MLflow keeps an artifact folder's own name: stage it as ARTIFACT_KEY so native_dir() finds it

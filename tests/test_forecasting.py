@@ -388,8 +388,8 @@ def test_a_champion_loaded_with_mlflow_forecasts_what_the_predictions_asset_wrot
         out = model.predict(rows.to_pandas())
         written = run.predictions.filter(pl.col("horizon_days") == h)
         assert out["predicted_price"].to_numpy() == pytest.approx(written["predicted_price"].to_numpy(), rel=1e-6)
-    # the signature declares the integer features as doubles: MLflow takes ints there and a missing value too,
-    # and logging a model does not warn once per model that integers cannot be missing
+    # the signature declares the integer features as doubles (ints are still taken, as above): logging a model
+    # does not warn once per model that integer columns cannot hold a missing value
     inputs = {c.name: c.type.name for c in model.metadata.get_input_schema().inputs}
     assert inputs["league_day"] == inputs["day_of_week"] == inputs["price_chaos"] == "double"
 
