@@ -403,6 +403,15 @@ def with_context(base: pl.DataFrame, prices: pl.DataFrame) -> pl.DataFrame:
 
 
 
+def _phase_cells(g: pl.DataFrame) -> list[tuple[str, str, np.ndarray]]:
+    """(league, phase, row mask) of each league and phase (``PHASES``), in order; none without ``league_day``."""
+    if "league_day" not in g.columns:
+        return []
+    day, leagues = g["league_day"].to_numpy(), g["league"].to_numpy()
+    return [(lg, name, (leagues == lg) & (day >= first) & (day <= last))
+            for lg in dict.fromkeys(leagues) for first, last, name in PHASES]
+
+
 def score(frame: pl.DataFrame, level: float, has_intervals: bool, makes_calls: bool = True) -> list[dict]:
     """``frame``: KEYS, current_price, actual_price, pred_logret[, lo_logret, hi_logret]; one dict per horizon."""
     rows = []
@@ -434,14 +443,13 @@ def score(frame: pl.DataFrame, level: float, has_intervals: bool, makes_calls: b
             "moves": int(moved.sum()),
             "coverage": None, "mean_winkler": None,
         }
-        if "league_day" in g.columns:  # where in a league the skill comes from
-            day, leagues = g["league_day"].to_numpy(), g["league"].to_numpy()
+        cells = _phase_cells(g)
+        if cells:  # where in a league the skill comes from
             row["skill_by_league_phase"] = [
                 {"league": lg, "phase": name, "n": int(m.sum()), "log_mae": float(err[m].mean()),
                  "persistence_log_mae": float(base[m].mean()),
                  "skill": 1 - float(err[m].mean()) / float(base[m].mean()) if base[m].mean() > 0 else None}
-                for lg in dict.fromkeys(leagues) for first, last, name in PHASES
-                if (m := (leagues == lg) & (day >= first) & (day <= last)).any()]
+                for lg, name, m in cells if m.any()]
         if has_intervals:  # over the rows that have an interval (mlforecast has none on a league's first days)
             lo = g["lo_logret"].cast(pl.Float64).fill_null(np.nan).to_numpy()
             hi = g["hi_logret"].cast(pl.Float64).fill_null(np.nan).to_numpy()
@@ -451,13 +459,10 @@ def score(frame: pl.DataFrame, level: float, has_intervals: bool, makes_calls: b
                 inside = (actual >= lo) & (actual <= hi)
                 row["coverage"] = float(np.mean(inside[has]))
                 row["mean_winkler"] = float(np.mean(winkler_score(lo[has], hi[has], actual[has], level)))
-                if "league_day" in g.columns:
-                    day = g["league_day"].to_numpy()
-                    leagues = g["league"].to_numpy()
+                if cells:
                     row["coverage_by_league_phase"] = [
                         {"league": lg, "phase": name, "n": int(m.sum()), "coverage": float(np.mean(inside[m]))}
-                        for lg in dict.fromkeys(leagues) for first, last, name in PHASES
-                        if (m := has & (leagues == lg) & (day >= first) & (day <= last)).any()]
+                        for lg, name, cell in cells if (m := has & cell).any()]
         rows.append(row)
     return rows
 
@@ -541,9 +546,10 @@ def run(repeats: int = 1, **overrides) -> dict:
             raise ValueError("POE_BENCH_KEPT_REPLAYS scores one profile: set POE_BENCH_PROFILES to it")
         pred, wall, refits, kept_from = kept_project_predictions(cfg, universes, cfg["profiles"][0])
         project[cfg["profiles"][0]] = (pred, wall, refits)
-    for profile in [] if kept_from else cfg["profiles"]:
-        _say(f"project, profile {profile}")
-        project[profile] = project_predictions(prices, cfg, universes, profile)
+    else:
+        for profile in cfg["profiles"]:
+            _say(f"project, profile {profile}")
+            project[profile] = project_predictions(prices, cfg, universes, profile)
     first = cfg["profiles"][0]
     # the scored rows: the first profile's forecasts whose realised price is known
     base = with_context(project[first][0].filter(pl.col("actual_price").is_not_null()).select(
