@@ -55,7 +55,14 @@ from poe_pipeline.forecasting import (
     league_adjustments,
     resolved_forecasts,
 )
-from poe_pipeline.global_model import OOF_FILE, GlobalResult, GlobalValidation, pooled_rows, train_global
+from poe_pipeline.global_model import (
+    OOF_FILE,
+    REFIT_MIN_GROWTH,
+    GlobalResult,
+    GlobalValidation,
+    pooled_rows,
+    train_global,
+)
 from poe_pipeline.lake import Lake, write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
@@ -142,6 +149,7 @@ class BacktestRun:
     predictions: pl.DataFrame  # BACKTEST_SCHEMA
     skipped: list[tuple[date, Skip]] = field(default_factory=list)
     refits: list[date] = field(default_factory=list)
+    kept_refits: list[date] = field(default_factory=list)  # refit days whose pooled rows grew too little to refit
     currencies: list[str] = field(default_factory=list)
     seconds: float = 0.0
     report_features: dict[date, pl.DataFrame] = field(default_factory=dict)  # the league's rows at decision days
@@ -260,6 +268,7 @@ def run_backtest(
     run = BacktestRun(league, pl.DataFrame(schema=BACKTEST_SCHEMA), currencies=list(currencies))
     models: dict[tuple[str, int], ForecastModel] = {}
     refit_date: date | None = None
+    fitted_rows = 0  # pooled rows at the last fit of the global models
     validations: dict[int, GlobalValidation] = dict(tuning or {})
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poe-backtest-"))
@@ -269,7 +278,16 @@ def run_backtest(
                                                            initializer=limit_threads))
         for i, origin in enumerate(origins):
             features, calendar = builder.at(origin)
-            if i % refit_every == 0:
+            grown = None
+            if i % refit_every == 0 and models and not (tuning is None and len(run.refits) % retune_every == 0):
+                pooled = pooled_rows(features, training_leagues(calendar, league), league, currencies).height
+                grown = pooled / fitted_rows - 1
+            if i % refit_every == 0 and grown is not None and grown < REFIT_MIN_GROWTH:
+                say(f"[{i + 1}/{len(origins)}] {origin}: kept {len(models)} models (the pooled rows grew "
+                    f"{grown:.1%} since their fit)")
+                run.kept_refits.append(origin)
+            elif i % refit_every == 0:
+                fitted_rows = pooled_rows(features, training_leagues(calendar, league), league, currencies).height
                 t = time.perf_counter()
                 tuned_now = tuning is None and len(run.refits) % retune_every == 0
                 if tuned_now:

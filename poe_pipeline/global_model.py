@@ -57,6 +57,7 @@ from poe_pipeline.settings import Profile
 
 POOL_SIZE = 100  # the most liquid currencies of each past league that the global model learns from
 MIN_GLOBAL_ROWS = 1000
+REFIT_MIN_GROWTH = 0.05  # a warm refit on fewer new pooled rows than this share keeps the fitted models
 OOF_FILE = "oof.parquet"
 OOF_SCHEMA = {"league": pl.Utf8, "currency": pl.Utf8, "date": pl.Date, "actual_logret": pl.Float64,
               "pred_logret": pl.Float64, "fold": pl.Utf8, "holdout": pl.Boolean, "in_pool": pl.Boolean}
