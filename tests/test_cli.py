@@ -68,15 +68,31 @@ def test_empty_history_dir(tmp_path):
     assert "no poe.ninja dumps" in result.stderr and "--history sample_data" in result.stderr
 
 
-def test_run_materializes_daily_prices_on_the_lake_instance(two_leagues, tmp_path):
+def test_run_imports_trains_registers_and_reports_on_the_lake_instance(tmp_path):
+    """One run as a user starts it (two runs cost a minute more of CI): dumps in, the warehouse, the lake's
+    Dagster instance, the registered models and the forecasts out; a second run imports nothing again."""
+    history = tmp_path / "history"
+    history.mkdir()
+    for name in ("Archnemesis", "Sentinel", "Kalandra"):
+        shutil.copy(SAMPLE / f"{name}.currency.csv.gz", history)
+    # Newer poe.ninja dumps round the inverse side of a very expensive currency to 0: such rows once rejected the
+    # whole dump and stopped the run. Here every Chaos Orb -> Mirror of Kalandra row of Sanctum says 0.
+    lines = gzip.decompress((SAMPLE / "Sanctum.currency.csv.gz").read_bytes()).decode().splitlines()
+    zeroed = [line.rsplit(";", 2)[0] + ";0;High" if ";Chaos Orb;Mirror of Kalandra;" in line else line
+              for line in lines]
+    assert sum(a != b for a, b in zip(lines, zeroed, strict=True)) > 50
+    (history / "Sanctum.currency.csv").write_text("\n".join(zeroed) + "\n")
     lake = tmp_path / "lake"
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "POE_DATA_LAKE")}
-    result = _cli("run", "--history", str(two_leagues), "--league", "Sanctum", "--lake", str(lake),
-                  "--currencies", "Chromatic Orb", env=env)
+    result = _cli("run", "--history", str(history), "--league", "Sanctum", "--lake", str(lake),
+                  "--currencies", "divine orb", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "[1/4] imported Archnemesis.currency.csv.gz" in result.stderr  # progress is shown
+    assert "Divine Orb|7d" in result.stderr  # training progress
     assert "Divine Orb" in result.stdout and str(lake / "warehouse.duckdb") in result.stdout
-    assert "[1/2] imported Kalandra.currency.csv.gz" in result.stderr  # progress is shown
-
+    # DAGSTER_HOME defaults to the lake, never a temp dir: the run is recorded there.
+    assert (lake / ".dagster" / "dagster.yaml").exists()
+    assert any((lake / ".dagster").rglob("*.db"))
     with duckdb.connect(str(lake / "warehouse.duckdb"), read_only=True) as con:
         last = con.execute(
             "SELECT price_chaos, source FROM daily_prices WHERE currency = 'Divine Orb' AND league = 'Sanctum' "
@@ -90,33 +106,6 @@ def test_run_materializes_daily_prices_on_the_lake_instance(two_leagues, tmp_pat
     assert feature_rows > 15_000
     # No price floor and no past-league condition: most currencies are in, cheap bulk ones too
     assert universe[0] > 150 and universe[1] > 100
-    # DAGSTER_HOME defaults to the lake, never a temp dir: the run is recorded there.
-    assert (lake / ".dagster" / "dagster.yaml").exists()
-    assert any((lake / ".dagster").rglob("*.db"))
-
-    again = _cli("run", "--history", str(two_leagues), "--league", "Sanctum", "--lake", str(lake),
-                 "--currencies", "Chromatic Orb", env=env)
-    assert again.returncode == 0
-    assert "imported" not in again.stderr.split("daily_prices")[0].replace("already_imported", "")
-
-
-def test_run_trains_registers_and_reports_models(tmp_path):
-    history = tmp_path / "history"
-    history.mkdir()
-    for name in ("Archnemesis", "Sentinel", "Kalandra"):
-        shutil.copy(SAMPLE / f"{name}.currency.csv.gz", history)
-    # Newer poe.ninja dumps round the inverse side of a very expensive currency to 0: such rows once rejected the
-    # whole dump and stopped the run. Here every Chaos Orb -> Mirror of Kalandra row of Sanctum says 0.
-    lines = gzip.decompress((SAMPLE / "Sanctum.currency.csv.gz").read_bytes()).decode().splitlines()
-    zeroed = [line.rsplit(";", 2)[0] + ";0;High" if ";Chaos Orb;Mirror of Kalandra;" in line else line
-              for line in lines]
-    assert sum(a != b for a, b in zip(lines, zeroed, strict=True)) > 50
-    (history / "Sanctum.currency.csv").write_text("\n".join(zeroed) + "\n")
-    lake = tmp_path / "lake"
-    result = _cli("run", "--history", str(history), "--league", "Sanctum", "--lake", str(lake),
-                  "--currencies", "divine orb")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Divine Orb|7d" in result.stderr  # training progress
 
     from mlflow import MlflowClient
 
@@ -145,3 +134,8 @@ def test_run_trains_registers_and_reports_models(tmp_path):
                             "AND reason LIKE 'Sanctum.currency.csv:%: Value is zero%'").fetchone()[0]
     assert [h for h, _ in forecasts] == [1, 3, 7] and all(100 < p < 300 for _, p in forecasts)
     assert zeros > 50
+
+    again = _cli("run", "--history", str(history), "--league", "Sanctum", "--lake", str(lake),
+                 "--currencies", "divine orb", env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "imported" not in again.stderr.split("daily_prices")[0].replace("already_imported", "")
