@@ -13,7 +13,9 @@
   each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``), the league's
   own shrink and interval scale included: they learn from the replay's forecasts come true by each origin. With
   ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates; the refits between keep that tuning
-  (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data.
+  (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data, as the weekly
+  retrain does: only when the pooled rows grew by ``global_model.REFIT_MIN_GROWTH`` since the last fit (a refit
+  day that keeps the models is in ``kept_refits``; ``retune_every`` counts the refits that fitted).
 - **Outputs.** A predictions file with the live columns plus ``actual_price`` (the price observed on
   ``origin + horizon``; null when that day was not observed) and, per horizon: log-MAE, MAPE, directional accuracy
   on moves of at least 1 %, skill against persistence, interval coverage against nominal, the mean Winkler score
@@ -57,10 +59,10 @@ from poe_pipeline.forecasting import (
 )
 from poe_pipeline.global_model import (
     OOF_FILE,
-    REFIT_MIN_GROWTH,
     GlobalResult,
     GlobalValidation,
     pooled_rows,
+    refit_due,
     train_global,
 )
 from poe_pipeline.lake import Lake, write_parquet_atomic, write_text_atomic
@@ -278,11 +280,11 @@ def run_backtest(
                                                            initializer=limit_threads))
         for i, origin in enumerate(origins):
             features, calendar = builder.at(origin)
-            grown = None
+            due, grown = True, 0.0
             if i % refit_every == 0 and models and not (tuning is None and len(run.refits) % retune_every == 0):
-                pooled = pooled_rows(features, training_leagues(calendar, league), league, currencies).height
-                grown = pooled / fitted_rows - 1
-            if i % refit_every == 0 and grown is not None and grown < REFIT_MIN_GROWTH:
+                due, grown = refit_due(
+                    fitted_rows, pooled_rows(features, training_leagues(calendar, league), league, currencies).height)
+            if i % refit_every == 0 and not due:
                 say(f"[{i + 1}/{len(origins)}] {origin}: kept {len(models)} models (the pooled rows grew "
                     f"{grown:.1%} since their fit)")
                 run.kept_refits.append(origin)

@@ -28,6 +28,7 @@ import polars as pl
 from poe_pipeline.currency_model import CurrencyResult, train_currency
 from poe_pipeline.global_model import (
     OOF_FILE,
+    REFIT_MIN_GROWTH,
     GlobalResult,
     GlobalValidation,
     KindValidation,
@@ -35,6 +36,7 @@ from poe_pipeline.global_model import (
     finish_global,
     global_data,
     pooled_rows,
+    refit_due,
     reuse_of,
     skip_reason,
     tuning_inputs,
@@ -64,6 +66,7 @@ class GlobalOutcome:
     horizon: int
     result: GlobalResult
     registration: Registration | None
+    kept: str = ""  # the champion version kept as it is (``result.reason`` says why); "" when trained or skipped
 
 
 @dataclass
@@ -227,12 +230,14 @@ def refit_globals(rows: pl.DataFrame, feature_columns: list[str], horizons: Iter
     return list(_global_results(specs, out_dirs, workers, warm))
 
 
-def _reusable(tracker: ModelTracker, specs: list[GlobalSpec],
-              progress: Callable[[str], None]) -> tuple[dict[int, GlobalValidation], dict[int, GlobalValidation]]:
-    """(horizon -> champion validation kept whole, horizon -> champion whose tuned parameters are kept): tuning on
-    the same past leagues gives the same answer, so a weekly retrain does not repeat it."""
+def _reusable(tracker: ModelTracker, specs: list[GlobalSpec], progress: Callable[[str], None],
+              ) -> tuple[dict[int, GlobalValidation], dict[int, GlobalValidation], dict[int, tuple[str, str]]]:
+    """(horizon -> champion validation kept whole, horizon -> champion whose tuned parameters are kept,
+    horizon -> (champion version kept as it is, why)): tuning on the same past leagues gives the same answer, so a
+    weekly retrain does not repeat it; and a champion whose rows grew too little (``refit_due``) is not refitted."""
     warm: dict[int, GlobalValidation] = {}
     fixed: dict[int, GlobalValidation] = {}
+    kept: dict[int, tuple[str, str]] = {}
     for spec in specs:
         name = global_model_name(spec.horizon)
         try:
@@ -248,7 +253,12 @@ def _reusable(tracker: ModelTracker, specs: list[GlobalSpec],
                 continue  # the horizon's job says why
             inputs = tuning_inputs(data, in_pool, spec.current_league, spec.profile, spec.seed)
         keep, why = reuse_of(champion, inputs)
-        if keep == "validation":
+        if keep == "validation" and not (due := refit_due(champion.fitted_rows, int(in_pool.sum())))[0]:
+            kept[spec.horizon] = (found[0], f"champion v{found[0]} kept as it is: its tuning inputs are unchanged and "
+                                            f"its pooled rows grew {due[1]:.1%} since its fit (a refit needs "
+                                            f"{REFIT_MIN_GROWTH:.0%})")
+            progress(f"global {spec.horizon}d: {kept[spec.horizon][1]}")
+        elif keep == "validation":
             champion.reused = f"validation of {name} v{found[0]} kept: {why}"
             warm[spec.horizon] = champion
             progress(f"global {spec.horizon}d: keeps the tuning, weights and out-of-fold forecasts of champion "
@@ -261,7 +271,7 @@ def _reusable(tracker: ModelTracker, specs: list[GlobalSpec],
         else:
             progress(f"global {spec.horizon}d: tuning with Optuna ({why})")
     _DATA.clear()
-    return warm, fixed
+    return warm, fixed, kept
 
 
 def _staging(lake: Lake) -> Path:
@@ -303,7 +313,10 @@ def train_globals(
     failed = False
     try:
         out_dirs = {h: staging / f"global-{h}d" for h in horizons}
-        warm, fixed = ({}, {}) if retune else _reusable(tracker, specs, progress)
+        warm, fixed, kept = ({}, {}, {}) if retune else _reusable(tracker, specs, progress)
+        outcomes += [GlobalOutcome(h, GlobalResult(h, trained=False, reason=why), None, kept=version)
+                     for h, (version, why) in kept.items()]
+        specs = [s for s in specs if s.horizon not in kept]
         for done, result in enumerate(_global_results(specs, out_dirs, workers, warm, fixed), 1):
             registration = None
             if result.trained:
@@ -410,6 +423,8 @@ def write_model_metrics(lake: Lake, outcomes: list[TrainOutcome], globals_: list
     now = datetime.now(UTC)
     rows = []
     for g in globals_:
+        if g.kept:  # not a training: the champion's own row says what it was trained on
+            continue
         r = g.result
         m = r.metrics.get("holdout", {})
         rows.append({

@@ -105,7 +105,9 @@ def test_refits_between_re_tunes_keep_the_tuning(monkeypatch):
     assert run.predictions.height == 5 and run.predictions["refit_date"].to_list() == [origins[0]] * 5
 
     calls.clear()  # with any growth enough, they refit the final models on the new rows
-    monkeypatch.setattr(backtest, "REFIT_MIN_GROWTH", 0.0)
+    import poe_pipeline.global_model as global_model
+
+    monkeypatch.setattr(global_model, "REFIT_MIN_GROWTH", 0.0)
     run = run_backtest(prices, "Sanctum", origins, ["Divine Orb"], refit_every=1, horizons=(1,), retune_every=2)
     assert run.refits == origins and not run.kept_refits
     assert calls == [False, True, False, True, False]  # re-tune, refit, re-tune, ...

@@ -29,6 +29,7 @@ from poe_pipeline.assets.features import currency_partitions
 from poe_pipeline.features import FEATURE_COLUMNS
 from poe_pipeline.resources import LakeResource, MonitoringResource, RunScopeResource
 from poe_pipeline.settings import Settings
+from poe_pipeline.tracking import global_model_name
 from poe_pipeline.training import (
     HORIZON_KEYS,
     GlobalOutcome,
@@ -79,6 +80,8 @@ def _registration_metadata(reg, mlflow_url: str) -> dict:
 
 def global_metadata(outcome: GlobalOutcome, mlflow_url: str) -> dict:
     r, reg = outcome.result, outcome.registration
+    if outcome.kept:
+        return {"trained": False, "kept": f"{global_model_name(outcome.horizon)} v{outcome.kept}", "reason": r.reason}
     if not r.trained:
         return {"trained": False, "reason": r.reason}
     return {
@@ -126,7 +129,7 @@ def train(context, lake: LakeResource, run_scope: RunScopeResource, horizons: li
         globals_ = train_globals(store, load_training_features(store), FEATURE_COLUMNS, horizons,
                                  scope.training_leagues, scope.league, scope.eligible(), scope.profile, tags,
                                  progress=context.log.info, retune=retune)
-        failed = [g for g in globals_ if not g.result.trained]
+        failed = [g for g in globals_ if not g.result.trained and not g.kept]
         if failed:
             raise dg.Failure("; ".join(f"global model {g.horizon}d not trained: {g.result.reason}" for g in failed))
     partitions = train_currencies(store, requests, scope.league, scope.profile_name, tags,
@@ -143,9 +146,9 @@ def train(context, lake: LakeResource, run_scope: RunScopeResource, horizons: li
     op_tags=TRAINING_QUEUE,
     description="One ensemble of LightGBM, XGBoost and RandomForest per horizon, pooled over the liquid currencies "
     "of every league; tuned with Optuna on league folds and scored on a holdout league that tuning never saw "
-    "(tuned once a league: a retrain with the same past leagues keeps the champion's tuning; config retune: true "
-    "tunes anyway); logged to MLflow and registered as poe-global-<h>d (`champion` moves only to a model that is "
-    "no worse).",
+    "(tuned once a league: a retrain with the same past leagues keeps the champion's tuning, and keeps the champion "
+    "as it is while its pooled rows grew under 5 %; config retune: true tunes anyway); logged to MLflow and "
+    "registered as poe-global-<h>d (`champion` moves only to a model that is no worse).",
 )
 def global_models(
     context: dg.AssetExecutionContext, config: GlobalModelsConfig, lake: LakeResource, run_scope: RunScopeResource
