@@ -73,3 +73,37 @@ def test_what_cannot_be_scored_together_is_refused(replays):
         kept_project_predictions(_run([pair], everyone), UNIVERSES, "test")
     with pytest.raises(FileNotFoundError, match="missing.parquet"):
         kept_project_predictions(_run([pair.replace("pair", "missing")], everyone), UNIVERSES, "test")
+
+
+def test_compare_replays_scores_each_on_the_rows_they_share(tmp_path, monkeypatch, capsys):
+    import benchmarks.bench_features as bench_features
+    from benchmarks import compare_replays
+    from conftest import SAMPLE
+    from poe_pipeline.prices import daily_from_dump_rows, merge_daily_prices
+    from poe_pipeline.sources.poe_ninja import read_dump
+
+    prices = merge_daily_prices(daily_from_dump_rows(read_dump(SAMPLE / "Sanctum.currency.csv.gz")))
+    monkeypatch.setattr(bench_features, "development_daily_prices", lambda: prices)
+    divine = prices.filter(pl.col("currency") == "Divine Orb").sort("date")
+    today, tomorrow = divine["price_chaos"].to_numpy()[10:30], divine["price_chaos"].to_numpy()[11:31]
+    base = pl.DataFrame({"league": "Sanctum", "currency": "Divine Orb", "origin_date": divine["date"][10:30],
+                         "horizon_days": 1, "current_price": today, "actual_price": tomorrow})
+
+    def kept(name: str, predicted, rows: int = 20) -> str:
+        frame = base.head(rows).with_columns(pl.Series("predicted_price", predicted[:rows]),
+                                             pl.Series("pred_lower", today[:rows] * 0.5),
+                                             pl.Series("pred_upper", today[:rows] * 2.0))
+        path = tmp_path / f"{name}.parquet"
+        frame.write_parquet(path)
+        path.with_suffix(".json").write_text(json.dumps({"config": {"level": 0.8, "code": name}, "wall_s": 10.0,
+                                                         "refits": 1}))
+        return str(path)
+
+    exact, still = kept("exact", tomorrow), kept("still", today, rows=15)
+    assert compare_replays.main([f"exact={exact}", f"still={still}"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] == 15  # the rows both forecast
+    (perfect,), (persistence,) = (r["scores"] for r in out["replays"].values())
+    assert perfect["skill"] == pytest.approx(1.0) and persistence["skill"] == pytest.approx(0.0)
+    assert perfect["coverage"] == persistence["coverage"] == 1.0 and out["replays"]["exact"]["code"] == ["exact"]
+    assert compare_replays.main([str(tmp_path / "missing.parquet")]) == 2
