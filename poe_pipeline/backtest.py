@@ -13,9 +13,7 @@
   each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``), the league's
   own shrink and interval scale included: they learn from the replay's forecasts come true by each origin. With
   ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates; the refits between keep that tuning
-  (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data, as the weekly
-  retrain does: only when the pooled rows grew by ``global_model.REFIT_MIN_GROWTH`` since the last fit (a refit
-  day that keeps the models is in ``kept_refits``; ``retune_every`` counts the refits that fitted).
+  (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data.
 - **Outputs.** A predictions file with the live columns plus ``actual_price`` (the price observed on
   ``origin + horizon``; null when that day was not observed) and, per horizon: log-MAE, MAPE, directional accuracy
   on moves of at least 1 %, skill against persistence, interval coverage against nominal, the mean Winkler score
@@ -57,14 +55,7 @@ from poe_pipeline.forecasting import (
     league_adjustments,
     resolved_forecasts,
 )
-from poe_pipeline.global_model import (
-    OOF_FILE,
-    GlobalResult,
-    GlobalValidation,
-    pooled_rows,
-    refit_due,
-    train_global,
-)
+from poe_pipeline.global_model import OOF_FILE, GlobalResult, GlobalValidation, pooled_rows, train_global
 from poe_pipeline.lake import Lake, write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
@@ -151,7 +142,6 @@ class BacktestRun:
     predictions: pl.DataFrame  # BACKTEST_SCHEMA
     skipped: list[tuple[date, Skip]] = field(default_factory=list)
     refits: list[date] = field(default_factory=list)
-    kept_refits: list[date] = field(default_factory=list)  # refit days whose pooled rows grew too little to refit
     currencies: list[str] = field(default_factory=list)
     seconds: float = 0.0
     report_features: dict[date, pl.DataFrame] = field(default_factory=dict)  # the league's rows at decision days
@@ -270,7 +260,6 @@ def run_backtest(
     run = BacktestRun(league, pl.DataFrame(schema=BACKTEST_SCHEMA), currencies=list(currencies))
     models: dict[tuple[str, int], ForecastModel] = {}
     refit_date: date | None = None
-    fitted_rows = 0  # pooled rows at the last fit of the global models
     validations: dict[int, GlobalValidation] = dict(tuning or {})
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poe-backtest-"))
@@ -280,16 +269,7 @@ def run_backtest(
                                                            initializer=limit_threads))
         for i, origin in enumerate(origins):
             features, calendar = builder.at(origin)
-            due, grown = True, 0.0
-            if i % refit_every == 0 and models and not (tuning is None and len(run.refits) % retune_every == 0):
-                due, grown = refit_due(
-                    fitted_rows, pooled_rows(features, training_leagues(calendar, league), league, currencies).height)
-            if i % refit_every == 0 and not due:
-                say(f"[{i + 1}/{len(origins)}] {origin}: kept {len(models)} models (the pooled rows grew "
-                    f"{grown:.1%} since their fit)")
-                run.kept_refits.append(origin)
-            elif i % refit_every == 0:
-                fitted_rows = pooled_rows(features, training_leagues(calendar, league), league, currencies).height
+            if i % refit_every == 0:
                 t = time.perf_counter()
                 tuned_now = tuning is None and len(run.refits) % retune_every == 0
                 if tuned_now:

@@ -19,8 +19,8 @@ were pooled LightGBMs), and on the development leagues it beat per-currency mode
   validation; one whose past leagues and profile are the same but whose rows differ (a currency joined the
   forecast, the features changed) keeps its tuned parameters and forecasts the folds again without a search
   (``reuse_of``). Only a new past league or another profile tunes again: once a league, not every week.
-- **Kept as it is.** A retrain that would keep the whole validation refits the final models only when the pooled
-  rows grew by ``REFIT_MIN_GROWTH`` since the champion's fit (``refit_due``); otherwise the champion stays as it is.
+- **Kept as it is.** A retrain that would keep the whole validation on exactly the rows of the champion's fit (the
+  same ``data_hash``: run again with no new day) fits nothing; the champion stays as it is.
 """
 
 from __future__ import annotations
@@ -59,10 +59,6 @@ from poe_pipeline.settings import Profile
 
 POOL_SIZE = 100  # the most liquid currencies of each past league that the global model learns from
 MIN_GLOBAL_ROWS = 1000
-# A refit that keeps the tuning and would add fewer new labelled pooled rows than this share keeps the fitted
-# models: a league's new days are a small share of the past leagues' rows (README, "Refitted when the rows
-# grew", says what refitting them weekly bought on the walk-forward).
-REFIT_MIN_GROWTH = 0.05
 OOF_FILE = "oof.parquet"
 OOF_SCHEMA = {"league": pl.Utf8, "currency": pl.Utf8, "date": pl.Date, "actual_logret": pl.Float64,
               "pred_logret": pl.Float64, "fold": pl.Utf8, "holdout": pl.Boolean, "in_pool": pl.Boolean}
@@ -114,7 +110,7 @@ class GlobalValidation:
     tuning: dict[str, dict[str, float]] = field(default_factory=dict)  # kind -> trials, pruned, rounds, seconds
     inputs: dict = field(default_factory=dict)  # tuning_inputs: what this validation is a function of
     reused: str = ""  # "" tuned here; else what was kept of an earlier validation, and why
-    fitted_rows: int = 0  # the labelled pooled rows its final models were fitted on (0: unknown)
+    fitted_hash: str = ""  # ModelData.data_hash of the rows its final models were fitted on ("": unknown)
 
     @classmethod
     def read(cls, directory: Path) -> GlobalValidation:
@@ -123,16 +119,7 @@ class GlobalValidation:
         meta = json.loads((Path(directory) / "ensemble.json").read_text())
         return cls(meta["params"], meta["rounds"], meta["weights"], meta["metrics"], meta["folds"],
                    pl.read_parquet(Path(directory) / OOF_FILE), meta.get("tuning", {}), meta.get("inputs", {}),
-                   fitted_rows=int(meta.get("data_window", {}).get("rows", 0)))
-
-
-def refit_due(fitted_rows: int, rows_now: int) -> tuple[bool, float]:
-    """(whether a refit that keeps the tuning is worth fitting, the rows' growth since the fit): it is when the
-    pooled rows grew by ``REFIT_MIN_GROWTH`` or more, or when the fitted row count is unknown."""
-    if fitted_rows <= 0:
-        return True, float("inf")
-    grown = rows_now / fitted_rows - 1
-    return grown >= REFIT_MIN_GROWTH, grown
+                   fitted_hash=meta.get("data_window", {}).get("data_hash", ""))
 
 
 _LIBRARIES = ("lightgbm", "xgboost", "sklearn", "optuna", "numpy")  # modules: xgboost ships as xgboost-cpu too

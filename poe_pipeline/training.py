@@ -28,7 +28,6 @@ import polars as pl
 from poe_pipeline.currency_model import CurrencyResult, train_currency
 from poe_pipeline.global_model import (
     OOF_FILE,
-    REFIT_MIN_GROWTH,
     GlobalResult,
     GlobalValidation,
     KindValidation,
@@ -36,7 +35,6 @@ from poe_pipeline.global_model import (
     finish_global,
     global_data,
     pooled_rows,
-    refit_due,
     reuse_of,
     skip_reason,
     tuning_inputs,
@@ -234,7 +232,7 @@ def _reusable(tracker: ModelTracker, specs: list[GlobalSpec], progress: Callable
               ) -> tuple[dict[int, GlobalValidation], dict[int, GlobalValidation], dict[int, tuple[str, str]]]:
     """(horizon -> champion validation kept whole, horizon -> champion whose tuned parameters are kept,
     horizon -> (champion version kept as it is, why)): tuning on the same past leagues gives the same answer, so a
-    weekly retrain does not repeat it; and a champion whose rows grew too little (``refit_due``) is not refitted."""
+    weekly retrain does not repeat it; and a champion fitted on exactly the same rows is not fitted again."""
     warm: dict[int, GlobalValidation] = {}
     fixed: dict[int, GlobalValidation] = {}
     kept: dict[int, tuple[str, str]] = {}
@@ -253,10 +251,8 @@ def _reusable(tracker: ModelTracker, specs: list[GlobalSpec], progress: Callable
                 continue  # the horizon's job says why
             inputs = tuning_inputs(data, in_pool, spec.current_league, spec.profile, spec.seed)
         keep, why = reuse_of(champion, inputs)
-        if keep == "validation" and not (due := refit_due(champion.fitted_rows, int(in_pool.sum())))[0]:
-            kept[spec.horizon] = (found[0], f"champion v{found[0]} kept as it is: its tuning inputs are unchanged and "
-                                            f"its pooled rows grew {due[1]:.1%} since its fit (a refit needs "
-                                            f"{REFIT_MIN_GROWTH:.0%})")
+        if keep == "validation" and champion.fitted_hash == data.data_hash():
+            kept[spec.horizon] = (found[0], f"champion v{found[0]} kept as it is: it was fitted on exactly these rows")
             progress(f"global {spec.horizon}d: {kept[spec.horizon][1]}")
         elif keep == "validation":
             champion.reused = f"validation of {name} v{found[0]} kept: {why}"

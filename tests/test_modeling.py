@@ -351,25 +351,24 @@ def test_what_a_retrain_keeps_of_its_champion(global_3d, real):
     assert reuse_of(dataclasses.replace(champion, inputs={}), same)[0] == ""
 
 
-def test_a_weekly_retrain_keeps_the_champions_tuning_and_says_so(real, lake, monkeypatch):
+def test_a_weekly_retrain_keeps_the_champions_tuning_and_says_so(real, lake):
     """Through ``train_globals``, as the weekly schedule runs it: the first retrain tunes; the next, where a
-    currency joined the forecast, keeps the champion's parameters; the one after, with nothing changed, keeps the
-    champion as it is (its rows did not grow); with rows enough, it keeps the whole validation and refits the final
+    currency joined the forecast, keeps the champion's parameters; the one after, with nothing changed at all, keeps
+    the champion as it is; with other rows of the current league, it keeps the whole validation and refits the final
     models. Each model is registered and promoted on the same folds and rows."""
-    import poe_pipeline.global_model as global_model
     from poe_pipeline.training import train_globals
 
     features, order, _ = real
     said: list[str] = []
 
-    def train(currencies: list[str]):
+    def train(currencies: list[str], rows: pl.DataFrame = features):
         said.clear()
-        (outcome,) = train_globals(lake, features, FEATURE_COLUMNS, [3], order, "Sanctum", currencies, PROFILE,
+        (outcome,) = train_globals(lake, rows, FEATURE_COLUMNS, [3], order, "Sanctum", currencies, PROFILE,
                                    {"dagster_run_id": "test"}, workers=1, progress=said.append)
         return outcome
 
-    def retrain(currencies: list[str]):
-        outcome = train(currencies)
+    def retrain(currencies: list[str], rows: pl.DataFrame = features):
+        outcome = train(currencies, rows)
         assert outcome.registration.promoted, outcome.registration.reason
         return outcome.result
 
@@ -387,15 +386,16 @@ def test_a_weekly_retrain_keeps_the_champions_tuning_and_says_so(real, lake, mon
     assert "Annulment Shard" in set(oof.filter(pl.col("league") != "Sanctum")["currency"])  # forecast out of fold
     as_it_is = train([*FORECAST, "Annulment Shard"])
     assert (as_it_is.kept, as_it_is.registration, as_it_is.result.trained) == ("2", None, False)
-    assert as_it_is.result.reason == ("champion v2 kept as it is: its tuning inputs are unchanged and its pooled "
-                                      "rows grew 0.0% since its fit (a refit needs 5%)")
+    assert as_it_is.result.reason == "champion v2 kept as it is: it was fitted on exactly these rows"
     assert said == [f"global 3d: {as_it_is.result.reason}"]
     assert ModelTracker(lake).champion(global_model_name(3))[0] == "2"
     metrics = pl.read_parquet(lake.parquet_files(lake.model_metrics))
     assert metrics.height == 2  # a kept champion is not a training: no row of its own
 
-    monkeypatch.setattr(global_model, "REFIT_MIN_GROWTH", 0.0)  # as if a few weeks of the league had come in
-    kept_all = retrain([*FORECAST, "Annulment Shard"])
+    # the current league a week shorter (a week longer works alike): the same past leagues, other rows to fit
+    week_earlier = features.filter((pl.col("league") != "Sanctum")
+                                   | (pl.col("date") <= features["date"].max() - pl.duration(days=7)))
+    kept_all = retrain([*FORECAST, "Annulment Shard"], week_earlier)
     assert any("keeps the tuning, weights and out-of-fold forecasts of champion v2" in s for s in said)
     assert kept_all.data_window["tuning"].startswith("validation of poe-global-3d v2 kept")
     assert (kept_all.metrics, kept_all.data_window["oof_rows"]) == (kept_params.metrics, oof.height)
