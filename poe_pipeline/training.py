@@ -410,7 +410,7 @@ def _registration_fields(reg: Registration | None, reason: str) -> dict:
 
 
 def write_model_metrics(lake: Lake, outcomes: list[TrainOutcome], globals_: list[GlobalOutcome], run_id: str,
-                        league: str, profile: str) -> Path:
+                        league: str, profile: str) -> Path | None:
     """One row per training (a global model or a partition), appended as one file per run (``model_metrics``).
 
     The skill is out of sample for every choice made in training: a global model's is on its holdout league, which
@@ -458,6 +458,8 @@ def write_model_metrics(lake: Lake, outcomes: list[TrainOutcome], globals_: list
             "global_model_version": r.global_version or None, "metrics_scope": r.metrics_scope,
             "global_mae_logret": m.get("global", {}).get("mae_logret"),
         })
+    if not rows:  # every global champion kept as it is: no training to record
+        return None
     frame = pl.DataFrame(rows, schema=MODEL_METRICS_SCHEMA)
     path = lake.model_metrics / f"{now.strftime('%Y%m%dT%H%M%S%f')}-{slug(run_id)[:36]}.parquet"
     return write_parquet_atomic(frame, path)
