@@ -403,6 +403,14 @@ def with_context(base: pl.DataFrame, prices: pl.DataFrame) -> pl.DataFrame:
 
 
 
+def replay_logrets(pred: pl.DataFrame) -> pl.DataFrame:
+    """A project replay's forecast and interval as log returns from the origin's price (what ``score`` reads)."""
+    return pred.cast({"horizon_days": pl.Int32}).select(
+        *KEYS, (pl.col("predicted_price") / pl.col("current_price")).log().alias("pred_logret"),
+        (pl.col("pred_lower") / pl.col("current_price")).log().alias("lo_logret"),
+        (pl.col("pred_upper") / pl.col("current_price")).log().alias("hi_logret"))
+
+
 def _phase_cells(g: pl.DataFrame) -> list[tuple[str, str, np.ndarray]]:
     """(league, phase, row mask) of each league and phase (``PHASES``), in order; none without ``league_day``."""
     if "league_day" not in g.columns:
@@ -555,10 +563,7 @@ def run(repeats: int = 1, **overrides) -> dict:
     base = with_context(project[first][0].filter(pl.col("actual_price").is_not_null()).select(
         *KEYS, "current_price", "actual_price").cast({"horizon_days": pl.Int32}), prices)
     for profile, (pred, wall, refits) in project.items():
-        frame = base.join(pred.cast({"horizon_days": pl.Int32}).select(
-            *KEYS, (pl.col("predicted_price") / pl.col("current_price")).log().alias("pred_logret"),
-            (pl.col("pred_lower") / pl.col("current_price")).log().alias("lo_logret"),
-            (pl.col("pred_upper") / pl.col("current_price")).log().alias("hi_logret")), on=KEYS, how="inner")
+        frame = base.join(replay_logrets(pred), on=KEYS, how="inner")
         methods[f"project-{profile}"] = {"frame": frame, "wall_s": wall, "refits": refits, "intervals": True}
     t0 = time.perf_counter()
     methods["persistence"] = {"frame": base.with_columns(pl.lit(0.0).alias("pred_logret")), "intervals": False,

@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    from benchmarks.bench_accuracy import KEYS, score, with_context
+    from benchmarks.bench_accuracy import KEYS, replay_logrets, score, with_context
     from benchmarks.bench_features import development_daily_prices
 
     replays = {}
@@ -50,10 +50,7 @@ def main(argv: list[str]) -> int:
     out = {"rows": common.height, "replays": {}}
     for name, (frame, meta) in replays.items():
         rows = with_context(frame.join(common, on=KEYS).select(*KEYS, "current_price", "actual_price"), prices)
-        rows = rows.join(frame.select(
-            *KEYS, (pl.col("predicted_price") / pl.col("current_price")).log().alias("pred_logret"),
-            (pl.col("pred_lower") / pl.col("current_price")).log().alias("lo_logret"),
-            (pl.col("pred_upper") / pl.col("current_price")).log().alias("hi_logret")), on=KEYS)
+        rows = rows.join(replay_logrets(frame), on=KEYS)
         out["replays"][name] = {**{k: meta[k] for k in ("wall_s", "refits", "code")},
                                 "scores": score(rows, meta["level"], True)}
     json.dump(out, sys.stdout, indent=1, default=str)
