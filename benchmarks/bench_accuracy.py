@@ -113,7 +113,6 @@ def config_from_env() -> dict:
         "workers": int(env("POE_BENCH_WORKERS", "0")) or (os.cpu_count() or 1),
         "horizons": list(HORIZONS_DAYS),
         "level": INTERVAL_LEVEL,
-        "update": float(env("POE_BENCH_UPDATE", "0")),
         "kept_replays": [x.strip() for x in env("POE_BENCH_KEPT_REPLAYS", "").split(",") if x.strip()],
     }
 
@@ -172,7 +171,7 @@ def _replay_league(prices: pl.DataFrame, cfg: dict, league: str, universe: list[
     origins = league_origins(prices, league, cfg["max_origins"], cfg["origin_slice"])
     run = run_backtest(prices, league, origins, universe, cfg["refit_every"], profile, cfg["horizons"],
                        cfg["level"], workers=cfg["workers"], progress=lambda m: _say(f"{league} {m}"),
-                       retune_every=cfg["retune_every"], update=cfg["update"])
+                       retune_every=cfg["retune_every"])
     frame = run.predictions.select(*KEYS, "current_price", "predicted_price", "pred_lower", "pred_upper",
                                    "actual_price")
     return frame, time.perf_counter() - started, len(run.refits)

@@ -162,7 +162,6 @@ def _train_global_job(job: tuple) -> GlobalResult:
 def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currencies: list[str],
            horizons: list[int], profile: Profile, workdir: Path, pool: Executor | None, seed: int,
            version: str, validations: dict[int, GlobalValidation] | None = None, workers: int = 1,
-           keep: Path | None = None, base: dict[int, Path] | None = None, update: float = 0.0,
            ) -> tuple[dict[tuple[str, int], ForecastModel], list[Skip]]:
     """Train the global model of each horizon (in ``pool``) and specialise it to every currency, on the features
     known at the origin; load the models in memory and delete the artifacts.
@@ -173,15 +172,7 @@ def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currenci
     order = training_leagues(calendar, league)
     rows = pooled_rows(features, order, league, currencies)
     warm = validations or {}
-    if base:  # continue the league's first boosters on the current league's labelled rows
-        from poe_pipeline.modeling import update_global
-        results = []
-        for h in horizons:
-            out = workdir / f"global-{h}d"
-            shutil.copytree(base[h], out)
-            update_global(rows, FEATURE_COLUMNS, h, order, league, out, update)
-            results.append(GlobalResult(h, trained=True, artifact_dir=str(out)))
-    elif warm and set(horizons) <= set(warm):  # final fits only: a job per weighted kind packs two cores better
+    if warm and set(horizons) <= set(warm):  # final fits only: a job per weighted kind packs two cores better
         from poe_pipeline.training import refit_globals
 
         results = refit_globals(rows, FEATURE_COLUMNS, horizons, order, league, profile, workdir, warm, workers,
@@ -214,8 +205,6 @@ def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currenci
             models[(currency, h)] = ForecastModel.load(currency, h, version, Path(part.artifact_dir), base,
                                                        f"backtest-{slug(currency)}-{h}d")
             shutil.rmtree(part.artifact_dir, ignore_errors=True)
-        if keep is not None:
-            shutil.move(directory, keep / f"global-{h}d")
         shutil.rmtree(directory, ignore_errors=True)  # loaded in memory
     return models, skipped
 
@@ -234,7 +223,6 @@ def run_backtest(
     progress: Callable[[str], None] | None = None,
     retune_every: int = 1,
     tuning: dict[int, GlobalValidation] | None = None,
-    update: float = 0.0,
 ) -> BacktestRun:
     """Replay ``league`` over ``origins`` (ascending), refitting every ``refit_every`` origins.
 
@@ -286,17 +274,10 @@ def run_backtest(
                 tuned_now = tuning is None and len(run.refits) % retune_every == 0
                 if tuned_now:
                     validations.clear()  # a full re-tune
-                keep = base = None
-                if update > 0:
-                    if run.refits:
-                        base = {h: Path(tmp) / "base" / f"global-{h}d" for h in horizons}
-                    else:
-                        keep = Path(tmp) / "base"
-                        keep.mkdir()
                 models, skipped = _refit(features, calendar, league, currencies, horizons, profile,
                                          Path(tmp) / origin.isoformat(), pool, seed, f"backtest-{origin}",
                                          validations if retune_every > 1 or tuning else None,  # kept if reused
-                                         workers=workers, keep=keep, base=base, update=update)
+                                         workers=workers)
                 refit_date = origin
                 run.refits.append(origin)
                 run.skipped += [(origin, s) for s in skipped]

@@ -674,34 +674,3 @@ def die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent.pid:  # the parent died before the request took effect
         os._exit(1)
-
-
-def update_global(rows: pl.DataFrame, feature_columns: list[str], horizon: int, league_order: list[str],
-                  current_league: str, out_dir: Path, fraction: float) -> int:
-    """Continue the boosters saved in ``out_dir`` for ``fraction`` of their rounds on the current league's
-    labelled pool rows, in place; the forest is kept. Returns the rows used."""
-    from poe_pipeline.global_model import global_data
-
-    data, in_pool = global_data(rows, feature_columns, horizon, league_order)
-    cur = np.flatnonzero(in_pool & (data.leagues == current_league))
-    meta = json.loads((out_dir / META_FILE).read_text())
-    if len(cur) == 0:
-        return 0
-    X, y, w = data.X[cur], data.y[cur], data.weight[cur]
-    for kind in ("lightgbm", "xgboost"):
-        if meta["weights"].get(kind, 0) <= 0:
-            continue
-        extra = max(1, round(fraction * meta["rounds"][kind]))
-        path = out_dir / ARTIFACT_FILES[kind]
-        if kind == "lightgbm":
-            model = lgb.train(_lgb_params(None, meta["params"][kind]),
-                              lgb.Dataset(X, y, weight=w, feature_name=data.feature_names, params={"max_bin": 63}),
-                              num_boost_round=extra, init_model=str(path))
-            model.save_model(str(path))
-        else:
-            booster = xgb.Booster(model_file=str(path))
-            model = xgb.train(_xgb_params(None, meta["params"][kind]),
-                              xgb.DMatrix(X, y, weight=w, nthread=1, feature_names=data.feature_names),
-                              num_boost_round=extra, xgb_model=booster)
-            model.save_model(str(path))
-    return len(cur)
