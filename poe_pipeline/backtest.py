@@ -8,8 +8,9 @@
   origin's data. Models never see a target that was realised after the origin; ``tests/test_backtest.py`` proves it
   by multiplying every later price by 100 and getting the same predictions.
 - **Refits.** Every ``refit_every`` origins, the global model of each horizon is retrained
-  (``global_model.train_global``) and specialised to every currency (``currency_model.train_currency``), without
-  MLflow (artifacts in a temporary folder, loaded and then deleted); between refits the latest models predict from
+  (``training.refit_globals``: the weekly retrain's (horizon, kind) jobs, without the registry) and specialised to
+  every currency (``currency_model.train_currency``), without MLflow (artifacts in a temporary folder, loaded and
+  then deleted); between refits the latest models predict from
   each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``), the league's
   own shrink and interval scale included: they learn from the replay's forecasts come true by each origin. With
   ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates; the refits between keep that tuning
@@ -26,15 +27,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import multiprocessing as mp
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -55,7 +53,7 @@ from poe_pipeline.forecasting import (
     league_adjustments,
     resolved_forecasts,
 )
-from poe_pipeline.global_model import OOF_FILE, GlobalResult, GlobalValidation, pooled_rows, train_global
+from poe_pipeline.global_model import OOF_FILE, GlobalValidation, pooled_rows
 from poe_pipeline.lake import Lake, write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
@@ -155,32 +153,23 @@ def _universe_at(prices: pl.DataFrame, league: str, origin: date) -> list[str]:
     return universe.filter(pl.col("eligible"))["currency"].to_list()
 
 
-def _train_global_job(job: tuple) -> GlobalResult:
-    return train_global(*job)
-
-
 def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currencies: list[str],
-           horizons: list[int], profile: Profile, workdir: Path, pool: Executor | None, seed: int,
-           version: str, validations: dict[int, GlobalValidation] | None = None, workers: int = 1,
+           horizons: list[int], profile: Profile, workdir: Path, seed: int, version: str,
+           validations: dict[int, GlobalValidation] | None = None, workers: int = 1,
            ) -> tuple[dict[tuple[str, int], ForecastModel], list[Skip]]:
-    """Train the global model of each horizon (in ``pool``) and specialise it to every currency, on the features
-    known at the origin; load the models in memory and delete the artifacts.
+    """Train the global model of each horizon on ``workers`` processes and specialise it to every currency, on the
+    features known at the origin; load the models in memory and delete the artifacts.
 
     ``validations``: None re-tunes every global model; a dict is used warm (a horizon found there keeps its tuning,
     weights and out-of-fold forecasts) and receives the validation of every global model trained now.
     """
+    from poe_pipeline.training import refit_globals
+
     order = training_leagues(calendar, league)
     rows = pooled_rows(features, order, league, currencies)
-    warm = validations or {}
-    if warm and set(horizons) <= set(warm):  # final fits only: a job per weighted kind packs two cores better
-        from poe_pipeline.training import refit_globals
-
-        results = refit_globals(rows, FEATURE_COLUMNS, horizons, order, league, profile, workdir, warm, workers,
-                                seed)
-    else:
-        jobs = [(rows, FEATURE_COLUMNS, h, order, league, profile, workdir / f"global-{h}d", seed, warm.get(h))
-                for h in horizons]
-        results = pool.map(_train_global_job, jobs) if pool is not None else map(_train_global_job, jobs)
+    # a (horizon, kind) job each, as the weekly retrain: two cores stay busy while three horizons tune
+    results = refit_globals(rows, FEATURE_COLUMNS, horizons, order, league, profile, workdir,
+                            warm=validations or {}, workers=workers, seed=seed)
     history = features.filter(pl.col("currency").is_in(set(currencies) | set(rows["currency"].unique())))
 
     def vol_history(names: list[str]) -> pl.DataFrame:
@@ -261,12 +250,7 @@ def run_backtest(
     models: dict[tuple[str, int], ForecastModel] = {}
     refit_date: date | None = None
     validations: dict[int, GlobalValidation] = dict(tuning or {})
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poe-backtest-"))
-        pool = None
-        if workers > 1 and tuning is None:  # one pool for the whole replay: spawning workers costs seconds each time
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                                           initializer=limit_threads))
+    with tempfile.TemporaryDirectory(prefix="poe-backtest-") as tmp:
         for i, origin in enumerate(origins):
             features, calendar = builder.at(origin)
             if i % refit_every == 0:
@@ -275,7 +259,7 @@ def run_backtest(
                 if tuned_now:
                     validations.clear()  # a full re-tune
                 models, skipped = _refit(features, calendar, league, currencies, horizons, profile,
-                                         Path(tmp) / origin.isoformat(), pool, seed, f"backtest-{origin}",
+                                         Path(tmp) / origin.isoformat(), seed, f"backtest-{origin}",
                                          validations if retune_every > 1 or tuning else None,  # kept if reused
                                          workers=workers)
                 refit_date = origin

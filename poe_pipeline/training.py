@@ -219,7 +219,8 @@ def refit_globals(rows: pl.DataFrame, feature_columns: list[str], horizons: Iter
                   current_league: str, profile: Profile, workdir: Path, warm: dict[int, GlobalValidation],
                   workers: int = 1, seed: int = 42) -> list[GlobalResult]:
     """The global model of each horizon, without MLflow, into ``workdir/global-<h>d``: the horizons in ``warm``
-    only refit their final models on ``rows`` (each weighted kind a job, so two cores share three horizons)."""
+    only refit their final models on ``rows``, the others are tuned and validated first; each (horizon, kind) is a
+    job, so two cores share three horizons."""
     workdir.mkdir(parents=True, exist_ok=True)
     rows_path = write_parquet_atomic(rows, workdir / "pooled_rows.parquet")
     specs = [GlobalSpec(rows_path, list(feature_columns), h, list(league_order), current_league, profile, seed)

@@ -76,25 +76,16 @@ def test_the_backtest_never_reads_a_date_after_its_origin(monkeypatch):
 
 
 def test_refits_between_re_tunes_keep_the_tuning(monkeypatch):
-    import poe_pipeline.backtest as backtest
-
-    calls = []
-    real_train = backtest.train_global
-
-    def spy(*args):
-        calls.append(args[-1] is not None)  # the warm validation
-        return real_train(*args)
-
     import poe_pipeline.training as training
 
+    calls = []
     real_refit = training.refit_globals
 
-    def spy_warm(*args, **kwargs):  # a refit that keeps the tuning fits only the final models, a job per kind
-        calls.append(True)
+    def spy(*args, **kwargs):  # a refit that keeps the tuning fits only the final models
+        calls.append(bool(kwargs["warm"]))
         return real_refit(*args, **kwargs)
 
-    monkeypatch.setattr(backtest, "train_global", spy)
-    monkeypatch.setattr(training, "refit_globals", spy_warm)
+    monkeypatch.setattr(training, "refit_globals", spy)
     prices = real_prices()
     origins = backtest_origins(prices, "Sanctum")[:5]
     run = run_backtest(prices, "Sanctum", origins, ["Divine Orb"], refit_every=1, horizons=(1,), retune_every=2)
