@@ -51,6 +51,7 @@ from poe_pipeline.modeling import (
     fold_data,
     forecast_metrics,
     league_folds,
+    model_frame,
     tune,
     validation_weights,
     write_meta,
@@ -291,13 +292,12 @@ def validate_global(data: ModelData, in_pool: np.ndarray, current_league: str, p
     return combine_validation(data, in_pool, current_league, profile, parts, seed)
 
 
-def global_data(rows: pl.DataFrame, feature_columns: list[str], horizon: int,
+def global_data(rows: pl.DataFrame | pl.LazyFrame, feature_columns: list[str], horizon: int,
                 league_order: list[str]) -> tuple[ModelData, np.ndarray]:
-    """The model matrices of ``rows`` (``pooled_rows``) and their ``in_pool`` flags, row for row."""
-    data = ModelData.from_rows(rows, feature_columns, horizon, league_order)
-    in_pool = (rows.join(data.keys().with_row_index("_i"), on=["league", "currency", "date"], how="inner")
-               .sort("_i")["in_pool"].to_numpy())
-    return data, in_pool
+    """The model matrices of ``rows`` (``pooled_rows``, or a scan of them) and their ``in_pool`` flags, row for
+    row."""
+    frame, names = model_frame(rows, feature_columns, horizon, league_order, keep=["in_pool"])
+    return ModelData.from_frame(frame, names, horizon, league_order), frame["in_pool"].to_numpy()
 
 
 def skip_reason(in_pool: np.ndarray, horizon: int) -> str:

@@ -83,7 +83,8 @@ EXCLUDED_INPUTS = {
 }
 
 
-def model_inputs(rows: pl.DataFrame, feature_columns: list[str]) -> tuple[pl.DataFrame, list[str]]:
+def model_inputs(rows: pl.DataFrame | pl.LazyFrame, feature_columns: list[str],
+                 ) -> tuple[pl.DataFrame | pl.LazyFrame, list[str]]:
     """The model's input columns: stationary features, plus today's price relative to its lags and windows."""
     relative = {
         **{f"logret_lag_{k}": pl.col("log_price") - pl.col(f"log_price_lag_{k}") for k in _LAGS},
@@ -129,25 +130,42 @@ class ModelData:
     @classmethod
     def from_rows(cls, rows: pl.DataFrame, feature_columns: list[str], horizon: int,
                   league_order: list[str]) -> ModelData:
-        target = target_column(horizon)
-        inputs, names = model_inputs(rows, feature_columns)
-        data = (
-            inputs.filter(pl.col("league").is_in(league_order) & pl.col(target).is_not_null())
-            .with_columns(pl.col("league").replace_strict({lg: i for i, lg in enumerate(league_order)},
-                                                          return_dtype=pl.Int32).alias("_order"))
-            .sort("_order", "date", "currency")
-        )
+        frame, names = model_frame(rows, feature_columns, horizon, league_order)
+        return cls.from_frame(frame, names, horizon, league_order)
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, names: list[str], horizon: int, league_order: list[str]) -> ModelData:
+        """From ``model_frame``'s output."""
         return cls(
             horizon=horizon,
             feature_names=list(names),
-            X=data.select(names).cast(pl.Float32).to_numpy(),
-            y=data[target].to_numpy().astype(np.float64),
-            weight=np.ones(data.height),
-            leagues=data["league"].to_numpy(),
-            currencies=data["currency"].to_numpy(),
-            dates=data["date"].to_numpy().astype("datetime64[D]"),
+            X=frame.select(names).to_numpy(),
+            y=frame[target_column(horizon)].to_numpy().astype(np.float64),
+            weight=np.ones(frame.height),
+            leagues=frame["league"].to_numpy(),
+            currencies=frame["currency"].to_numpy(),
+            dates=frame["date"].to_numpy().astype("datetime64[D]"),
             league_order=list(league_order),
         )
+
+
+def model_frame(rows: pl.DataFrame | pl.LazyFrame, feature_columns: list[str], horizon: int, league_order: list[str],
+                keep: Iterable[str] = ()) -> tuple[pl.DataFrame, list[str]]:
+    """The rows of ``league_order`` with a known target, in model order (league order, then date and currency): the
+    inputs as Float32, the target, the keys and the ``keep`` columns; and the input names. Lazy, so that only these
+    columns are copied, already narrowed to Float32 (eager steps copied every feature column three times: 1.2 GB of
+    peak memory for a 170 MB pool of rows)."""
+    target = target_column(horizon)
+    inputs, names = model_inputs(rows.lazy(), feature_columns)
+    order = pl.col("league").replace_strict({lg: i for i, lg in enumerate(league_order)}, return_dtype=pl.Int32)
+    frame = (
+        inputs.filter(pl.col("league").is_in(league_order) & pl.col(target).is_not_null())
+        .select(pl.col(names).cast(pl.Float32), pl.col(target).cast(pl.Float64), "league", "currency", "date",
+                *keep, order.alias("_order"))
+        .sort("_order", "date", "currency")
+        .collect()
+    )
+    return frame, names
 
 
 # --- folds ------------------------------------------------------------------------------------------------------

@@ -99,8 +99,8 @@ def _global_data(spec: GlobalSpec) -> tuple:
     key = (str(spec.rows_path), spec.horizon)
     if key not in _DATA:
         _DATA.clear()
-        _DATA[key] = global_data(pl.read_parquet(spec.rows_path), spec.feature_columns, spec.horizon,
-                                 spec.league_order)
+        _DATA[key] = global_data(pl.scan_parquet(spec.rows_path), spec.feature_columns, spec.horizon,
+                                 spec.league_order)  # scanned: only the model's columns are read
     return _DATA[key]
 
 

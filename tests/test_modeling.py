@@ -307,6 +307,29 @@ def test_the_champion_loads_as_an_mlflow_pyfunc_and_forecasts_like_the_pipeline(
     assert model.metadata.signature is not None and "price_chaos" in model.metadata.signature.inputs.input_names()
 
 
+def test_the_global_matrices_from_a_scan_are_the_pooled_rows_in_model_order(real, tmp_path):
+    """Workers scan the pooled rows' file; the matrices must be those of the rows themselves, row for row."""
+    from poe_pipeline.global_model import global_data
+
+    _, order, rows = real
+    data, in_pool = global_data(rows, FEATURE_COLUMNS, 7, order)
+    rows.write_parquet(tmp_path / "pooled.parquet")
+    scanned, scanned_pool = global_data(pl.scan_parquet(tmp_path / "pooled.parquet"), FEATURE_COLUMNS, 7, order)
+    assert np.array_equal(data.X, scanned.X, equal_nan=True) and np.array_equal(in_pool, scanned_pool)
+    assert np.array_equal(data.y, scanned.y) and np.array_equal(data.dates, scanned.dates)
+    # each matrix row is its (league, currency, date) row of the pool: flag, target and a relative input
+    keys = data.keys().with_row_index("_i")
+    joined = keys.join(rows, on=["league", "currency", "date"], how="left").sort("_i")
+    assert joined.height == data.rows == rows.filter(pl.col("target_logret_7d").is_not_null()).height
+    assert np.array_equal(in_pool, joined["in_pool"].to_numpy())
+    assert np.array_equal(data.y, joined["target_logret_7d"].to_numpy())
+    lag = data.feature_names.index("logret_lag_7")
+    expected = (joined["log_price"] - joined["log_price_lag_7"]).cast(pl.Float32).to_numpy()
+    assert np.array_equal(data.X[:, lag], expected, equal_nan=True)
+    leagues = [order.index(lg) for lg in data.leagues]
+    assert leagues == sorted(leagues) and data.X.dtype == np.float32
+
+
 # --- tuning once a league ---------------------------------------------------------------------------------------
 
 
