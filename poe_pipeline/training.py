@@ -12,7 +12,6 @@ another, so the SQLite stores never see two writers ("database is locked" cannot
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing as mp
 import os
 import shutil
@@ -119,9 +118,6 @@ def _fit_job(spec: GlobalSpec, kind: str, params: dict, rounds: int, out_dir: Pa
     """A worker's job: one final model, saved in ``out_dir``; its normalised gain and seconds."""
     started = time.perf_counter()
     data, in_pool = _global_data(spec)
-    current_weight = float(os.environ.get("POE_BENCH_CURRENT_WEIGHT", "1"))
-    if current_weight != 1:  # experiment: the current league's rows count more in the final fits
-        data = dataclasses.replace(data, weight=np.where(data.leagues == spec.current_league, current_weight, 1.0))
     gain = fit_model(kind, data, params, rounds, out_dir, index=np.flatnonzero(in_pool))
     return "fitted", (gain, time.perf_counter() - started)
 
