@@ -32,9 +32,10 @@ league, its training leagues and its eligible currencies (``currency_universe``)
   with the ``prod`` profile's folds and early stopping but one trial per model kind (``WEEKLY_PROFILE``): the work of
   a retrain that keeps the champion's parameters and forecasts the folds again (one parameter set per kind on
   every fold, the holdout, the final fits; the default parameters stand in for tuned ones), then every eligible
-  currency x 1/3/7d partitions. ``retrain_prod_weekly`` then runs the same retrain again: nothing in the past
-  leagues changed, so each horizon keeps the champion's whole validation and only fits its final models, then the
-  partitions. Both go through ``train_globals`` and ``train_currencies`` with MLflow, as the weekly schedule does;
+  currency x 1/3/7d partitions. ``retrain_prod_weekly`` then runs the same retrain again on the same rows: each
+  horizon keeps its champion as it is (it was fitted on exactly these rows; ``reused_<h>d`` says so), so the
+  figure is the partitions' and the checks'. A week of new current-league rows would fit the final models again.
+  Both go through ``train_globals`` and ``train_currencies`` with MLflow, as the weekly schedule does;
   ``reused_*`` records what each horizon kept. Once whatever ``--repeats`` says.
 - ``global_prod_7d`` (``POE_BENCH_PROD=7d`` instead): one ``train_global`` for 7d in the ``prod`` profile on
   the same pooled rows (``pooled_rows`` of the eligible currencies), in the process with one thread per model as in
@@ -138,7 +139,7 @@ def read_manifest(root: Path) -> dict:
 def train_global_models(lake, manifest: dict, workers: int = RETRAIN_WORKERS, profile="test") -> tuple[list, float]:
     """``load_training_features`` + ``train_globals`` (1/3/7d, ``profile``: a name or a ``Profile``), as the
     ``global_models`` asset calls them; (outcomes, seconds spent loading the features). Raises unless every horizon
-    trained."""
+    trained or kept its champion as it is (fitted on exactly these rows)."""
     from poe_pipeline.features import FEATURE_COLUMNS
     from poe_pipeline.settings import HORIZONS_DAYS, get_profile
     from poe_pipeline.training import load_training_features, train_globals
@@ -150,7 +151,7 @@ def train_global_models(lake, manifest: dict, workers: int = RETRAIN_WORKERS, pr
                              manifest["league"], manifest["eligible"],
                              get_profile(profile) if isinstance(profile, str) else profile, TAGS, workers=workers,
                              progress=lambda _: None)
-    if failed := [o for o in outcomes if not o.result.trained]:
+    if failed := [o for o in outcomes if not o.result.trained and not o.kept]:
         raise RuntimeError("; ".join(f"global {o.horizon}d not trained: {o.result.reason}" for o in failed))
     return outcomes, load_s
 
@@ -162,7 +163,7 @@ def train_partitions(lake, manifest: dict, currencies: list[str], profile: str =
 
     requests = [TrainRequest(c, h) for c in currencies for h in HORIZONS_DAYS]
     outcomes = train_currencies(lake, requests, manifest["league"], profile, TAGS, progress=lambda _: None)
-    if failed := [o for o in outcomes if not o.result.trained]:
+    if failed := [o for o in outcomes if not o.result.trained and not o.kept]:
         raise RuntimeError(f"{len(failed)} of {len(outcomes)} partitions not trained, e.g. "
                            f"{failed[0].request.partition_key}: {failed[0].result.reason}")
     return outcomes
@@ -265,6 +266,9 @@ def globals_test() -> dict:
     per_horizon = {}
     for o in sorted(outcomes, key=lambda o: o.horizon):
         r = o.result
+        if o.kept:
+            per_horizon[f"reused_{o.horizon}d"] = r.reason
+            continue
         per_horizon |= {f"global_{o.horizon}d_s": r.seconds, f"global_{o.horizon}d_rows": r.data_window["rows"],
                         f"global_{o.horizon}d_holdout_skill": r.skill}
     return {
@@ -383,6 +387,9 @@ def _timed_retrain(profile, fresh: bool) -> dict:
     per_horizon = {}
     for o in sorted(outcomes, key=lambda o: o.horizon):
         r = o.result
+        if o.kept:
+            per_horizon[f"reused_{o.horizon}d"] = r.reason
+            continue
         per_horizon |= {f"global_{o.horizon}d_job_s": r.seconds, f"global_{o.horizon}d_rows": r.data_window["rows"],
                         f"global_{o.horizon}d_holdout_skill": r.skill, f"reused_{o.horizon}d": r.data_window["tuning"],
                         **{f"global_{o.horizon}d_{k}_{stat}": v for k, t in r.tuning.items()
