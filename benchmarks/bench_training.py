@@ -163,7 +163,7 @@ def train_partitions(lake, manifest: dict, currencies: list[str], profile: str =
 
     requests = [TrainRequest(c, h) for c in currencies for h in HORIZONS_DAYS]
     outcomes = train_currencies(lake, requests, manifest["league"], profile, TAGS, progress=lambda _: None)
-    if failed := [o for o in outcomes if not o.result.trained and not o.kept]:
+    if failed := [o for o in outcomes if not o.result.trained]:
         raise RuntimeError(f"{len(failed)} of {len(outcomes)} partitions not trained, e.g. "
                            f"{failed[0].request.partition_key}: {failed[0].result.reason}")
     return outcomes
