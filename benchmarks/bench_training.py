@@ -266,9 +266,6 @@ def globals_test() -> dict:
     per_horizon = {}
     for o in sorted(outcomes, key=lambda o: o.horizon):
         r = o.result
-        if o.kept:
-            per_horizon[f"reused_{o.horizon}d"] = r.reason
-            continue
         per_horizon |= {f"global_{o.horizon}d_s": r.seconds, f"global_{o.horizon}d_rows": r.data_window["rows"],
                         f"global_{o.horizon}d_holdout_skill": r.skill}
     return {
