@@ -9,7 +9,7 @@ league, its training leagues and its eligible currencies (``currency_universe``)
   of the current league (all of them, as the ``global_models`` asset passes them), including every MLflow write
   (a parent run, one run, logged model, registration and champion alias per horizon) into the lake's SQLite
   tracking store. ``wall_s`` is
-  ``load_training_features`` (``load_features_s``) + ``train_globals``, as the asset does them. Each repeat starts
+  ``scan_training_features`` (``load_features_s``) + ``train_globals``, as the asset does them. Each repeat starts
   from an empty registry (its MLflow store and ``model_metrics`` are removed first, untimed), so every repeat is a
   lake's first training; the registry as the last repeat left it is kept for the next case.
   ``global_<h>d_s`` is each horizon's ``GlobalResult.seconds``: the sum of its jobs' seconds (tuning and holdout
@@ -137,15 +137,15 @@ def read_manifest(root: Path) -> dict:
 
 
 def train_global_models(lake, manifest: dict, workers: int = RETRAIN_WORKERS, profile="test") -> tuple[list, float]:
-    """``load_training_features`` + ``train_globals`` (1/3/7d, ``profile``: a name or a ``Profile``), as the
+    """``scan_training_features`` + ``train_globals`` (1/3/7d, ``profile``: a name or a ``Profile``), as the
     ``global_models`` asset calls them; (outcomes, seconds spent loading the features). Raises unless every horizon
     trained or kept its champion as it is (fitted on exactly these rows)."""
     from poe_pipeline.features import FEATURE_COLUMNS
     from poe_pipeline.settings import HORIZONS_DAYS, get_profile
-    from poe_pipeline.training import load_training_features, train_globals
+    from poe_pipeline.training import scan_training_features, train_globals
 
     t0 = time.perf_counter()
-    features = load_training_features(lake)
+    features = scan_training_features(lake)
     load_s = time.perf_counter() - t0
     outcomes = train_globals(lake, features, FEATURE_COLUMNS, HORIZONS_DAYS, manifest["league_order"],
                              manifest["league"], manifest["eligible"],
@@ -334,11 +334,11 @@ def global_prod() -> dict:
     from poe_pipeline.features import FEATURE_COLUMNS
     from poe_pipeline.global_model import pooled_rows, train_global
     from poe_pipeline.settings import get_profile
-    from poe_pipeline.training import load_training_features
+    from poe_pipeline.training import scan_training_features
 
     lake, manifest = _lake(), read_manifest(_work() / "lake")
-    rows = pooled_rows(load_training_features(lake), manifest["league_order"], manifest["league"],
-                       manifest["eligible"])
+    rows = pooled_rows(scan_training_features(lake), manifest["league_order"], manifest["league"],
+                       manifest["eligible"]).collect()
     out = Path(tempfile.mkdtemp(prefix="bench-global-prod-"))
     before = loadavg("loadavg_before")
     cpu0 = time.process_time()

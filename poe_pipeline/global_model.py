@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -58,6 +59,8 @@ from poe_pipeline.modeling import (
 )
 from poe_pipeline.settings import Profile
 
+Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
+
 POOL_SIZE = 100  # the most liquid currencies of each past league that the global model learns from
 MIN_GLOBAL_ROWS = 1000
 OOF_FILE = "oof.parquet"
@@ -65,22 +68,25 @@ OOF_SCHEMA = {"league": pl.Utf8, "currency": pl.Utf8, "date": pl.Date, "actual_l
               "pred_logret": pl.Float64, "fold": pl.Utf8, "holdout": pl.Boolean, "in_pool": pl.Boolean}
 
 
-def liquid_by_league(features: pl.DataFrame, leagues: Iterable[str], size: int) -> dict[str, list[str]]:
+def liquid_by_league(features: pl.DataFrame | pl.LazyFrame, leagues: Iterable[str],
+                     size: int) -> dict[str, list[str]]:
     """The ``size`` most liquid currencies of each league: most days with a High or Medium confidence price,
     then most observed days, then by name."""
     counts = (
-        features.filter(pl.col("league").is_in(list(leagues)) & (pl.col("currency") != "Chaos Orb"))
+        features.lazy().filter(pl.col("league").is_in(list(leagues)) & (pl.col("currency") != "Chaos Orb"))
         .group_by("league", "currency")
         .agg((pl.col("confidence_level") >= 1).sum().alias("good"), (~pl.col("is_imputed")).sum().alias("seen"))
         .sort(["league", "good", "seen", "currency"], descending=[False, True, True, False])
+        .collect()
     )
     return {lg: g["currency"].head(size).to_list() for (lg,), g in counts.partition_by("league", as_dict=True).items()}
 
 
-def pooled_rows(features: pl.DataFrame, league_order: list[str], current_league: str,
-                currencies: Iterable[str], pool_size: int = POOL_SIZE) -> pl.DataFrame:
+def pooled_rows(features: Frame, league_order: list[str], current_league: str, currencies: Iterable[str],
+                pool_size: int = POOL_SIZE) -> Frame:
     """The global model's rows with an ``in_pool`` flag: pool rows train and score; the other rows of the
-    ``currencies`` being forecast are only predicted out of fold (their league's pool did not include them)."""
+    ``currencies`` being forecast are only predicted out of fold (their league's pool did not include them).
+    A scan of the features gives a query of the rows, which never holds every feature row at once."""
     currencies = list(dict.fromkeys(currencies))
     past = [lg for lg in league_order if lg != current_league]
     pools = liquid_by_league(features, past, pool_size)
@@ -90,12 +96,13 @@ def pooled_rows(features: pl.DataFrame, league_order: list[str], current_league:
     ).unique().with_columns(pl.lit(True).alias("in_pool"))
     wanted = pl.col("league").is_in(league_order) & (
         pl.col("currency").is_in(currencies) | pl.col("league").is_in(past))
-    return (
-        features.filter(wanted)
-        .join(pool_pairs, on=["league", "currency"], how="left")
+    rows = (
+        features.lazy().filter(wanted)
+        .join(pool_pairs.lazy(), on=["league", "currency"], how="left")
         .with_columns(pl.col("in_pool").fill_null(False))
         .filter(pl.col("in_pool") | pl.col("currency").is_in(currencies))
     )
+    return rows if isinstance(features, pl.LazyFrame) else rows.collect()
 
 
 @dataclass

@@ -48,10 +48,14 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def write_parquet_atomic(df: pl.DataFrame, path: Path) -> Path:
-    """Write (or replace) ``path`` atomically: a reader sees the old file or the new one."""
+def write_parquet_atomic(df: pl.DataFrame | pl.LazyFrame, path: Path) -> Path:
+    """Write (or replace) ``path`` atomically: a reader sees the old file or the new one. A query is streamed
+    to the file."""
     with _temp_beside(path) as tmp:
-        df.write_parquet(tmp, compression=COMPRESSION, statistics=True)
+        if isinstance(df, pl.LazyFrame):
+            df.sink_parquet(tmp, compression=COMPRESSION, statistics=True)
+        else:
+            df.write_parquet(tmp, compression=COMPRESSION, statistics=True)
         _fsync(tmp)
         os.replace(tmp, path)
     return path

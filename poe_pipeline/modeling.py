@@ -229,6 +229,7 @@ DEFAULT_PARAMS = {
 }
 DEFAULT_ROUNDS = {"lightgbm": 400, "xgboost": 400, "random_forest": 40}
 MIN_PATIENCE = 50  # early stopping on an L1 loss is noisy: never stop after fewer rounds without progress
+MAX_BIN = 63  # histogram bins of both boosted models (a bin index fits in one byte)
 
 
 def _lgb_params(trial: optuna.Trial | None, params: dict | None = None) -> dict:
@@ -257,7 +258,7 @@ def _xgb_params(trial: optuna.Trial | None, params: dict | None = None) -> dict:
             "colsample_bytree": trial.suggest_float("colsample_bytree", 0.4, 1.0),
             "reg_lambda": trial.suggest_float("reg_lambda", 0.0, 10.0),
         }
-    return {**params, "objective": "reg:absoluteerror", "tree_method": "hist", "max_bin": 63, "nthread": 1,
+    return {**params, "objective": "reg:absoluteerror", "tree_method": "hist", "max_bin": MAX_BIN, "nthread": 1,
             "seed": 7, "verbosity": 0}
 
 
@@ -296,6 +297,12 @@ class FoldData:
     xgb_valid: xgb.DMatrix | None = None
 
 
+def xgb_training_matrix(X: np.ndarray, y: np.ndarray, weight: np.ndarray,
+                        feature_names: list[str] | None = None) -> xgb.QuantileDMatrix:
+    """XGBoost's training rows, already binned as ``hist`` bins them."""
+    return xgb.QuantileDMatrix(X, y, weight=weight, nthread=1, max_bin=MAX_BIN, feature_names=feature_names)
+
+
 def fold_data(data: ModelData, folds: list[Fold], kinds: Iterable[str] = MODEL_KINDS) -> list[FoldData]:
     kinds = set(kinds)
     out = []
@@ -303,13 +310,16 @@ def fold_data(data: ModelData, folds: list[Fold], kinds: Iterable[str] = MODEL_K
         it, iv = f.inner_train, f.inner_valid
         fd = FoldData(f)
         if "lightgbm" in kinds:
+            # only the bins are kept: no trial changes a parameter that would need the raw rows to rebin them
             lgb_train = lgb.Dataset(data.X[it], data.y[it], weight=data.weight[it], feature_name=data.feature_names,
-                                    free_raw_data=False, params={"verbosity": -1, "max_bin": 63})
-            lgb_valid = lgb.Dataset(data.X[iv], data.y[iv], weight=data.weight[iv], reference=lgb_train,
-                                    free_raw_data=False)
+                                    params={"verbosity": -1, "max_bin": MAX_BIN})
+            lgb_valid = lgb.Dataset(data.X[iv], data.y[iv], weight=data.weight[iv], reference=lgb_train)
             fd.lgb_train, fd.lgb_inner_valid = lgb_train.construct(), lgb_valid.construct()
         if "xgboost" in kinds:
-            fd.xgb_train = xgb.DMatrix(data.X[it], data.y[it], weight=data.weight[it], nthread=1)
+            # the training rows quantised once (one byte a value) instead of DMatrix's value and index per entry
+            # plus the bins it builds at the first fit: the same trees, a fraction of the memory. The early-stopping
+            # rows stay a DMatrix: evaluating on quantised rows was 30 % slower.
+            fd.xgb_train = xgb_training_matrix(data.X[it], data.y[it], data.weight[it])
             fd.xgb_inner_valid = xgb.DMatrix(data.X[iv], data.y[iv], weight=data.weight[iv], nthread=1)
             fd.xgb_valid = xgb.DMatrix(data.X[f.predicted], nthread=1)
         out.append(fd)
@@ -565,19 +575,22 @@ def fit_model(kind: str, data: ModelData, params: dict, rounds: int, out_dir: Pa
               index: np.ndarray | None = None) -> np.ndarray:
     """Fit one final model on ``data`` (its rows ``index``) and save it natively in ``out_dir``; returns its gain
     importance per feature, normalised (zeros for the forest)."""
-    idx = np.arange(data.rows) if index is None else index
-    X, y, w = data.X[idx], data.y[idx], data.weight[idx]
+    if index is None or len(index) == data.rows:  # every row (an index is ascending): no copy of the matrix
+        X, y, w = data.X, data.y, data.weight
+    else:
+        X, y, w = data.X[index], data.y[index], data.weight[index]
     out_dir.mkdir(parents=True, exist_ok=True)
     g = np.zeros(len(data.feature_names))
     if kind == "lightgbm":
         lgb_model = lgb.train(_lgb_params(None, params),
-                              lgb.Dataset(X, y, weight=w, feature_name=data.feature_names, params={"max_bin": 63}),
+                              lgb.Dataset(X, y, weight=w, feature_name=data.feature_names,
+                                          params={"max_bin": MAX_BIN}),
                               num_boost_round=max(rounds, 10))
         lgb_model.save_model(str(out_dir / ARTIFACT_FILES["lightgbm"]))
         g = lgb_model.feature_importance(importance_type="gain").astype(float)
     elif kind == "xgboost":
         xgb_model = _fit_xgb(_xgb_params(None, params),
-                             xgb.DMatrix(X, y, weight=w, nthread=1, feature_names=data.feature_names),
+                             xgb_training_matrix(X, y, w, feature_names=data.feature_names),
                              None, max(rounds, 10), 0)
         xgb_model.save_model(str(out_dir / ARTIFACT_FILES["xgboost"]))
         scores = xgb_model.get_score(importance_type="total_gain")

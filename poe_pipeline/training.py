@@ -277,7 +277,7 @@ def _staging(lake: Lake) -> Path:
 
 def train_globals(
     lake: Lake,
-    features: pl.DataFrame,
+    features: pl.DataFrame | pl.LazyFrame,
     feature_columns: list[str],
     horizons: Iterable[int],
     league_order: list[str],
@@ -291,7 +291,9 @@ def train_globals(
     retune: bool = False,
 ) -> list[GlobalOutcome]:
     """Train, log and register the global model of each horizon; ``currencies`` are the ones being forecast now.
-    What a horizon keeps of its champion's validation is ``global_model.reuse_of``'s choice (``retune``: nothing)."""
+    What a horizon keeps of its champion's validation is ``global_model.reuse_of``'s choice (``retune``: nothing).
+    ``features``: a scan (``scan_training_features``) keeps every league's features out of this process's memory
+    for the whole retrain; the pooled rows are written to a file that the workers scan."""
     horizons = list(horizons)
     workers = min(workers or default_workers(), max(1, len(horizons) * len(MODEL_KINDS)))
     staging = _staging(lake)
@@ -299,13 +301,12 @@ def train_globals(
     parent = tracker.start_parent_run(f"global-{current_league}-{profile.name}",
                                       {**tags, "kind": "retrain-global", "league": current_league,
                                        "profile": profile.name})
-    rows = pooled_rows(features, league_order, current_league, currencies)
     staging.mkdir(parents=True, exist_ok=True)
-    rows_path = write_parquet_atomic(rows, staging / "pooled_rows.parquet")
-    del rows
+    rows_path = write_parquet_atomic(pooled_rows(features, league_order, current_league, currencies),
+                                     staging / "pooled_rows.parquet")
     specs = [GlobalSpec(rows_path, list(feature_columns), h, list(league_order), current_league, profile, seed)
              for h in horizons]
-    example = _example_rows(features.filter(pl.col("league") == current_league))
+    example = _example_rows(features.lazy().filter(pl.col("league") == current_league).collect())
     outcomes: list[GlobalOutcome] = []
     failed = False
     try:
@@ -482,12 +483,10 @@ def latest_feature_rows(lake: Lake, league: str) -> pl.DataFrame:
     return scan.filter(pl.col("date") == pl.col("date").max()).collect()
 
 
-def load_training_features(lake: Lake, currencies: Iterable[str] | None = None) -> pl.DataFrame:
-    """The stored feature rows (of these currencies, or all), read lazily."""
+def scan_training_features(lake: Lake) -> pl.LazyFrame:
+    """A scan of every stored feature row."""
     files = lake.parquet_files(lake.features)
     if not files:
         raise FileNotFoundError(f"No features under {lake.features}: materialize `features` first")
-    scan = pl.scan_parquet(files, hive_partitioning=False)
-    if currencies is not None:
-        scan = scan.filter(pl.col("currency").is_in(list(currencies)))
-    return scan.collect()
+    return pl.scan_parquet(files, hive_partitioning=False)
+

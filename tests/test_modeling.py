@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from conftest import SAMPLE
 from poe_pipeline.currency_model import MIN_OWN_ROWS, PRIOR_ROWS, best_scale, pooled_scale, train_currency
@@ -53,6 +54,15 @@ def test_the_pool_is_each_past_leagues_most_liquid_plus_the_forecast_currencies(
     # a forecast currency outside a past league's pool is there only to be predicted out of fold
     extra = rows.filter(~pl.col("in_pool"))
     assert extra.height > 0 and set(extra["currency"]) <= set(FORECAST)
+
+
+def test_the_pooled_rows_of_a_scan_are_those_of_the_frame(real, tmp_path):
+    features, order, rows = real
+    features.write_parquet(tmp_path / "features.parquet")
+    query = pooled_rows(pl.scan_parquet(tmp_path / "features.parquet"), order, "Sanctum", FORECAST, pool_size=30)
+    assert isinstance(query, pl.LazyFrame)
+    keys = ["league", "currency", "date"]
+    assert_frame_equal(query.collect().sort(keys), rows.sort(keys))
 
 
 @pytest.mark.parametrize("horizon", [1, 7])

@@ -35,7 +35,7 @@ from poe_pipeline.training import (
     GlobalOutcome,
     TrainOutcome,
     TrainRequest,
-    load_training_features,
+    scan_training_features,
     train_currencies,
     train_globals,
 )
@@ -126,7 +126,7 @@ def train(context, lake: LakeResource, run_scope: RunScopeResource, horizons: li
     tags = {"dagster_run_id": context.run_id}
     globals_ = []
     if retrain_global:
-        globals_ = train_globals(store, load_training_features(store), FEATURE_COLUMNS, horizons,
+        globals_ = train_globals(store, scan_training_features(store), FEATURE_COLUMNS, horizons,
                                  scope.training_leagues, scope.league, scope.eligible(), scope.profile, tags,
                                  progress=context.log.info, retune=retune)
         failed = [g for g in globals_ if not g.result.trained and not g.kept]
