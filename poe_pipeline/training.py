@@ -124,11 +124,6 @@ def _fit_job(spec: GlobalSpec, kind: str, params: dict, rounds: int, out_dir: Pa
 
 _EXPECTED_COST = {"xgboost": 0, "lightgbm": 1, "random_forest": 2}  # the slowest validations first
 
-# Polars' allocator (jemalloc) keeps freed pages for seconds, and a worker builds its matrices in a burst of
-# short-lived copies: returning them at once lowered one 7-day build's peak from about 680 to 460 MB, for about
-# 0.5 s more a build. Read when a spawned worker starts; a value already set is kept.
-WORKER_ENVIRONMENT = {"_RJEM_MALLOC_CONF": "dirty_decay_ms:0,muzzy_decay_ms:0"}
-
 
 class _Inline:
     """The executor of one worker: each job runs in this process when it is submitted."""
@@ -169,9 +164,6 @@ def _global_results(specs: list[GlobalSpec], out_dirs: dict[int, Path], workers:
     gains: dict[int, dict[str, np.ndarray]] = {h: {} for h in by_h}
     seconds: dict[int, float] = dict.fromkeys(by_h, 0.0)
     skipped: set[int] = set()
-    if workers > 1:
-        for var, value in WORKER_ENVIRONMENT.items():
-            os.environ.setdefault(var, value)
     pool = _Inline() if workers == 1 else ProcessPoolExecutor(
         max_workers=workers, mp_context=mp.get_context("spawn"), initializer=limit_threads)
     running: dict[Future, tuple[int, str]] = {}
