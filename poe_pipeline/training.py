@@ -489,4 +489,3 @@ def scan_training_features(lake: Lake) -> pl.LazyFrame:
     if not files:
         raise FileNotFoundError(f"No features under {lake.features}: materialize `features` first")
     return pl.scan_parquet(files, hive_partitioning=False)
-
