@@ -48,7 +48,8 @@ league, then most observed days, then name) among the eligible currencies; the f
 
 Memory: ``peak_rss_mb`` is the measuring process's own peak (the parent of the pool). Sampled every 0.2 s with
 psutil: ``workers_peak_rss_mb``, the largest RSS of one worker, and ``sampled_total_rss_mb``, the largest sum of
-the parent's and its live children's RSS (the machine-wide footprint). ``children_ru_maxrss_mb`` is
+the parent's and its live children's RSS (the machine-wide footprint), and ``at_sampled_peak_*`` what the parent and
+each child held at that peak and when (seconds from the case's start). ``children_ru_maxrss_mb`` is
 ``getrusage(RUSAGE_CHILDREN)``: an upper bound only, as a spawned worker is forked (at the parent's size) before
 it execs. ``cpu_s`` is the measuring process's CPU; ``cpu_s_workers`` the pool workers' (``RUSAGE_CHILDREN``).
 ``loadavg_*`` is ``os.getloadavg()`` (1, 5, 15 min) before and after each case: the machine has 2 cores and
@@ -176,20 +177,26 @@ class RssSampler:
         self.interval = interval
         self.peak_bytes = 0
         self.child_peak_bytes = 0
+        self.peak_parts: dict[str, float] = {}  # who held what at the sampled total's peak, and when
+        self._started = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self) -> None:
         me = psutil.Process()
-        total = me.memory_info().rss
+        parent = me.memory_info().rss
+        children = []
         for proc in me.children(recursive=True):
             try:
-                rss = proc.memory_info().rss
+                children.append(proc.memory_info().rss)
             except psutil.Error:  # a worker that exited between listing and reading
                 continue
-            total += rss
-            self.child_peak_bytes = max(self.child_peak_bytes, rss)
-        self.peak_bytes = max(self.peak_bytes, total)
+        self.child_peak_bytes = max([self.child_peak_bytes, *children])
+        total = parent + sum(children)
+        if total > self.peak_bytes:
+            self.peak_bytes = total
+            self.peak_parts = {"at_s": round(time.perf_counter() - self._started, 1), "parent_mb": parent / 2**20,
+                               **{f"child_{i}_mb": rss / 2**20 for i, rss in enumerate(sorted(children, reverse=True))}}
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -211,6 +218,7 @@ class RssSampler:
             # the kernel's figure: a spawned worker is forked before exec, so it is at least the parent's RSS then
             "children_ru_maxrss_mb": children.ru_maxrss / 1024,
             "sampled_total_rss_mb": self.peak_bytes / 2**20,
+            **{f"at_sampled_peak_{k}": v for k, v in self.peak_parts.items()},
             "cpu_s_workers": children.ru_utime + children.ru_stime,
         }
 
