@@ -315,11 +315,21 @@ def skip_reason(in_pool: np.ndarray, horizon: int) -> str:
     return ""
 
 
-def finish_global(result: GlobalResult, data: ModelData, in_pool: np.ndarray, league_order: list[str],
-                  checked: GlobalValidation, importance: dict[str, float], out_dir: Path, warm: bool,
-                  seconds: float) -> GlobalResult:
-    """Fill ``result`` once the final models are in ``out_dir``; write the out-of-fold rows and ``ensemble.json``."""
+def rows_window(data: ModelData, in_pool: np.ndarray, league_order: list[str]) -> dict:
+    """What the final models are fitted on: the pooled rows' dates, counts and leagues, and the matrices' hash."""
     train_rows = np.flatnonzero(in_pool)
+    return {
+        "first_date": str(data.dates[train_rows].min()), "last_date": str(data.dates[train_rows].max()),
+        "rows": int(len(train_rows)), "currencies": int(len(set(data.currencies[train_rows]))),
+        "leagues": [lg for lg in league_order if lg in set(data.leagues[train_rows])],
+        "data_hash": data.data_hash(),
+    }
+
+
+def finish_global(result: GlobalResult, window: dict, checked: GlobalValidation, importance: dict[str, float],
+                  out_dir: Path, warm: bool, seconds: float) -> GlobalResult:
+    """Fill ``result`` once the final models are in ``out_dir``; write the out-of-fold rows and ``ensemble.json``.
+    ``window``: ``rows_window`` of the rows the final models were fitted on."""
     out_dir.mkdir(parents=True, exist_ok=True)
     checked.oof.write_parquet(out_dir / OOF_FILE)
     result.trained = True
@@ -329,13 +339,8 @@ def finish_global(result: GlobalResult, data: ModelData, in_pool: np.ndarray, le
     result.tuning = checked.tuning
     result.inputs = checked.inputs
     result.artifact_dir = str(out_dir)
-    result.data_window = {
-        "first_date": str(data.dates[train_rows].min()), "last_date": str(data.dates[train_rows].max()),
-        "rows": int(len(train_rows)), "currencies": int(len(set(data.currencies[train_rows]))),
-        "leagues": [lg for lg in league_order if lg in set(data.leagues[train_rows])],
-        "data_hash": data.data_hash(), "oof_rows": checked.oof.height, "warm_refit": warm,
-        "tuning": checked.reused or "tuned",
-    }
+    result.data_window = {**window, "oof_rows": checked.oof.height, "warm_refit": warm,
+                          "tuning": checked.reused or "tuned"}
     result.seconds = seconds
     write_meta(out_dir, {**result.as_dict(), "kind": "global"})
     return result
@@ -364,5 +369,5 @@ def train_global(
     checked = warm if warm is not None else validate_global(data, in_pool, current_league, profile, seed)
     importance = fit_ensemble(data, checked.params, checked.rounds, checked.weights, out_dir,
                               index=np.flatnonzero(in_pool))
-    return finish_global(result, data, in_pool, league_order, checked, importance, out_dir, warm is not None,
-                         time.perf_counter() - started)
+    return finish_global(result, rows_window(data, in_pool, league_order), checked, importance, out_dir,
+                         warm is not None, time.perf_counter() - started)

@@ -36,6 +36,7 @@ from poe_pipeline.global_model import (
     global_data,
     pooled_rows,
     reuse_of,
+    rows_window,
     skip_reason,
     tuning_inputs,
     validate_kind,
@@ -115,11 +116,29 @@ def _validate_job(spec: GlobalSpec, kind: str, fixed_params: dict | None = None)
 
 
 def _fit_job(spec: GlobalSpec, kind: str, params: dict, rounds: int, out_dir: Path) -> tuple[str, tuple]:
-    """A worker's job: one final model, saved in ``out_dir``; its normalised gain and seconds."""
+    """A worker's job: one final model, saved in ``out_dir``; its normalised gain, seconds, the ``rows_window`` of
+    the rows it was fitted on and the input names."""
     started = time.perf_counter()
     data, in_pool = _global_data(spec)
     gain = fit_model(kind, data, params, rounds, out_dir, index=np.flatnonzero(in_pool))
-    return "fitted", (gain, time.perf_counter() - started)
+    return "fitted", (gain, time.perf_counter() - started, rows_window(data, in_pool, spec.league_order),
+                      data.feature_names)
+
+
+def _combine_job(spec: GlobalSpec, parts: dict[str, KindValidation]) -> tuple[str, GlobalValidation]:
+    """A worker's job: the ensemble's validation from its kinds' parts. In a worker, so that the parent never holds
+    a horizon's matrices beside two workers that hold theirs."""
+    data, in_pool = _global_data(spec)
+    return "combined", combine_validation(data, in_pool, spec.current_league, spec.profile, parts, spec.seed)
+
+
+def _fingerprint_job(spec: GlobalSpec) -> tuple[str, tuple[str, dict, str]]:
+    """A worker's job: (why the horizon cannot be trained, or ""; its ``tuning_inputs``; the hash of its rows)."""
+    data, in_pool = _global_data(spec)
+    if reason := skip_reason(in_pool, spec.horizon):
+        return "fingerprint", (reason, {}, "")
+    return "fingerprint", ("", tuning_inputs(data, in_pool, spec.current_league, spec.profile, spec.seed),
+                           data.data_hash())
 
 
 _EXPECTED_COST = {"xgboost": 0, "lightgbm": 1, "random_forest": 2}  # the slowest validations first
@@ -137,82 +156,84 @@ class _Inline:
         return future
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
+        _DATA.clear()
 
 
-def _global_results(specs: list[GlobalSpec], out_dirs: dict[int, Path], workers: int,
+Executor = ProcessPoolExecutor | _Inline
+
+
+def _executor(workers: int) -> Executor:
+    """Fresh (spawned) worker processes, or this process for one worker."""
+    return _Inline() if workers == 1 else ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=limit_threads)
+
+
+def _global_results(specs: list[GlobalSpec], out_dirs: dict[int, Path], pool: Executor, workers: int,
                     warm: dict[int, GlobalValidation] | None = None,
                     fixed: dict[int, GlobalValidation] | None = None) -> Iterator[GlobalResult]:
-    """Each horizon's result as soon as its final models are fitted: (horizon, kind) validation jobs, then a final
-    fit per weighted kind, on a pool of fresh (spawned) processes (in this process for one worker). At most
-    ``workers`` jobs are in flight, so the next job is chosen when a worker frees up: final fits first. A horizon
-    in ``warm`` keeps that validation (tuning, weights, out-of-fold rows): only its final fits run. One in
-    ``fixed`` validates with that validation's parameters, without a search."""
+    """Each horizon's result as soon as its final models are fitted: (horizon, kind) validation jobs, a job that
+    combines a horizon's kinds, then a final fit per weighted kind, on ``pool``. At most ``workers`` jobs are in
+    flight, so the next job is chosen when a worker frees up: final fits first. A horizon in ``warm`` keeps that
+    validation (tuning, weights, out-of-fold rows): only its final fits run. One in ``fixed`` validates with that
+    validation's parameters, without a search. Every job that needs a horizon's matrices runs in a worker."""
     by_h = {s.horizon: s for s in specs}
     warm = {h: v for h, v in (warm or {}).items() if h in by_h}
     fixed = {h: v for h, v in (fixed or {}).items() if h in by_h and h not in warm}
-    queue: list[tuple[int, int, Callable, tuple]] = [  # (priority, order, job, args)
+    queue: list[tuple[int, int, Callable, tuple, str]] = [  # (priority, order, job, args, what it is)
         (1 + _EXPECTED_COST[kind], i, _validate_job,
-         (by_h[h], kind, fixed[h].params.get(kind) if h in fixed else None))
+         (by_h[h], kind, fixed[h].params.get(kind) if h in fixed else None), kind)
         for i, (kind, h) in enumerate((k, h) for k in sorted(MODEL_KINDS, key=_EXPECTED_COST.get) for h in by_h
                                       if h not in warm)
     ]
-    queue += [(0, len(queue) + i, _fit_job, (by_h[h], k, v.params[k], v.rounds[k], out_dirs[h]))
+    queue += [(0, len(queue) + i, _fit_job, (by_h[h], k, v.params[k], v.rounds[k], out_dirs[h]), k)
               for i, (h, v) in enumerate(warm.items()) for k in MODEL_KINDS if v.weights.get(k, 0) > 0]
     parts: dict[int, dict[str, KindValidation]] = {h: {} for h in by_h}
     validations: dict[int, GlobalValidation] = dict(warm)
     gains: dict[int, dict[str, np.ndarray]] = {h: {} for h in by_h}
     seconds: dict[int, float] = dict.fromkeys(by_h, 0.0)
     skipped: set[int] = set()
-    pool = _Inline() if workers == 1 else ProcessPoolExecutor(
-        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=limit_threads)
     running: dict[Future, tuple[int, str]] = {}
     order = len(queue)
-    try:
-        while queue or running:
-            queue.sort(key=lambda job: job[:2])
-            while queue and len(running) < workers:
-                _, _, fn, args = queue.pop(0)
-                running[pool.submit(fn, *args)] = (args[0].horizon, args[1])
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=lambda f: running[f]):
-                h, kind = running.pop(future)
-                stage, payload = future.result()
-                spec = by_h[h]
-                if stage == "skip":
-                    if h not in skipped:
-                        skipped.add(h)
-                        yield GlobalResult(h, trained=False, reason=payload)
-                    continue
-                if stage == "validated":
-                    parts[h][kind] = payload
-                    seconds[h] += payload.seconds
-                    if len(parts[h]) < len(MODEL_KINDS):
-                        continue
-                    data, in_pool = _global_data(spec)
-                    validations[h] = combine_validation(data, in_pool, spec.current_league, spec.profile, parts[h],
-                                                        spec.seed)
-                    if h in fixed:
-                        validations[h].reused = fixed[h].reused
-                    for k in MODEL_KINDS:
-                        if validations[h].weights.get(k, 0) > 0:
-                            order += 1
-                            queue.append((0, order, _fit_job, (spec, k, validations[h].params[k],
-                                                               validations[h].rounds[k], out_dirs[h])))
-                    continue
-                gains[h][kind], fit_s = payload
-                seconds[h] += fit_s
-                checked = validations[h]
-                if len(gains[h]) < sum(1 for k in MODEL_KINDS if checked.weights.get(k, 0) > 0):
-                    continue
-                data, in_pool = _global_data(spec)
-                result = GlobalResult(h, trained=False, feature_names=data.feature_names)
-                importance = blend_importance(data.feature_names, checked.weights, gains[h])
-                yield finish_global(result, data, in_pool, spec.league_order, checked, importance, out_dirs[h],
-                                    h in warm, seconds[h])
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        _DATA.clear()
+    while queue or running:
+        queue.sort(key=lambda job: job[:2])
+        while queue and len(running) < workers:
+            _, _, fn, args, what = queue.pop(0)
+            running[pool.submit(fn, *args)] = (args[0].horizon, what)
+        done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+        for future in sorted(done, key=lambda f: running[f]):
+            h, kind = running.pop(future)
+            stage, payload = future.result()
+            spec = by_h[h]
+            if stage == "skip":
+                if h not in skipped:
+                    skipped.add(h)
+                    yield GlobalResult(h, trained=False, reason=payload)
+                continue
+            if stage == "validated":
+                parts[h][kind] = payload
+                seconds[h] += payload.seconds
+                if len(parts[h]) == len(MODEL_KINDS):
+                    order += 1
+                    queue.append((0, order, _combine_job, (spec, parts[h]), "ensemble"))
+                continue
+            if stage == "combined":
+                validations[h] = payload
+                if h in fixed:
+                    validations[h].reused = fixed[h].reused
+                for k in MODEL_KINDS:
+                    if validations[h].weights.get(k, 0) > 0:
+                        order += 1
+                        queue.append((0, order, _fit_job, (spec, k, validations[h].params[k],
+                                                           validations[h].rounds[k], out_dirs[h]), k))
+                continue
+            gains[h][kind], fit_s, window, names = payload
+            seconds[h] += fit_s
+            checked = validations[h]
+            if len(gains[h]) < sum(1 for k in MODEL_KINDS if checked.weights.get(k, 0) > 0):
+                continue
+            result = GlobalResult(h, trained=False, feature_names=names)
+            importance = blend_importance(names, checked.weights, gains[h])
+            yield finish_global(result, window, checked, importance, out_dirs[h], h in warm, seconds[h])
 
 
 def refit_globals(rows: pl.DataFrame, feature_columns: list[str], horizons: Iterable[int], league_order: list[str],
@@ -226,48 +247,55 @@ def refit_globals(rows: pl.DataFrame, feature_columns: list[str], horizons: Iter
     specs = [GlobalSpec(rows_path, list(feature_columns), h, list(league_order), current_league, profile, seed)
              for h in horizons]
     out_dirs = {s.horizon: workdir / f"global-{s.horizon}d" for s in specs}
-    return list(_global_results(specs, out_dirs, workers, warm))
+    pool = _executor(workers)
+    try:
+        return list(_global_results(specs, out_dirs, pool, workers, warm))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _reusable(tracker: ModelTracker, specs: list[GlobalSpec], progress: Callable[[str], None],
+def _reusable(tracker: ModelTracker, specs: list[GlobalSpec], pool: Executor, progress: Callable[[str], None],
               ) -> tuple[dict[int, GlobalValidation], dict[int, GlobalValidation], dict[int, tuple[str, str]]]:
     """(horizon -> champion validation kept whole, horizon -> champion whose tuned parameters are kept,
     horizon -> (champion version kept as it is, why)): tuning on the same past leagues gives the same answer, so a
-    weekly retrain does not repeat it; and a champion fitted on exactly the same rows is not fitted again."""
+    weekly retrain does not repeat it; and a champion fitted on exactly the same rows is not fitted again. The rows
+    are fingerprinted on ``pool``, each horizon as one job."""
+    champions: dict[int, tuple[str, GlobalValidation | None]] = {}
+    for spec in specs:
+        try:
+            found = tracker.champion(global_model_name(spec.horizon))
+            champions[spec.horizon] = (found[0], GlobalValidation.read(found[1])) if found else ("", None)
+        except Exception as exc:  # a damaged or untrusted champion: tune from scratch, the forecasts alert on it
+            progress(f"global {spec.horizon}d: tuning with Optuna (its champion cannot be read: {exc})")
+    # only a champion with recorded inputs can be compared with today's rows: else no matrices to build
+    fingerprints = {s.horizon: pool.submit(_fingerprint_job, s) for s in specs
+                    if s.horizon in champions and (c := champions[s.horizon][1]) is not None and c.inputs}
     warm: dict[int, GlobalValidation] = {}
     fixed: dict[int, GlobalValidation] = {}
     kept: dict[int, tuple[str, str]] = {}
-    for spec in specs:
-        name = global_model_name(spec.horizon)
-        try:
-            found = tracker.champion(name)
-            champion = GlobalValidation.read(found[1]) if found else None
-        except Exception as exc:  # a damaged or untrusted champion: tune from scratch, the forecasts alert on it
-            progress(f"global {spec.horizon}d: tuning with Optuna (its champion cannot be read: {exc})")
-            continue
-        inputs: dict = {}
-        if champion is not None and champion.inputs:  # else nothing to compare with: no matrices to build
-            data, in_pool = _global_data(spec)
-            if skip_reason(in_pool, spec.horizon):
+    for h, (version, champion) in champions.items():
+        name = global_model_name(h)
+        inputs, rows_hash = {}, ""
+        if h in fingerprints:
+            reason, inputs, rows_hash = fingerprints[h].result()[1]
+            if reason:
                 continue  # the horizon's job says why
-            inputs = tuning_inputs(data, in_pool, spec.current_league, spec.profile, spec.seed)
         keep, why = reuse_of(champion, inputs)
-        if keep == "validation" and champion.fitted_hash == data.data_hash():
-            kept[spec.horizon] = (found[0], f"champion v{found[0]} kept as it is: it was fitted on exactly these rows")
-            progress(f"global {spec.horizon}d: {kept[spec.horizon][1]}")
+        if keep == "validation" and champion.fitted_hash == rows_hash:
+            kept[h] = (version, f"champion v{version} kept as it is: it was fitted on exactly these rows")
+            progress(f"global {h}d: {kept[h][1]}")
         elif keep == "validation":
-            champion.reused = f"validation of {name} v{found[0]} kept: {why}"
-            warm[spec.horizon] = champion
-            progress(f"global {spec.horizon}d: keeps the tuning, weights and out-of-fold forecasts of champion "
-                     f"v{found[0]} ({why}); only the final models are fitted")
+            champion.reused = f"validation of {name} v{version} kept: {why}"
+            warm[h] = champion
+            progress(f"global {h}d: keeps the tuning, weights and out-of-fold forecasts of champion "
+                     f"v{version} ({why}); only the final models are fitted")
         elif keep == "params":
-            champion.reused = f"parameters of {name} v{found[0]} kept: {why}"
-            fixed[spec.horizon] = champion
-            progress(f"global {spec.horizon}d: keeps the tuned parameters of champion v{found[0]} ({why}); the "
+            champion.reused = f"parameters of {name} v{version} kept: {why}"
+            fixed[h] = champion
+            progress(f"global {h}d: keeps the tuned parameters of champion v{version} ({why}); the "
                      "folds are forecast again without a search")
         else:
-            progress(f"global {spec.horizon}d: tuning with Optuna ({why})")
-    _DATA.clear()
+            progress(f"global {h}d: tuning with Optuna ({why})")
     return warm, fixed, kept
 
 
@@ -309,13 +337,14 @@ def train_globals(
     example = _example_rows(features.lazy().filter(pl.col("league") == current_league).collect())
     outcomes: list[GlobalOutcome] = []
     failed = False
+    pool = _executor(workers)
     try:
         out_dirs = {h: staging / f"global-{h}d" for h in horizons}
-        warm, fixed, kept = ({}, {}, {}) if retune else _reusable(tracker, specs, progress)
+        warm, fixed, kept = ({}, {}, {}) if retune else _reusable(tracker, specs, pool, progress)
         outcomes += [GlobalOutcome(h, GlobalResult(h, trained=False, reason=why), None, kept=version)
                      for h, (version, why) in kept.items()]
         specs = [s for s in specs if s.horizon not in kept]
-        for done, result in enumerate(_global_results(specs, out_dirs, workers, warm, fixed), 1):
+        for done, result in enumerate(_global_results(specs, out_dirs, pool, workers, warm, fixed), 1):
             registration = None
             if result.trained:
                 registration = tracker.log_global(result, {**tags, "league": current_league, "profile": profile.name,
@@ -331,6 +360,7 @@ def train_globals(
         failed = True
         raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         tracker.end_run(parent, failed=failed)
         shutil.rmtree(staging, ignore_errors=True)  # MLflow holds the copies
     write_model_metrics(lake, [], outcomes, tags.get("dagster_run_id", parent), current_league, profile.name)

@@ -108,18 +108,28 @@ def test_same_data_same_seed_same_global_model(global_3d, real, tmp_path):
     assert (again.metrics, again.params, again.weights) == (global_3d.metrics, global_3d.params, global_3d.weights)
 
 
-def test_the_parallel_jobs_train_the_same_global_model_as_one_process(global_3d, real, tmp_path):
-    """``train_globals`` splits a horizon into one job per model kind and a final fit per weighted kind, on 2
-    worker processes: the same tuning, weights, scores and forecasts as ``train_global`` in one process."""
-    from poe_pipeline.training import GlobalSpec, _global_results
+def test_the_parallel_jobs_train_the_same_global_model_as_one_process(global_3d, real, tmp_path, monkeypatch):
+    """``train_globals`` splits a horizon into one job per model kind, one that combines them and a final fit per
+    weighted kind, on 2 worker processes: the same tuning, weights, scores and forecasts as ``train_global`` in one
+    process. The parent never builds the matrices (the workers hold them)."""
+    from poe_pipeline import training
+    from poe_pipeline.training import GlobalSpec, _executor, _global_results
 
+    def no_matrices_here(*args, **kwargs):
+        raise AssertionError("the parent built a horizon's matrices")
+
+    monkeypatch.setattr(training, "global_data", no_matrices_here)  # the spawned workers import their own
     _, order, rows = real
     rows.write_parquet(tmp_path / "rows.parquet")
     spec = GlobalSpec(tmp_path / "rows.parquet", list(FEATURE_COLUMNS), 3, order, "Sanctum", PROFILE, 42)
-    (split,) = list(_global_results([spec], {3: tmp_path / "3d"}, workers=2))
+    pool = _executor(2)
+    try:
+        (split,) = list(_global_results([spec], {3: tmp_path / "3d"}, pool, workers=2))
+    finally:
+        pool.shutdown()
     assert (split.params, split.rounds, split.weights, split.metrics, split.folds) == (
         global_3d.params, global_3d.rounds, global_3d.weights, global_3d.metrics, global_3d.folds)
-    assert split.data_window["data_hash"] == global_3d.data_window["data_hash"]
+    assert split.data_window == global_3d.data_window
     assert pl.read_parquet(f"{split.artifact_dir}/{OOF_FILE}").equals(
         pl.read_parquet(f"{global_3d.artifact_dir}/{OOF_FILE}"))
     divine = real[0].filter(pl.col("currency") == "Divine Orb").tail(5)
