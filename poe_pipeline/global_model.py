@@ -51,6 +51,7 @@ from poe_pipeline.modeling import (
     fit_ensemble,
     fold_data,
     forecast_metrics,
+    hash_rows,
     league_folds,
     model_frame,
     tune,
@@ -138,7 +139,8 @@ def tuning_inputs(data: ModelData, in_pool: np.ndarray, current_league: str, pro
     the feature names, the profile, the seed and the model libraries. The current league is never a fold."""
     past = data.leagues != current_league
     digest = hashlib.sha256()
-    for part in (data.X[past], data.y[past], data.weight[past], in_pool[past], data.dates[past].astype(np.int64)):
+    hash_rows(digest, data.X, np.flatnonzero(past))
+    for part in (data.y[past], data.weight[past], in_pool[past], data.dates[past].astype(np.int64)):
         digest.update(np.ascontiguousarray(part).tobytes())
     digest.update("\x1f".join(map(str, data.currencies[past])).encode())
     leagues = [lg for lg in data.league_order if lg != current_league and lg in set(data.leagues[past])]

@@ -98,6 +98,15 @@ def model_inputs(rows: pl.DataFrame | pl.LazyFrame, feature_columns: list[str],
     return rows.with_columns(**relative), names
 
 
+def hash_rows(digest, matrix: np.ndarray, rows: np.ndarray | None = None, block: int = 16_384) -> None:
+    """Feed ``matrix[rows]`` (every row by default) to ``digest`` as C-ordered bytes, a block of rows at a time: the
+    digest of ``np.ascontiguousarray(matrix[rows]).tobytes()`` without two copies of the matrix."""
+    n = len(matrix) if rows is None else len(rows)
+    for start in range(0, n, block):
+        part = matrix[start:start + block] if rows is None else matrix[rows[start:start + block]]
+        digest.update(np.ascontiguousarray(part))
+
+
 @dataclass
 class ModelData:
     """Rows with a known target as model matrices, in league order (chronological) then date and currency."""
@@ -117,7 +126,8 @@ class ModelData:
         return len(self.y)
 
     def data_hash(self) -> str:
-        digest = hashlib.sha256(np.ascontiguousarray(self.X).tobytes())
+        digest = hashlib.sha256()
+        hash_rows(digest, self.X)
         digest.update(self.y.tobytes())
         digest.update(",".join(self.feature_names).encode())
         return digest.hexdigest()[:16]

@@ -16,7 +16,7 @@ from poe_pipeline.currency_model import MIN_OWN_ROWS, PRIOR_ROWS, best_scale, po
 from poe_pipeline.features import FEATURE_COLUMNS, build_features
 from poe_pipeline.global_model import OOF_FILE, GlobalValidation, liquid_by_league, pooled_rows, train_global
 from poe_pipeline.leagues import league_calendar, training_leagues
-from poe_pipeline.modeling import Ensemble, ModelData, forest_predict, league_folds, validation_weights
+from poe_pipeline.modeling import Ensemble, ModelData, forest_predict, hash_rows, league_folds, validation_weights
 from poe_pipeline.prices import daily_from_dump_rows, merge_daily_prices
 from poe_pipeline.settings import get_profile
 from poe_pipeline.sources.poe_ninja import read_dump
@@ -211,6 +211,19 @@ def test_pruning_inside_fits_stops_losing_trials_and_stays_deterministic():
     # off (the default): a trial stops only between folds, and a forest grows all its trees
     whole = tune("random_forest", data, fold_data(data, folds, kinds=()), Profile("t", 60, 3, 10), seed=5)
     assert whole.boosting_rounds % 40 == 0
+
+
+def test_hashing_rows_block_by_block_gives_the_digest_of_the_whole_copy():
+    """Champions record these digests: hashing without copying the matrix must not change them."""
+    import hashlib
+
+    rng = np.random.default_rng(3)
+    matrix = np.asfortranarray(rng.random((40_000, 7), dtype=np.float32))  # as Polars' to_numpy gives it
+    rows = np.flatnonzero(rng.random(40_000) > 0.3)
+    for picked, copy in ((None, matrix), (rows, matrix[rows])):
+        digest = hashlib.sha256()
+        hash_rows(digest, matrix, picked)
+        assert digest.hexdigest() == hashlib.sha256(np.ascontiguousarray(copy).tobytes()).hexdigest()
 
 
 def test_ensemble_weights_minimise_validation_error():
