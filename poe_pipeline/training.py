@@ -2,10 +2,11 @@
 
 The global models (one per horizon) are the heavy part: they train in parallel processes, one thread per model, as
 finer jobs than a horizon so that 2 cores stay busy to the end: one job per (horizon, model kind) tunes that kind and
-forecasts the holdout (``global_model.validate_kind``); once a horizon's three kinds are in, the parent weighs them
+forecasts the holdout (``global_model.validate_kind``); once a horizon's three kinds are in, one job weighs them
 and one job per weighted kind fits its final model. Final fits go first, then the longest validations. The results
-are those of ``train_global`` in one process (each kind's tuning is seeded alone). Partitions are light (a scale and
-a calibration on the global model's out-of-fold forecasts) and train in the parent.
+are those of ``train_global`` in one process (each kind's tuning is seeded alone). Only the workers build a horizon's
+matrices (checking a champion's rows is a job too), so the parent stays small beside them. Partitions are light (a
+scale and a calibration on the global model's out-of-fold forecasts) and train in the parent.
 Workers only train and write artifacts to a staging folder; the parent process does every MLflow write, one after
 another, so the SQLite stores never see two writers ("database is locked" cannot happen by design).
 """
