@@ -485,7 +485,7 @@ def run(repeats: int) -> dict:
         targets["retrain_prod_s"] = {
             **check_target(cases["retrain_prod"], "wall_s", "<", 3600.0,
                            "issue: the weekly retrain of the eligible universe in the prod profile < 60 min"),
-            "metric": "retrain_prod.wall_s: the global models of 1/3/7d (prod: 200 trials, 5 folds) on 2 "
+            "metric": "retrain_prod.wall_s: the global models of 1/3/7d (the prod profile: its trials, 5 folds) on 2 "
                       "workers, then every eligible currency x 3 partitions, MLflow writes included",
         }
     for name, what in (("retrain_prod_refold", "keeping the champion's parameters, the folds forecast again"),
