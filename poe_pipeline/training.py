@@ -21,6 +21,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -188,10 +189,15 @@ class _Inline:
 Executor = ProcessPoolExecutor | _Inline
 
 
-def _executor(workers: int) -> Executor:
-    """Fresh (spawned) worker processes, or this process for one worker."""
-    return _Inline() if workers == 1 else ProcessPoolExecutor(
+@contextmanager
+def _worker_pool(workers: int) -> Iterator[Executor]:
+    """Fresh (spawned) worker processes, or this process for one worker; shut down (queued jobs cancelled) on exit."""
+    pool = _Inline() if workers == 1 else ProcessPoolExecutor(
         max_workers=workers, mp_context=mp.get_context("spawn"), initializer=limit_threads)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _global_results(specs: list[GlobalSpec], out_dirs: dict[int, Path], pool: Executor, workers: int,
@@ -273,11 +279,8 @@ def refit_globals(rows: pl.DataFrame, feature_columns: list[str], horizons: Iter
     specs = [GlobalSpec(rows_path, list(feature_columns), h, list(league_order), current_league, profile, seed)
              for h in horizons]
     out_dirs = {s.horizon: workdir / f"global-{s.horizon}d" for s in specs}
-    pool = _executor(workers)
-    try:
+    with _worker_pool(workers) as pool:
         return list(_global_results(specs, out_dirs, pool, workers, warm))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _reusable(tracker: ModelTracker, specs: list[GlobalSpec], pool: Executor, progress: Callable[[str], None],
@@ -294,8 +297,9 @@ def _reusable(tracker: ModelTracker, specs: list[GlobalSpec], pool: Executor, pr
         except Exception as exc:  # a damaged or untrusted champion: tune from scratch, the forecasts alert on it
             progress(f"global {spec.horizon}d: tuning with Optuna (its champion cannot be read: {exc})")
     # only a champion with recorded inputs can be compared with today's rows: else no matrices to build
-    fingerprints = {s.horizon: pool.submit(_job, _fingerprint_job, s) for s in specs
-                    if s.horizon in champions and (c := champions[s.horizon][1]) is not None and c.inputs}
+    by_h = {s.horizon: s for s in specs}
+    fingerprints = {h: pool.submit(_job, _fingerprint_job, by_h[h]) for h, (_, champion) in champions.items()
+                    if champion is not None and champion.inputs}
     warm: dict[int, GlobalValidation] = {}
     fixed: dict[int, GlobalValidation] = {}
     kept: dict[int, tuple[str, str]] = {}
@@ -363,30 +367,30 @@ def train_globals(
     example = _example_rows(features.lazy().filter(pl.col("league") == current_league).collect())
     outcomes: list[GlobalOutcome] = []
     failed = False
-    pool = _executor(workers)
     try:
-        out_dirs = {h: staging / f"global-{h}d" for h in horizons}
-        warm, fixed, kept = ({}, {}, {}) if retune else _reusable(tracker, specs, pool, progress)
-        outcomes += [GlobalOutcome(h, GlobalResult(h, trained=False, reason=why), None, kept=version)
-                     for h, (version, why) in kept.items()]
-        specs = [s for s in specs if s.horizon not in kept]
-        for done, result in enumerate(_global_results(specs, out_dirs, pool, workers, warm, fixed), 1):
-            registration = None
-            if result.trained:
-                registration = tracker.log_global(result, {**tags, "league": current_league, "profile": profile.name,
-                                                           "partition_key": f"{result.horizon}d"}, parent,
-                                                  example=example)
-                note = (f"holdout skill {result.skill:+.3f}, MAE {result.validation_mae:.4f}, "
-                        f"{'promoted' if registration.promoted else 'kept, not promoted'} ({registration.reason})")
-            else:
-                note = f"skipped: {result.reason}"
-            progress(f"[{done}/{len(specs)}] global {result.horizon}d: {note} ({result.seconds:.1f}s)")
-            outcomes.append(GlobalOutcome(result.horizon, result, registration))
+        with _worker_pool(workers) as pool:
+            out_dirs = {h: staging / f"global-{h}d" for h in horizons}
+            warm, fixed, kept = ({}, {}, {}) if retune else _reusable(tracker, specs, pool, progress)
+            outcomes += [GlobalOutcome(h, GlobalResult(h, trained=False, reason=why), None, kept=version)
+                         for h, (version, why) in kept.items()]
+            specs = [s for s in specs if s.horizon not in kept]
+            for done, result in enumerate(_global_results(specs, out_dirs, pool, workers, warm, fixed), 1):
+                registration = None
+                if result.trained:
+                    registration = tracker.log_global(result, {**tags, "league": current_league,
+                                                               "profile": profile.name,
+                                                               "partition_key": f"{result.horizon}d"}, parent,
+                                                      example=example)
+                    note = (f"holdout skill {result.skill:+.3f}, MAE {result.validation_mae:.4f}, "
+                            f"{'promoted' if registration.promoted else 'kept, not promoted'} ({registration.reason})")
+                else:
+                    note = f"skipped: {result.reason}"
+                progress(f"[{done}/{len(specs)}] global {result.horizon}d: {note} ({result.seconds:.1f}s)")
+                outcomes.append(GlobalOutcome(result.horizon, result, registration))
     except BaseException:
         failed = True
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         tracker.end_run(parent, failed=failed)
         shutil.rmtree(staging, ignore_errors=True)  # MLflow holds the copies
     write_model_metrics(lake, [], outcomes, tags.get("dagster_run_id", parent), current_league, profile.name)

@@ -113,7 +113,7 @@ def test_the_parallel_jobs_train_the_same_global_model_as_one_process(global_3d,
     weighted kind, on 2 worker processes: the same tuning, weights, scores and forecasts as ``train_global`` in one
     process. The parent never builds the matrices (the workers hold them)."""
     from poe_pipeline import training
-    from poe_pipeline.training import GlobalSpec, _executor, _global_results
+    from poe_pipeline.training import GlobalSpec, _global_results, _worker_pool
 
     def no_matrices_here(*args, **kwargs):
         raise AssertionError("the parent built a horizon's matrices")
@@ -122,11 +122,8 @@ def test_the_parallel_jobs_train_the_same_global_model_as_one_process(global_3d,
     _, order, rows = real
     rows.write_parquet(tmp_path / "rows.parquet")
     spec = GlobalSpec(tmp_path / "rows.parquet", list(FEATURE_COLUMNS), 3, order, "Sanctum", PROFILE, 42)
-    pool = _executor(2)
-    try:
+    with _worker_pool(2) as pool:
         (split,) = list(_global_results([spec], {3: tmp_path / "3d"}, pool, workers=2))
-    finally:
-        pool.shutdown()
     assert (split.params, split.rounds, split.weights, split.metrics, split.folds) == (
         global_3d.params, global_3d.rounds, global_3d.weights, global_3d.metrics, global_3d.folds)
     assert split.data_window == global_3d.data_window
