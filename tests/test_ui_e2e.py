@@ -207,8 +207,9 @@ def test_investment_report_shows_the_top_picks(browser, ui, demo_lake, artifacts
         return shown[0] if shown else None
 
     table = _wait(browser, top_table, "the investment report's top_10 metadata table")
-    headers = [th.text for th in table.find_elements(By.TAG_NAME, "th")]
-    cells = [row.text for row in table.find_elements(By.XPATH, ".//tbody/tr")]
+    # textContent, not .text: Selenium's .text is "" for a cell not yet painted (a dialog still opening)
+    headers = [th.get_attribute("textContent").strip() for th in table.find_elements(By.TAG_NAME, "th")]
+    cells = [row.get_attribute("textContent").strip() for row in table.find_elements(By.XPATH, ".//tbody/tr")]
     assert "currency" in headers and cells
     assert len(cells) == 10 and all(any(row.startswith(c) for c in demo_lake.currencies) for row in cells), cells
     picks = browser.find_elements(By.XPATH, "//tr[td//span[normalize-space()='picks']]")
