@@ -37,6 +37,7 @@ import numpy as np
 import polars as pl
 
 from poe_pipeline.modeling import (
+    ANCHOR_INPUT,
     DEFAULT_PARAMS,
     DEFAULT_ROUNDS,
     MIN_PATIENCE,
@@ -144,13 +145,13 @@ def tuning_inputs(data: ModelData, in_pool: np.ndarray, current_league: str, pro
         digest.update(np.ascontiguousarray(part).tobytes())
     digest.update("\x1f".join(map(str, data.currencies[past])).encode())
     leagues = [lg for lg in data.league_order if lg != current_league and lg in set(data.leagues[past])]
-    return {"past_leagues": leagues, "profile": profile.as_dict(), "seed": seed,
+    return {"past_leagues": leagues, "profile": profile.as_dict(), "seed": seed, "anchor": ANCHOR_INPUT,
             "features": hashlib.sha256(",".join(data.feature_names).encode()).hexdigest()[:16],
             "libraries": {lib: importlib.import_module(lib).__version__ for lib in _LIBRARIES},
             "rows": digest.hexdigest()[:16]}
 
 
-_SAME_SETUP = ("past_leagues", "profile", "seed", "features", "libraries")
+_SAME_SETUP = ("past_leagues", "profile", "seed", "anchor", "features", "libraries")
 
 
 def reuse_of(earlier: GlobalValidation | None, inputs: dict) -> tuple[str, str]:
@@ -186,6 +187,7 @@ class GlobalResult:
     inputs: dict = field(default_factory=dict)
     artifact_dir: str = ""
     seconds: float = 0.0
+    anchor: str = ANCHOR_INPUT  # the input whose reversion the models' predictions are added to
 
     def as_dict(self) -> dict:
         return asdict(self)

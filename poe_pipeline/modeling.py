@@ -23,6 +23,7 @@ Two kinds of model are built on it (the assets ``global_models`` and ``currency_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -83,6 +84,19 @@ EXCLUDED_INPUTS = {
 }
 
 
+# The models learn what a day's move adds to a reversion towards the median of the last 3 days' prices (the anchor):
+# trees approximate a continuous reversion in coarse steps, so it is given to them and they learn the rest.
+ANCHOR_INPUT = "log_price_vs_median_3"
+
+
+def anchor(X: np.ndarray, feature_names: list[str]) -> np.ndarray:
+    """Each row's anchor forecast, the log-return back to the median of the last 3 days (0 where unknown)."""
+    if ANCHOR_INPUT not in feature_names:
+        return np.zeros(len(X))
+    a = -X[:, feature_names.index(ANCHOR_INPUT)].astype(np.float64)
+    return np.where(np.isfinite(a), a, 0.0)
+
+
 def model_inputs(rows: pl.DataFrame | pl.LazyFrame, feature_columns: list[str],
                  ) -> tuple[pl.DataFrame | pl.LazyFrame, list[str]]:
     """The model's input columns: stationary features, plus today's price relative to its lags and windows."""
@@ -124,6 +138,16 @@ class ModelData:
     @property
     def rows(self) -> int:
         return len(self.y)
+
+    @functools.cached_property
+    def base(self) -> np.ndarray:
+        """The anchor forecast of each row; the models add their prediction to it."""
+        return anchor(self.X, self.feature_names)
+
+    @functools.cached_property
+    def label(self) -> np.ndarray:
+        """What the models learn: the target beyond the anchor."""
+        return self.y - self.base
 
     def data_hash(self) -> str:
         digest = hashlib.sha256()
@@ -321,16 +345,16 @@ def fold_data(data: ModelData, folds: list[Fold], kinds: Iterable[str] = MODEL_K
         fd = FoldData(f)
         if "lightgbm" in kinds:
             # only the bins are kept: no trial changes a parameter that would need the raw rows to rebin them
-            lgb_train = lgb.Dataset(data.X[it], data.y[it], weight=data.weight[it], feature_name=data.feature_names,
+            lgb_train = lgb.Dataset(data.X[it], data.label[it], weight=data.weight[it], feature_name=data.feature_names,
                                     params={"verbosity": -1, "max_bin": MAX_BIN})
-            lgb_valid = lgb.Dataset(data.X[iv], data.y[iv], weight=data.weight[iv], reference=lgb_train)
+            lgb_valid = lgb.Dataset(data.X[iv], data.label[iv], weight=data.weight[iv], reference=lgb_train)
             fd.lgb_train, fd.lgb_inner_valid = lgb_train.construct(), lgb_valid.construct()
         if "xgboost" in kinds:
             # the training rows quantised once (one byte a value) instead of DMatrix's value and index per entry
             # plus the bins it builds at the first fit: the same trees, a fraction of the memory. The early-stopping
             # rows stay a DMatrix: evaluating on quantised rows was 30 % slower.
-            fd.xgb_train = xgb_training_matrix(data.X[it], data.y[it], data.weight[it])
-            fd.xgb_inner_valid = xgb.DMatrix(data.X[iv], data.y[iv], weight=data.weight[iv], nthread=1)
+            fd.xgb_train = xgb_training_matrix(data.X[it], data.label[it], data.weight[it])
+            fd.xgb_inner_valid = xgb.DMatrix(data.X[iv], data.label[iv], weight=data.weight[iv], nthread=1)
             fd.xgb_valid = xgb.DMatrix(data.X[f.predicted], nthread=1)
         out.append(fd)
     return out
@@ -440,19 +464,20 @@ def _fold_predict(kind: str, params: dict, fd: FoldData, data: ModelData, early:
     """Fit on a fold's training rows, predict its validation and extra rows; also the boosting rounds used.
     ``report``: a tuning trial's reporter, which may stop a boosting fit (``optuna.TrialPruned``)."""
     f = fd.fold
+    base = data.base[f.predicted]
     if kind == "lightgbm":
         model = _fit_lgb(params, fd.lgb_train, fd.lgb_inner_valid, MAX_ROUNDS, early, report)
-        return (model.predict(data.X[f.predicted], num_iteration=model.best_iteration),
+        return (base + model.predict(data.X[f.predicted], num_iteration=model.best_iteration),
                 model.best_iteration or MAX_ROUNDS)
     if kind == "xgboost":
         model = _fit_xgb(params, fd.xgb_train, fd.xgb_inner_valid, MAX_ROUNDS, early, report)
-        return _predict_xgb(model, fd.xgb_valid), (model.best_iteration or MAX_ROUNDS - 1) + 1
+        return base + _predict_xgb(model, fd.xgb_valid), (model.best_iteration or MAX_ROUNDS - 1) + 1
     trees = DEFAULT_ROUNDS["random_forest"]
     if report is None:
-        rf = _fit_forest(params, data.X[f.train], data.y[f.train], data.weight[f.train], trees)
-        return forest_predict(rf, data.X[f.predicted]), trees
+        rf = _fit_forest(params, data.X[f.train], data.label[f.train], data.weight[f.train], trees)
+        return base + forest_predict(rf, data.X[f.predicted]), trees
     # grown FOREST_CHECK trees at a time (warm start: the same trees as one fit), so that a losing trial stops early
-    X, y_clipped, w = data.X[f.train], _clip_target(data.y[f.train]), data.weight[f.train]
+    X, y_clipped, w = data.X[f.train], _clip_target(data.label[f.train]), data.weight[f.train]
     X_pred = np.ascontiguousarray(data.X[f.predicted], dtype=np.float32)
     rf = RandomForestRegressor(**params, n_estimators=FOREST_CHECK, warm_start=True)
     per_tree: list[np.ndarray] = []
@@ -463,8 +488,8 @@ def _fold_predict(kind: str, params: dict, fd: FoldData, data: ModelData, early:
         if grown < trees:
             n = len(f.valid)
             report.check(grown // FOREST_CHECK - 1,
-                         float(np.mean(np.abs(data.y[f.valid] - np.mean(per_tree, axis=0)[:n]))))
-    return np.mean(per_tree, axis=0), trees  # as forest_predict
+                         float(np.mean(np.abs(data.y[f.valid] - base[:n] - np.mean(per_tree, axis=0)[:n]))))
+    return base + np.mean(per_tree, axis=0), trees  # as forest_predict
 
 
 @dataclass
@@ -586,9 +611,9 @@ def fit_model(kind: str, data: ModelData, params: dict, rounds: int, out_dir: Pa
     """Fit one final model on ``data`` (its rows ``index``) and save it natively in ``out_dir``; returns its gain
     importance per feature, normalised (zeros for the forest)."""
     if index is None or len(index) == data.rows:  # every row (an index is ascending): no copy of the matrix
-        X, y, w = data.X, data.y, data.weight
+        X, y, w = data.X, data.label, data.weight
     else:
-        X, y, w = data.X[index], data.y[index], data.weight[index]
+        X, y, w = data.X[index], data.label[index], data.weight[index]
     out_dir.mkdir(parents=True, exist_ok=True)
     g = np.zeros(len(data.feature_names))
     if kind == "lightgbm":
@@ -648,6 +673,7 @@ class Ensemble:
         self.meta = json.loads((directory / META_FILE).read_text())
         self.feature_names: list[str] = self.meta["feature_names"]
         self.weights: dict[str, float] = {k: float(w) for k, w in self.meta["weights"].items() if w > 0}
+        self.anchored = self.meta.get("anchor") == ANCHOR_INPUT  # models trained before the anchor have none
         self.models: dict[str, object] = {}
         if "lightgbm" in self.weights:
             self.models["lightgbm"] = lgb.Booster(model_file=str(directory / ARTIFACT_FILES["lightgbm"]),
@@ -663,14 +689,15 @@ class Ensemble:
     def predict_parts(self, inputs: pl.DataFrame) -> dict[str, np.ndarray]:
         """Each weighted model's predicted log-return for rows that went through ``model_inputs``."""
         X = inputs.select(self.feature_names).cast(pl.Float32).to_numpy()
+        base = anchor(X, self.feature_names) if self.anchored else np.zeros(len(X))
         parts = {}
         for kind, model in self.models.items():
             if kind == "lightgbm":  # the loading params do not reach predict: 2 threads made a row take ~10 ms
-                parts[kind] = model.predict(X, num_threads=1)
+                parts[kind] = base + model.predict(X, num_threads=1)
             elif kind == "xgboost":
-                parts[kind] = model.predict(xgb.DMatrix(X, nthread=1, feature_names=self.feature_names))
+                parts[kind] = base + model.predict(xgb.DMatrix(X, nthread=1, feature_names=self.feature_names))
             else:
-                parts[kind] = forest_predict(model, X)
+                parts[kind] = base + forest_predict(model, X)
         return parts
 
     def predict_inputs(self, inputs: pl.DataFrame) -> np.ndarray:
