@@ -488,7 +488,7 @@ def _fold_predict(kind: str, params: dict, fd: FoldData, data: ModelData, early:
         if grown < trees:
             n = len(f.valid)
             report.check(grown // FOREST_CHECK - 1,
-                         float(np.mean(np.abs(data.y[f.valid] - base[:n] - np.mean(per_tree, axis=0)[:n]))))
+                         float(np.mean(np.abs(data.label[f.valid] - np.mean(per_tree, axis=0)[:n]))))
     return base + np.mean(per_tree, axis=0), trees  # as forest_predict
 
 
