@@ -11,6 +11,10 @@ For each currency and horizon (``m`` the predicted log-return, ``w`` the interva
   expected move beats the interval noise, ``m > w``) and the forecast is confident and liquid enough;
   ``sell`` when the whole interval lies below it; otherwise ``hold``. When no currency earns a buy or a sell, the
   report says "no confident opportunity" and picks nothing.
+- **Suspect quotes.** A buy or sell becomes ``hold`` when today's price is more than ``SUSPECT_QUOTE_FACTOR`` times
+  off its 7-day median: the models expect such a price to revert, but on poe.ninja it is nearly always a one-day
+  glitch or a thin quote (a Sacred Orb at 0.17 c beside 50-60 c the days around it), not a price a player can
+  trade at. The note gives both prices.
 - **Diversification.** Buys are taken best score first, skipping a currency whose daily log-returns over the last
   ``CORRELATION_DAYS`` days correlate above ``MAX_CORRELATION`` with one already picked; at most ``top_k``.
 - **Allocation.** A fraction of the chaos budget per pick: a quarter-Kelly ``KELLY_FRACTION x confidence x m /
@@ -58,6 +62,9 @@ MAX_WEIGHT = 0.25
 KELLY_FRACTION = 0.25
 MIN_PICK_CONFIDENCE = 0.25
 MIN_PICK_LIQUIDITY = 0.3
+# Each buy the four-league replays called on a price over 2x off its 7-day median was a Sacred Orb or an Orb of
+# Annulment quoted 10-300x below it for a day or two: nothing a player could buy at that price.
+SUSPECT_QUOTE_FACTOR = 2.0
 SPREAD_SCALE = 0.25  # a typical poe.ninja buy/sell gap (median |ln(pay/receive)| of the dumps)
 HISTORY_DAYS = 45
 NO_CONFIDENT = "no confident opportunity"
@@ -67,7 +74,7 @@ MIN_SKILL_TO_MENTION = 0.02  # below this a positive skill is "barely" better th
 # The feature columns the report reads (liquidity at the origin, return correlations, price history).
 REPORT_FEATURE_COLUMNS = [
     "league", "currency", "date", "price_chaos", "is_imputed", "logret_1d", "good_confidence_share_7",
-    "observed_share_7", "two_sided_share_7", "spread_log_abs_mean_7", "volume",
+    "observed_share_7", "two_sided_share_7", "spread_log_abs_mean_7", "volume", "log_price_roll_median_7",
 ]
 
 REPORT_SCHEMA: dict[str, pl.DataType] = {
@@ -321,6 +328,18 @@ def _trigger(advice: str, price: float, lower: float, upper: float, divine: floa
                      f"{up:+.1%}")
 
 
+def _suspect_quote(price: float, median: float | None) -> str | None:
+    """How far today's price is off its 7-day median ("12x below") when that is beyond ``SUSPECT_QUOTE_FACTOR``."""
+    if median is None or not median > 0 or not price > 0:
+        return None
+    ratio = price / median
+    if ratio > SUSPECT_QUOTE_FACTOR:
+        return f"{ratio:.0f}x above"
+    if ratio < 1 / SUSPECT_QUOTE_FACTOR:
+        return f"{1 / ratio:.0f}x below"
+    return None
+
+
 def _kelly(r: dict, z: float, max_weight: float) -> float:
     sigma = max(r["half_width_logret"] / z, 1e-6)
     return min(max_weight, max(0.0, KELLY_FRACTION * r["confidence"] * r["expected_logret"] / sigma**2))
@@ -393,12 +412,15 @@ def build_report(
     at_origin = league_rows.filter(pl.col("date") == origin)
     currencies = sorted(predictions["currency"].unique().to_list())
     liquidity = liquidity_scores(at_origin)
+    medians = (at_origin.select("currency", pl.col("log_price_roll_median_7").exp().alias("median_price_7"))
+               if "log_price_roll_median_7" in at_origin.columns else pl.DataFrame(
+                   schema={"currency": pl.Utf8, "median_price_7": pl.Float64}))
     correlations = return_correlations(league_rows, origin, currencies)
     corr = {(a, b): r for a, b, r, _ in correlations.iter_rows()}
     divine, divine_day = divine_price(league_rows, league, origin)
 
     base = (
-        predictions.join(liquidity, on="currency", how="left")
+        predictions.join(liquidity, on="currency", how="left").join(medians, on="currency", how="left")
         .with_columns(
             pl.col("liquidity_score").fill_null(0.0),
             (pl.col("predicted_price") / pl.col("current_price")).log().alias("expected_logret"),
@@ -425,7 +447,13 @@ def build_report(
             notes = []
             beats_up = r["pred_lower"] > r["current_price"]
             beats_down = r["pred_upper"] < r["current_price"]
-            if beats_down:
+            suspect = _suspect_quote(r["current_price"], r["median_price_7"])
+            if (beats_up or beats_down) and suspect:
+                r["advice"] = "hold"
+                notes.append(f"would be a {'buy' if beats_up else 'sell'}, but today's price "
+                             f"{_fmt_price(r['current_price'])} c is {suspect} its 7-day median "
+                             f"{_fmt_price(r['median_price_7'])} c: likely a glitch or a thin quote")
+            elif beats_down:
                 r["advice"] = "sell"
                 notes.append("the whole interval lies below today's price")
             elif beats_up and r["confidence"] < MIN_PICK_CONFIDENCE:

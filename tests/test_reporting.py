@@ -386,3 +386,22 @@ def test_the_fan_chart_has_a_panel_for_every_currency_the_report_shows():
     picked = list(dict.fromkeys(report.picks().sort("score", descending=True)["currency"]))
     assert picked and names[: len(picked)] == picked  # picks first
     assert len(_chart_currencies(report, n=2)[0]) == 2 and CHART_MAX_CURRENCIES >= 15  # the demo's 15 all shown
+
+
+def test_a_price_far_off_its_week_is_a_suspect_quote_and_no_buy():
+    # real Sanctum data: on 2023-02-06 poe.ninja quoted the Sacred Orb at 0.17 c, between days at 50-60 c
+    glitch_day = date(2023, 2, 6)
+    sacred = sanctum().filter((pl.col("currency") == "Sacred Orb") & (pl.col("date") == glitch_day)).row(0, named=True)
+    assert sacred["price_chaos"] < 0.2 and 40 < math.exp(sacred["log_price_roll_median_7"]) < 70
+    # a forecast of the reversion whose whole interval lies above that price; the Divine Orb's forecast is sane
+    preds = predictions({"Sacred Orb": 5.0, "Divine Orb": 0.06}, width={"Sacred Orb": 0.5, "Divine Orb": 0.03},
+                        origin=glitch_day)
+    report = build_report(preds, sanctum())
+    for r in report.table.iter_rows(named=True):
+        if r["currency"] == "Sacred Orb":
+            assert r["pred_lower"] > r["current_price"]  # the interval alone would make it a buy
+            assert r["advice"] == "hold" and not r["picked"]
+            assert "would be a buy" in r["note"] and "below its 7-day median" in r["note"]
+        else:
+            assert r["advice"] == "buy" and r["picked"]
+    assert "Sacred Orb" not in report.headline()
