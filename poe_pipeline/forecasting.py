@@ -15,7 +15,8 @@ For every currency and horizon, from the origin (the league's latest day of feat
   ``sigma = max(v, VOL_FLOOR, VOL_FLOOR_REL x median v)`` and ``v = sqrt(realized_vol_14^2 + trend_slope_14^2)``,
   the root mean square of the last 14 daily log-returns (dispersion and drift). The half-width is
   ``q x sigma_now``: a calm currency gets a narrow interval and a wild one a wide one. ``q`` comes from the residuals
-  of the forecast's league phase (days 0-20, 21-55, 56 on: the first weeks of a league move far more) when there are
+  of the forecast's league phase (days 0-6, 7-20, 21-55, 56 on: the first weeks of a league move far more, and its
+  first week most of all) when there are
   enough of them, else from all; and it depends on how many residuals there are (the method is stored per row):
 
   - ``conformal`` (>= ``MIN_CONFORMAL`` residuals): ``q`` is the ``ceil((n + 1) x level)``-th smallest ``|s_i|``,
@@ -80,7 +81,9 @@ MIN_BOOTSTRAP = 5
 BOOTSTRAP_RESAMPLES = 1000
 CONSERVATIVE_INFLATION = 1.5
 VOL_COLUMNS = ("realized_vol_14", "trend_slope_14")
-PHASE_BOUNDS = (21, 56)  # interval phases by league day: 0-20, 21-55, 56 on (coverage is checked per phase)
+# interval phases by league day: 0-6, 7-20, 21-55, 56 on (coverage is checked per phase). The launch week's
+# residuals are kept apart: pooled with days 7-20 they widened those intervals past 80 % coverage.
+PHASE_BOUNDS = (7, 21, 56)
 VOL_FLOOR = 0.005  # 0.5 % a day: flat, quantised series (a price stuck at 1.0) still move a little
 VOL_FLOOR_REL = 0.25  # and never below a quarter of the currency's typical volatility
 FALLBACK_DAILY_VOL = 0.07  # median realized_vol_14 of the poe.ninja dumps: a currency without any history
@@ -178,15 +181,18 @@ def volatility_scales(vols: np.ndarray, reference: float | None = None) -> np.nd
 
 
 def interval_phase(league_day: int | None) -> str:
-    """The league phase an interval is calibrated in: early (days 0-20), mid (21-55), late (56 on)."""
-    if league_day is None or league_day < PHASE_BOUNDS[0]:
+    """The league phase an interval is calibrated in: launch (days 0-6), early (7-20), mid (21-55), late (56 on)."""
+    if league_day is None:
         return "early"
-    return "mid" if league_day < PHASE_BOUNDS[1] else "late"
+    if league_day < PHASE_BOUNDS[0]:
+        return "launch"
+    return "early" if league_day < PHASE_BOUNDS[1] else "mid" if league_day < PHASE_BOUNDS[2] else "late"
 
 
 def _phase_expr(day: pl.Expr) -> pl.Expr:
-    return (pl.when(day.is_null() | (day < PHASE_BOUNDS[0])).then(pl.lit("early"))
-            .when(day < PHASE_BOUNDS[1]).then(pl.lit("mid")).otherwise(pl.lit("late")))
+    return (pl.when(day.is_null()).then(pl.lit("early")).when(day < PHASE_BOUNDS[0]).then(pl.lit("launch"))
+            .when(day < PHASE_BOUNDS[1]).then(pl.lit("early"))
+            .when(day < PHASE_BOUNDS[2]).then(pl.lit("mid")).otherwise(pl.lit("late")))
 
 
 @dataclass(frozen=True)

@@ -674,3 +674,23 @@ def test_forecasting_from_the_local_registry_never_imports_mlflow(world):
     out = subprocess.run([sys.executable, "-c", code, str(world[0].root)], capture_output=True, text=True,
                          env=env, timeout=300, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_league_s_launch_week_calibrates_only_the_launch_week_s_intervals():
+    from poe_pipeline.forecasting import interval_phase
+
+    # one currency's residuals over three leagues' first 30 days: wild in the launch week (days 0-6), calm after
+    days = [(league, date(2023, 1, 1) + timedelta(days=d), d) for league in ("A", "B", "C") for d in range(30)]
+    rng = np.random.default_rng(7)
+    residuals = pl.DataFrame({
+        "league": [lg for lg, _, _ in days], "date": [t for _, t, _ in days],
+        "residual": [rng.normal(0, 0.5 if d < 7 else 0.02) for _, _, d in days]})
+    history = pl.DataFrame({
+        "league": [lg for lg, _, _ in days], "currency": "Chaos", "date": [t for _, t, _ in days],
+        "league_day": [d for _, _, d in days], "realized_vol_14": 0.02, "trend_slope_14": 0.0})
+    calibration = Calibration.from_residual_frame(residuals, history.drop("currency"))
+    assert [interval_phase(d) for d in (0, 6, 7, 20, 21, 56)] == ["launch", "launch", "early", "early", "mid", "late"]
+    launch = prediction_interval(0.0, calibration, 0.02, 1, 0.8, phase=interval_phase(3)).half_width
+    day_10 = prediction_interval(0.0, calibration, 0.02, 1, 0.8, phase=interval_phase(10)).half_width
+    # days 7-20 hold 42 calm residuals: their 80 % quantile, not one stretched by the launch week's
+    assert day_10 < 0.04 < 0.3 < launch
