@@ -56,6 +56,7 @@ A currency that cannot be forecast (no global champion, no price at the origin) 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -84,6 +85,8 @@ VOL_COLUMNS = ("realized_vol_14", "trend_slope_14")
 # interval phases by league day: 0-6, 7-20, 21-55, 56 on (coverage is checked per phase). The launch week's
 # residuals are kept apart: pooled with days 7-20 they widened those intervals past 80 % coverage.
 PHASE_BOUNDS = (7, 21, 56)
+PHASE_NAMES = ("launch", "early", "mid", "late")  # one per span between the bounds
+UNKNOWN_DAY_PHASE = "early"  # a day without a league calendar
 VOL_FLOOR = 0.005  # 0.5 % a day: flat, quantised series (a price stuck at 1.0) still move a little
 VOL_FLOOR_REL = 0.25  # and never below a quarter of the currency's typical volatility
 FALLBACK_DAILY_VOL = 0.07  # median realized_vol_14 of the poe.ninja dumps: a currency without any history
@@ -182,17 +185,15 @@ def volatility_scales(vols: np.ndarray, reference: float | None = None) -> np.nd
 
 def interval_phase(league_day: int | None) -> str:
     """The league phase an interval is calibrated in: launch (days 0-6), early (7-20), mid (21-55), late (56 on)."""
-    if league_day is None:
-        return "early"
-    if league_day < PHASE_BOUNDS[0]:
-        return "launch"
-    return "early" if league_day < PHASE_BOUNDS[1] else "mid" if league_day < PHASE_BOUNDS[2] else "late"
+    return UNKNOWN_DAY_PHASE if league_day is None else PHASE_NAMES[bisect.bisect_right(PHASE_BOUNDS, league_day)]
 
 
 def _phase_expr(day: pl.Expr) -> pl.Expr:
-    return (pl.when(day.is_null()).then(pl.lit("early")).when(day < PHASE_BOUNDS[0]).then(pl.lit("launch"))
-            .when(day < PHASE_BOUNDS[1]).then(pl.lit("early"))
-            .when(day < PHASE_BOUNDS[2]).then(pl.lit("mid")).otherwise(pl.lit("late")))
+    """``interval_phase`` over a column."""
+    expr = pl.when(day.is_null()).then(pl.lit(UNKNOWN_DAY_PHASE))
+    for bound, name in zip(PHASE_BOUNDS, PHASE_NAMES, strict=False):
+        expr = expr.when(day < bound).then(pl.lit(name))
+    return expr.otherwise(pl.lit(PHASE_NAMES[-1]))
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ class Calibration:
                                   .alias("_phase")).unique(keys)
         joined = residuals.join(vols, on=keys, how="left", maintain_order="left")
         return cls.from_arrays(joined["residual"].to_numpy(), joined["_vol"].to_numpy(),
-                               joined["_phase"].fill_null("early").to_numpy())
+                               joined["_phase"].fill_null(UNKNOWN_DAY_PHASE).to_numpy())
 
 
 @dataclass(frozen=True)

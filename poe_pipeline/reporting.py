@@ -412,9 +412,9 @@ def build_report(
     at_origin = league_rows.filter(pl.col("date") == origin)
     currencies = sorted(predictions["currency"].unique().to_list())
     liquidity = liquidity_scores(at_origin)
-    medians = (at_origin.select("currency", pl.col("log_price_roll_median_7").exp().alias("median_price_7"))
-               if "log_price_roll_median_7" in at_origin.columns else pl.DataFrame(
-                   schema={"currency": pl.Utf8, "median_price_7": pl.Float64}))
+    median = "log_price_roll_median_7"  # left out, like the liquidity parts, from features without it
+    medians = at_origin.select("currency", (pl.col(median).exp() if median in at_origin.columns
+                                            else pl.lit(None, pl.Float64)).alias("median_price_7"))
     correlations = return_correlations(league_rows, origin, currencies)
     corr = {(a, b): r for a, b, r, _ in correlations.iter_rows()}
     divine, divine_day = divine_price(league_rows, league, origin)
