@@ -21,8 +21,9 @@ relative to the backtest's ``current_price`` (the feature store's forward-filled
     within a league) and refit the final models on the new data, unless ``POE_BENCH_RETUNE_EVERY`` (refits)
     asks for more re-tunes. mlforecast never tunes.
   - ``persistence``: log-return 0.
-  - ``drift``: league-phase drift, the median h-day log-return of that currency in past non-event leagues at
-    league days within +-3 of the origin's league day; fewer than 5 such returns: the all-currency median.
+  - ``drift``: league-phase drift (the project's ``seasonal_drift_{h}d`` feature), the median h-day log-return
+    of that currency in earlier non-event leagues at league days within +-3 of the origin's league day; fewer
+    than 5 such returns: the all-currency median.
   - ``mlforecast``: Nixtla mlforecast, one global LightGBM (``num_threads`` 1) over the universe's series of
     log price (differenced once, so it learns log-returns), lags 1, 2, 3, 5, 7, 14, rolling mean/std/min/max
     over 3, 7 and 14 days of lag 1, weekday; direct horizons (``fit(max_horizon=7)``: one model per step; 1, 3 and
@@ -68,10 +69,11 @@ import numpy as np
 import polars as pl
 
 from benchmarks.harness import RESULTS_DIR, development_dumps_dir
+from poe_pipeline import seasonal
 from poe_pipeline.backtest import backtest_origins, calendar_as_of, load_history_prices, run_backtest, winkler_score
 from poe_pipeline.forecasting import INTERVAL_LEVEL
 from poe_pipeline.lake import write_parquet_atomic, write_text_atomic
-from poe_pipeline.leagues import is_event_league, league_calendar, training_leagues
+from poe_pipeline.leagues import league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
 from poe_pipeline.names import slug
 from poe_pipeline.prices import target_day
@@ -85,8 +87,6 @@ PHASES = ((7, 20, "days 7-20"), (21, 55, "days 21-55"), (56, 10_000, "days 56+")
 GLITCH_JUMP = math.log(3)  # a glitch: the price jumps 3x (or to a third) into a day ...
 GLITCH_BACK = math.log(1.5)  # ... and is back within 1.5x of the day before, within 3 days
 LIQUIDITY_LEAGUES = 3  # non-event leagues before the first test league that rank liquidity
-DRIFT_WINDOW = 3  # league days either side of the origin's
-DRIFT_MIN_RETURNS = 5
 MLF_LAGS = (1, 2, 3, 5, 7, 14)
 MLF_WINDOWS = (3, 7, 14)
 MLF_THREADS = 1  # OpenMP threads spin: on a busy 2-core machine 2 threads made a fit ~50x slower
@@ -248,45 +248,18 @@ def kept_project_predictions(cfg: dict, universes: dict[str, list[str]],
 # --- league-phase drift -----------------------------------------------------------------------------------------
 
 
-def _league_day_returns(prices: pl.DataFrame, leagues: list[str], horizons: list[int]) -> pl.DataFrame:
-    """(currency, league_day, horizon_days, logret) over observed days of ``leagues``."""
-    calendar = league_calendar(prices).select("league", "start_date")
-    obs = (prices.filter(pl.col("league").is_in(leagues)).join(calendar, on="league")
-           .select("league", "currency", "date", (pl.col("date") - pl.col("start_date")).dt.total_days()
-                   .alias("league_day"), pl.col("price_chaos").log().alias("lp")))
-    parts = []
-    for h in horizons:
-        later = obs.select("league", "currency", (pl.col("date") - timedelta(days=h)).alias("date"),
-                           pl.col("lp").alias("lp_h"))
-        parts.append(obs.join(later, on=["league", "currency", "date"])
-                     .select("currency", "league_day", pl.lit(h).alias("horizon_days"),
-                             (pl.col("lp_h") - pl.col("lp")).alias("logret")))
-    return pl.concat(parts)
-
-
 def drift_predictions(prices: pl.DataFrame, base: pl.DataFrame, cfg: dict) -> tuple[pl.DataFrame, float]:
-    """Median past-league log-return per (currency, league day, horizon) for each row of ``base``."""
+    """The project's league-phase drift feature (``seasonal``) of each row's currency, origin day and horizon, as
+    the forecast: the median past-league log-return at that league age."""
     t0 = time.perf_counter()
     calendar = league_calendar(prices)
-    out = []
-    for league in cfg["leagues"]:
-        rows = base.filter(pl.col("league") == league)
-        start = calendar.filter(pl.col("league") == league)["start_date"].item()
-        past = [lg for lg in training_leagues(calendar, league) if lg != league and not is_event_league(lg)]
-        returns = _league_day_returns(prices, past, cfg["horizons"])
-        # a return at league day d counts for origins at league days d-3 .. d+3
-        shifted = pl.concat([returns.with_columns((pl.col("league_day") + k).alias("league_day"))
-                             for k in range(-DRIFT_WINDOW, DRIFT_WINDOW + 1)])
-        own = shifted.group_by("currency", "league_day", "horizon_days").agg(
-            pl.col("logret").median().alias("own"), pl.len().alias("n_own"))
-        pooled = shifted.group_by("league_day", "horizon_days").agg(pl.col("logret").median().alias("pooled"))
-        rows = (rows.with_columns((pl.col("origin_date") - start).dt.total_days().alias("league_day"))
-                .join(own, on=["currency", "league_day", "horizon_days"], how="left")
-                .join(pooled, on=["league_day", "horizon_days"], how="left")
-                .with_columns(pl.when(pl.col("n_own") >= DRIFT_MIN_RETURNS).then(pl.col("own"))
-                              .otherwise(pl.col("pooled")).fill_null(0.0).alias("pred_logret")))
-        out.append(rows.select(*KEYS, "pred_logret"))
-    return pl.concat(out), time.perf_counter() - t0
+    rows = base.filter(pl.col("league").is_in(cfg["leagues"])).join(
+        calendar.select("league", "start_date"), on="league").with_columns(
+        (pl.col("origin_date") - pl.col("start_date")).dt.total_days().cast(pl.Int32).alias("league_day"))
+    drift = seasonal.seasonal_drift(rows, prices, calendar).with_columns(
+        pl.coalesce(pl.when(pl.col("horizon_days") == h).then(pl.col(f"seasonal_drift_{h}d"))
+                    for h in HORIZONS_DAYS).fill_null(0.0).alias("pred_logret"))
+    return drift.select(*KEYS, "pred_logret"), time.perf_counter() - t0
 
 
 # --- mlforecast -------------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
 from poe_pipeline.names import canonical_currency_name, slug
 from poe_pipeline.prices import actual_prices
 from poe_pipeline.reporting import REPORT_FEATURE_COLUMNS, markdown_table
+from poe_pipeline.seasonal import drift_table
 from poe_pipeline.settings import HORIZONS_DAYS, Profile, get_profile, resolve_lake_root
 
 FIRST_ORIGIN_DAY = 7  # forecasts start on league day 7, as live (the universe's 30 most liquid are known by then)
@@ -100,6 +101,17 @@ class FeaturesAsOf:
         self.prices = prices
         self.last_day = dict(prices.group_by("league").agg(pl.col("date").max()).iter_rows())
         self._closed: tuple[tuple, pl.DataFrame] | None = None
+        self._drift: dict[str, pl.DataFrame] = {}
+
+    def _drift_of(self, league: str, calendar: pl.DataFrame) -> pl.DataFrame:
+        """The league-phase drift of every day of an open league, once: a value depends only on returns dated on or
+        before its own day (``seasonal``), so the whole history gives what the history known at any origin gives."""
+        if league not in self._drift:
+            days = self.prices.filter(pl.col("league") == league).select(
+                "league", "currency", (pl.col("date") - calendar.filter(pl.col("league") == league)["start_date"]
+                                       .item()).dt.total_days().cast(pl.Int32).alias("league_day"))
+            self._drift[league] = drift_table(days, self.prices, calendar)
+        return self._drift[league]
 
     def at(self, origin: date) -> tuple[pl.DataFrame, pl.DataFrame]:
         """(features, calendar) as of ``origin``."""
@@ -109,9 +121,12 @@ class FeaturesAsOf:
         key = tuple(calendar.filter(pl.col("league").is_in(closed)).sort("league").rows())
         if self._closed is None or self._closed[0] != key:
             rows = known.filter(pl.col("league").is_in(closed))
-            self._closed = (key, build_features(rows, calendar) if rows.height else pl.DataFrame())
+            self._closed = (key, build_features(rows, calendar, history=known) if rows.height else pl.DataFrame())
         open_rows = known.filter(~pl.col("league").is_in(closed))
-        parts = [f for f in (self._closed[1], build_features(open_rows, calendar) if open_rows.height else None)
+        drift = (pl.concat([self._drift_of(lg, calendar) for lg in open_rows["league"].unique().sort()])
+                 if open_rows.height else None)
+        parts = [f for f in (self._closed[1],
+                             build_features(open_rows, calendar, drift=drift) if open_rows.height else None)
                  if f is not None and f.height]
         return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame(), calendar
 

@@ -24,7 +24,9 @@ Rules (each one chosen once, here):
 - **Targets.** ``target_logret_{h}d`` = log price at t+h minus log price at t, only where day t+h was observed
   (null when t+h was imputed or lies beyond the data). ``target_price_{h}d`` is that observed price and
   ``target_direction_{h}d`` its sign (-1, 0, 1). Targets are never features.
-- **No leakage.** A feature at day t uses only rows of its own league with date <= t. EWM and cumulative
+- **No leakage.** A feature at day t uses only rows of its own league with date <= t, but for the league-phase
+  drift (``seasonal_drift_{h}d``, ``poe_pipeline.seasonal``): earlier leagues' returns at the same league age,
+  from leagues started early enough that each of those returns ended by day t. EWM and cumulative
   functions run forward within a series; cross-currency fields (market median return, normalized volatility,
   price in Divine Orbs) use same-day rows of the same league only, and their medians only observed rows.
   Calendar fields come from ``league_calendar``: ``league_progress`` and ``days_to_league_end`` need a known
@@ -46,10 +48,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from poe_pipeline import seasonal
 from poe_pipeline.lake import Lake, is_readable_parquet, read_parquet_files, write_parquet_atomic, write_text_atomic
 from poe_pipeline.settings import HORIZONS_DAYS
 
-FEATURES_VERSION = "2"  # bump when a feature's definition changes: every league is rebuilt
+FEATURES_VERSION = "3"  # bump when a feature's definition changes: every league is rebuilt
 KEYS = ["league", "currency", "date"]
 SERIES = ["league", "currency"]
 DIVINE = "Divine Orb"
@@ -142,8 +145,7 @@ def _describe() -> dict[str, str]:
     for ref, tag in MARKET_REFERENCES.items():
         for k in MARKET_REFERENCE_LAGS:
             d[f"{tag}_logret_{k}"] = f"the {ref}'s log price change over {k} day(s), that day (the whole market's unit)"
-    return d
-    return d
+    return d | seasonal.DESCRIPTIONS
 
 
 FEATURE_DESCRIPTIONS: dict[str, str] = _describe()
@@ -153,6 +155,7 @@ TARGET_COLUMNS: list[str] = [
 ]
 META_COLUMNS: list[str] = [*KEYS, "price_chaos", "is_outlier"]
 OUTPUT_COLUMNS: list[str] = [*META_COLUMNS, *FEATURE_COLUMNS, *TARGET_COLUMNS]
+_OWN_LEAGUE_COLUMNS = [c for c in OUTPUT_COLUMNS if c not in seasonal.COLUMNS]  # what _features computes
 
 
 PAD = max(max(LAGS), OUTLIER_WINDOW, max(ROLL_WINDOWS), max(HORIZONS_DAYS))  # longest look-back or ahead
@@ -687,18 +690,24 @@ def _features(rows: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
                 for w in VOL_WINDOWS
             ],
         )
-        .select(OUTPUT_COLUMNS)
+        .select(_OWN_LEAGUE_COLUMNS)
         .collect()
     )
 
 
-def build_features(daily_prices: pl.DataFrame, calendar: pl.DataFrame) -> pl.DataFrame:
+def build_features(daily_prices: pl.DataFrame, calendar: pl.DataFrame, history: pl.DataFrame | None = None,
+                   drift: pl.DataFrame | None = None) -> pl.DataFrame:
     """Features, meta columns and targets for every (league, currency, date) of ``daily_prices``.
 
-    ``calendar`` is ``league_calendar(daily_prices)``. Output columns: ``OUTPUT_COLUMNS``, sorted by key.
+    ``calendar`` is ``league_calendar`` of every league involved. The league-phase drift (``seasonal``) learns from
+    the earlier leagues' prices in ``history`` (default: ``daily_prices`` itself), or comes from ``drift``, a
+    ``seasonal.drift_table`` computed beforehand. Output columns: ``OUTPUT_COLUMNS``, sorted by key.
     """
     _check_inputs(daily_prices, calendar)
-    out = _features(_sorted_prices(daily_prices), calendar)
+    own = _features(_sorted_prices(daily_prices), calendar)
+    if drift is None:
+        drift = seasonal.drift_table(own, daily_prices if history is None else history, calendar)
+    out = seasonal.with_drift(own, drift).select(OUTPUT_COLUMNS)
     # NaN/inf would compare unequal to themselves and poison models: they become nulls. A column's sum is
     # finite exactly when all its values are (or it overflowed: then it is cleaned too), so clean only those.
     floats = [c for c, t in out.schema.items() if t == pl.Float64]
@@ -708,12 +717,13 @@ def build_features(daily_prices: pl.DataFrame, calendar: pl.DataFrame) -> pl.Dat
 
 
 def build_league_features(daily_prices: pl.DataFrame, calendar: pl.DataFrame, league: str) -> pl.DataFrame:
-    """Features of one league; they depend only on that league's prices and its calendar row."""
+    """Features of one league: they depend on that league's prices and calendar row, and on the earlier leagues'
+    prices through the league-phase drift."""
     rows = daily_prices.filter(pl.col("league") == league)
     if rows.height == 0:
         known = ", ".join(sorted(daily_prices["league"].unique()))
         raise ValueError(f"Unknown league {league!r}: daily_prices has {known}")
-    return build_features(rows, calendar)
+    return build_features(rows, calendar, history=daily_prices)
 
 
 def feature_path(lake: Lake, league: str) -> Path:
@@ -793,7 +803,10 @@ def update_features(
     state_path = _fingerprints_path(lake)
     stored = _stored_fingerprints(lake)
     present = sorted(daily_prices["league"].unique())
-    current = {lg: league_fingerprint(daily_prices, calendar, lg) for lg in present}
+    own = {lg: league_fingerprint(daily_prices, calendar, lg) for lg in present}
+    # a league's drift learns from its source leagues: their prices are part of its inputs
+    current = {lg: hashlib.sha256("|".join([own[lg], *(own.get(s, "") for s in seasonal.source_leagues(
+        calendar, lg))]).encode()).hexdigest() for lg in present}
     if leagues is None:  # a file that no longer reads (cut short, overwritten) is rebuilt like a changed one
         todo = [lg for lg in present if _needs_rebuild(lake, lg, stored.get(lg), current[lg])]
     else:
@@ -803,7 +816,8 @@ def update_features(
             raise ValueError(f"Unknown leagues {sorted(unknown)}: daily_prices has {', '.join(present)}")
     if not todo:
         return []
-    paths = write_features(build_features(daily_prices.filter(pl.col("league").is_in(todo)), calendar), lake)
+    paths = write_features(build_features(daily_prices.filter(pl.col("league").is_in(todo)), calendar,
+                                          history=daily_prices), lake)
     # Fingerprints are saved after the files: a crash in between only causes a rebuild next time.
     write_text_atomic(
         json.dumps(stored | {lg: current[lg] for lg in todo}, indent=1, sort_keys=True), state_path

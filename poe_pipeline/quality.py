@@ -100,8 +100,9 @@ def lookahead_difference(
     """The leak test's invariant: ``league``'s feature rows up to ``cutoff`` are the same whether or not its later
     rows exist. Returns None when they are, else a description of the first difference.
 
-    ``build(prices, calendar, league)`` builds one league's features; features of a league depend only on that
-    league's prices and calendar row, so only this league is rebuilt (twice).
+    ``build(prices, calendar, league)`` builds one league's features; they depend on that league's prices and
+    calendar row and on the earlier leagues' prices (the league-phase drift), which the cut leaves as they are, so
+    only this league is rebuilt (twice).
     """
     kept = (pl.col("league") != league) | (pl.col("date") <= cutoff)
     truncated = prices.filter(kept)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from conftest import REPO, SAMPLE
+from poe_pipeline import seasonal
 from poe_pipeline.features import (
     FEATURE_COLUMNS,
     KEYS,
@@ -55,16 +56,18 @@ def league_dates(league: str) -> list[date]:
 
 
 def assert_no_lookahead(build_fn: BuildFn, prices: pl.DataFrame, league: str, cutoff: date) -> None:
-    """Every feature row up to ``cutoff`` is the same whether or not ``league``'s later rows exist.
+    """Every feature row up to ``cutoff`` is the same whether or not any later price exists.
 
     ``cutoff`` is a day with data in ``league`` (as live: features are built as of the latest day). Rows are
-    compared exactly, nulls equal to nulls; rows of the other leagues must not change at all.
+    compared exactly, nulls equal to nulls, in every league: a later league's drift learns from the earlier
+    leagues, so a row may change only when data dated on or before it does.
     """
-    kept = (pl.col("league") != league) | (pl.col("date") <= cutoff)
+    kept = pl.col("date") <= cutoff
     truncated = prices.filter(kept)
     full = build_fn(prices, league_calendar(prices)).filter(kept)
     part = build_fn(truncated, league_calendar(truncated))
-    columns = [*KEYS, *FEATURE_COLUMNS]
+    # the rank counts the leagues in the calendar: cutting a later league away renumbers it (no model reads it)
+    columns = [*KEYS, *(c for c in FEATURE_COLUMNS if c != "league_recency_rank")]
     assert part.height == full.height, (
         f"{league} cut at {cutoff}: {part.height} rows, {full.height} with the future"
     )
@@ -117,10 +120,15 @@ def test_leagues_do_not_leak_into_each_other() -> None:
     for league in LEAGUES:
         alone = build_league_features(prices, calendar, league)
         assert_frame_equal(alone, full.filter(pl.col("league") == league), check_exact=True)
-    # a league's own prices alone, with the calendar recomputed without the other league
+    # a league's own prices alone, with the calendar recomputed without the other league: only the league-phase
+    # drift, learnt from the earlier league, is gone
     sanctum = prices.filter(pl.col("league") == "Sanctum")
     alone = build_features(sanctum, league_calendar(sanctum))
-    assert_frame_equal(alone, full.filter(pl.col("league") == "Sanctum"), check_exact=True)
+    with_past = full.filter(pl.col("league") == "Sanctum")
+    assert_frame_equal(alone.drop(seasonal.COLUMNS), with_past.drop(seasonal.COLUMNS), check_exact=True)
+    assert alone.select(pl.col(seasonal.COLUMNS).is_null().all()).row(0) == (True,) * len(seasonal.COLUMNS)
+    known = with_past.filter(pl.col("league_day") < 90)  # Kalandra lasted 109 days: its 7-day returns end there
+    assert min(known.select(pl.col(seasonal.COLUMNS).is_not_null().mean()).row(0)) > 0.99
 
 
 def test_targets_need_an_observed_future_day() -> None:
@@ -310,6 +318,21 @@ def test_incremental_update_rewrites_only_the_league_that_changed(lake) -> None:
     assert update_features(prices, league_calendar(prices), lake) == []  # nothing changed
 
 
+def test_a_corrected_earlier_league_rebuilds_the_leagues_whose_drift_learns_from_it(lake) -> None:
+    prices = real_prices()
+    update_features(prices, league_calendar(prices), lake)
+    # a re-imported dump corrects one Kalandra price: Sanctum's league-phase drift learns from Kalandra
+    fixed = prices.with_columns(pl.when((pl.col("league") == "Kalandra") & (pl.col("currency") == "Divine Orb")
+                                        & (pl.col("date") == pl.col("date").min().over("league") + timedelta(days=5)))
+                                .then(pl.col("price_chaos") * 2).otherwise(pl.col("price_chaos")).alias("price_chaos"))
+    written = update_features(fixed, league_calendar(fixed), lake)
+    assert sorted(written) == sorted(feature_path(lake, lg) for lg in LEAGUES)
+    stored = pl.read_parquet(feature_path(lake, "Sanctum"))
+    assert_frame_equal(stored, build_features(fixed, league_calendar(fixed)).filter(pl.col("league") == "Sanctum"),
+                       check_exact=True)
+    assert not stored.equals(real_features().filter(pl.col("league") == "Sanctum"))
+
+
 def test_docs_list_every_feature() -> None:
     doc = (REPO / "docs" / "features.md").read_text(encoding="utf-8")
     assert doc == features_markdown(), "docs/features.md is stale: regenerate it with features_markdown()"
@@ -321,7 +344,8 @@ def test_output_matches_the_stored_reference() -> None:
     # tests/data/features-reference.parquet: rows of this module's real_features() as built before the
     # speed rewrite (six whole series plus 100 sampled rows; see tests/data/README.md)
     ref = pl.read_parquet(REPO / "tests" / "data" / "features-reference.parquet")
-    new = real_features().join(ref.select(KEYS), on=KEYS, how="semi").sort(KEYS)
+    # the columns added since (the league-phase drift) have their own tests
+    new = real_features().join(ref.select(KEYS), on=KEYS, how="semi").sort(KEYS).select(ref.columns)
     assert new.height == ref.height
     floats = [c for c, t in ref.schema.items() if t == pl.Float64]
     assert_frame_equal(new.drop(floats), ref.drop(floats), check_exact=True)
