@@ -61,29 +61,42 @@ def league_day_returns(prices: pl.DataFrame, calendar: pl.DataFrame, leagues: li
     return pl.concat(parts).collect()
 
 
+_SLOT = 1 << 16  # (league day, horizon) slots per currency code in a packed group key
+
+
+def _slot(day: pl.Expr, horizon: pl.Expr) -> pl.Expr:
+    return (day + 2 * WINDOW) * 16 + horizon  # league days from -2 x WINDOW, horizons below 16
+
+
 def _league_drift(returns: pl.DataFrame, wanted: pl.DataFrame) -> pl.DataFrame:
-    """``wanted`` (currency, league_day) of one league with ``COLUMNS``, from its sources' ``returns``."""
+    """``wanted`` (currency, league_day) of one league with ``COLUMNS``, from its sources' ``returns``. The groups are
+    keyed by one packed integer (currency code, day, horizon): medians over string keys took twice as long."""
     lo, hi = wanted["league_day"].min(), wanted["league_day"].max()
-    near = returns.filter(pl.col("league_day").is_between(lo - WINDOW, hi + WINDOW))
-    # a return at day d counts for the rows at days d-WINDOW .. d+WINDOW
-    spread = pl.concat([near.with_columns(pl.col("league_day") + k) for k in range(-WINDOW, WINDOW + 1)])
-    by = ["league_day", "horizon_days"]
-    pooled = spread.group_by(by).agg(pl.col("logret").median().alias("pooled"))
-    own = (
-        spread.join(wanted.select("currency").unique(), on="currency", how="semi")
-        .group_by("currency", *by).agg(pl.col("logret").median().alias("own"), pl.len().alias("n"))
+    codes = wanted.select(pl.col("currency").unique()).with_row_index("code", offset=1)  # 0: every other currency
+    near = (
+        returns.filter(pl.col("league_day").is_between(lo - WINDOW, hi + WINDOW))
+        .join(codes, on="currency", how="left")
+        .select((pl.col("code").fill_null(0).cast(pl.Int64) * _SLOT
+                 + _slot(pl.col("league_day").cast(pl.Int64), pl.col("horizon_days").cast(pl.Int64))).alias("key"),
+                "logret")
     )
+    # a return at day d counts for the rows at days d-WINDOW .. d+WINDOW
+    spread = pl.concat([near.with_columns(pl.col("key") + 16 * k) for k in range(-WINDOW, WINDOW + 1)])
+    pooled = spread.group_by(pl.col("key") % _SLOT).agg(pl.col("logret").median().alias("pooled"))
+    own = (spread.filter(pl.col("key") >= _SLOT).group_by("key")
+           .agg(pl.col("logret").median().alias("own"), pl.len().alias("n")))
+    rows = wanted.join(codes, on="currency").with_columns(pl.col("league_day").cast(pl.Int64).alias("_day"))
     out = wanted
     for h in HORIZONS_DAYS:
-        own_h = own.filter(pl.col("horizon_days") == h).drop("horizon_days")
-        pooled_h = pooled.filter(pl.col("horizon_days") == h).drop("horizon_days")
-        out = (
-            out.join(own_h, on=["currency", "league_day"], how="left")
-            .join(pooled_h, on="league_day", how="left")
-            .with_columns(pl.when(pl.col("n") >= MIN_RETURNS).then(pl.col("own")).otherwise(pl.col("pooled"))
-                          .alias(f"seasonal_drift_{h}d"))
-            .drop("own", "n", "pooled")
+        slot = _slot(pl.col("_day"), pl.lit(h, dtype=pl.Int64))
+        found = (
+            rows.with_columns((pl.col("code").cast(pl.Int64) * _SLOT + slot).alias("key"), slot.alias("slot"))
+            .join(own, on="key", how="left")
+            .join(pooled.rename({"key": "slot"}), on="slot", how="left")
+            .select("currency", "league_day", pl.when(pl.col("n") >= MIN_RETURNS).then(pl.col("own"))
+                    .otherwise(pl.col("pooled")).alias(f"seasonal_drift_{h}d"))
         )
+        out = out.join(found, on=["currency", "league_day"], how="left")
     return out
 
 
