@@ -253,9 +253,7 @@ def drift_predictions(prices: pl.DataFrame, base: pl.DataFrame, cfg: dict) -> tu
     the forecast: the median past-league log-return at that league age."""
     t0 = time.perf_counter()
     calendar = league_calendar(prices)
-    rows = base.filter(pl.col("league").is_in(cfg["leagues"])).join(
-        calendar.select("league", "start_date"), on="league").with_columns(
-        (pl.col("origin_date") - pl.col("start_date")).dt.total_days().cast(pl.Int32).alias("league_day"))
+    rows = seasonal.with_league_day(base.filter(pl.col("league").is_in(cfg["leagues"])), calendar, "origin_date")
     drift = seasonal.seasonal_drift(rows, prices, calendar).with_columns(
         pl.coalesce(pl.when(pl.col("horizon_days") == h).then(pl.col(f"seasonal_drift_{h}d"))
                     for h in HORIZONS_DAYS).fill_null(0.0).alias("pred_logret"))

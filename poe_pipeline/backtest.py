@@ -60,7 +60,7 @@ from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
 from poe_pipeline.names import canonical_currency_name, slug
 from poe_pipeline.prices import actual_prices
 from poe_pipeline.reporting import REPORT_FEATURE_COLUMNS, markdown_table
-from poe_pipeline.seasonal import drift_table
+from poe_pipeline.seasonal import drift_table, with_league_day
 from poe_pipeline.settings import HORIZONS_DAYS, Profile, get_profile, resolve_lake_root
 
 FIRST_ORIGIN_DAY = 7  # forecasts start on league day 7, as live (the universe's 30 most liquid are known by then)
@@ -107,9 +107,7 @@ class FeaturesAsOf:
         """The league-phase drift of every day of an open league, once: a value depends only on returns dated on or
         before its own day (``seasonal``), so the whole history gives what the history known at any origin gives."""
         if league not in self._drift:
-            days = self.prices.filter(pl.col("league") == league).select(
-                "league", "currency", (pl.col("date") - calendar.filter(pl.col("league") == league)["start_date"]
-                                       .item()).dt.total_days().cast(pl.Int32).alias("league_day"))
+            days = with_league_day(self.prices.filter(pl.col("league") == league), calendar)
             self._drift[league] = drift_table(days, self.prices, calendar)
         return self._drift[league]
 

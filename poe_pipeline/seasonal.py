@@ -17,6 +17,7 @@ Null when no earlier league qualifies.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TypeVar
 
 import polars as pl
 
@@ -32,6 +33,7 @@ DESCRIPTIONS = {
     for h in HORIZONS_DAYS
 }
 KEYS = ["league", "currency", "league_day"]
+Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 
 
 def source_leagues(calendar: pl.DataFrame, league: str) -> list[str]:
@@ -43,14 +45,18 @@ def source_leagues(calendar: pl.DataFrame, league: str) -> list[str]:
     )
 
 
+def with_league_day(rows: Frame, calendar: pl.DataFrame, date: str = "date") -> Frame:
+    """``rows`` with ``league_day``: days from their league's start (``calendar``) to their ``date`` column."""
+    start = calendar.lazy() if isinstance(rows, pl.LazyFrame) else calendar
+    return (rows.join(start.select("league", pl.col("start_date").alias("_start")), on="league")
+            .with_columns((pl.col(date) - pl.col("_start")).dt.total_days().cast(pl.Int32).alias("league_day"))
+            .drop("_start"))
+
+
 def league_day_returns(prices: pl.DataFrame, calendar: pl.DataFrame, leagues: list[str]) -> pl.DataFrame:
     """(league, currency, league_day, horizon_days, logret) between observed prices of ``leagues``."""
-    obs = (
-        prices.lazy().filter(pl.col("league").is_in(leagues))
-        .join(calendar.lazy().select("league", "start_date"), on="league")
-        .select("league", "currency", "date", (pl.col("date") - pl.col("start_date")).dt.total_days()
-                .alias("league_day"), pl.col("price_chaos").log().alias("lp"))
-    )
+    obs = with_league_day(prices.lazy().filter(pl.col("league").is_in(leagues)), calendar).select(
+        "league", "currency", "date", "league_day", pl.col("price_chaos").log().alias("lp"))
     parts = [
         obs.join(obs.select("league", "currency", (pl.col("date") - timedelta(days=h)).alias("date"),
                             pl.col("lp").alias("lp_h")), on=["league", "currency", "date"])
@@ -64,21 +70,22 @@ def league_day_returns(prices: pl.DataFrame, calendar: pl.DataFrame, leagues: li
 _SLOT = 1 << 16  # (league day, horizon) slots per currency code in a packed group key
 
 
-def _slot(day: pl.Expr, horizon: pl.Expr) -> pl.Expr:
-    return (day + 2 * WINDOW) * 16 + horizon  # league days from -2 x WINDOW, horizons below 16
+def _slot(day: pl.Expr, horizon: pl.Expr, first: int) -> pl.Expr:
+    return (day - first) * 16 + horizon  # days from ``first`` on (never negative), horizons below 16
 
 
 def _league_drift(returns: pl.DataFrame, wanted: pl.DataFrame) -> pl.DataFrame:
     """``wanted`` (currency, league_day) of one league with ``COLUMNS``, from its sources' ``returns``. The groups are
     keyed by one packed integer (currency code, day, horizon): medians over string keys took twice as long."""
     lo, hi = wanted["league_day"].min(), wanted["league_day"].max()
+    first = lo - 2 * WINDOW  # the earliest day a spread return lands on
     codes = wanted.select(pl.col("currency").unique()).with_row_index("code", offset=1)  # 0: every other currency
     near = (
         returns.filter(pl.col("league_day").is_between(lo - WINDOW, hi + WINDOW))
         .join(codes, on="currency", how="left")
         .select((pl.col("code").fill_null(0).cast(pl.Int64) * _SLOT
-                 + _slot(pl.col("league_day").cast(pl.Int64), pl.col("horizon_days").cast(pl.Int64))).alias("key"),
-                "logret")
+                 + _slot(pl.col("league_day").cast(pl.Int64), pl.col("horizon_days").cast(pl.Int64), first))
+                .alias("key"), "logret")
     )
     # a return at day d counts for the rows at days d-WINDOW .. d+WINDOW
     spread = pl.concat([near.with_columns(pl.col("key") + 16 * k) for k in range(-WINDOW, WINDOW + 1)])
@@ -88,7 +95,7 @@ def _league_drift(returns: pl.DataFrame, wanted: pl.DataFrame) -> pl.DataFrame:
     rows = wanted.join(codes, on="currency").with_columns(pl.col("league_day").cast(pl.Int64).alias("_day"))
     out = wanted
     for h in HORIZONS_DAYS:
-        slot = _slot(pl.col("_day"), pl.lit(h, dtype=pl.Int64))
+        slot = _slot(pl.col("_day"), pl.lit(h, dtype=pl.Int64), first)
         found = (
             rows.with_columns((pl.col("code").cast(pl.Int64) * _SLOT + slot).alias("key"), slot.alias("slot"))
             .join(own, on="key", how="left")
