@@ -14,7 +14,9 @@
   each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``), the league's
   own shrink and interval scale included: they learn from the replay's forecasts come true by each origin. With
   ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates; the refits between keep that tuning
-  (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data.
+  (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data, as the weekly
+  retrain does: only when the pooled rows changed by ``global_model.REFIT_MIN_GROWTH`` since the last fit (a refit
+  day that keeps the models is in ``kept_refits``; ``retune_every`` counts the refits that fitted).
 - **Outputs.** A predictions file with the live columns plus ``actual_price`` (the price observed on
   ``origin + horizon``; null when that day was not observed) and, per horizon: log-MAE, MAPE, directional accuracy
   on moves of at least 1 %, skill against persistence, interval coverage against nominal, the mean Winkler score
@@ -53,7 +55,7 @@ from poe_pipeline.forecasting import (
     league_adjustments,
     resolved_forecasts,
 )
-from poe_pipeline.global_model import OOF_FILE, GlobalValidation, pooled_rows
+from poe_pipeline.global_model import OOF_FILE, GlobalValidation, pooled_rows, refit_due
 from poe_pipeline.lake import Lake, write_parquet_atomic, write_text_atomic
 from poe_pipeline.leagues import league_calendar, training_leagues
 from poe_pipeline.modeling import DIRECTION_THRESHOLD, limit_threads
@@ -153,6 +155,7 @@ class BacktestRun:
     predictions: pl.DataFrame  # BACKTEST_SCHEMA
     skipped: list[tuple[date, Skip]] = field(default_factory=list)
     refits: list[date] = field(default_factory=list)
+    kept_refits: list[date] = field(default_factory=list)  # refit days whose pooled rows changed too little to refit
     currencies: list[str] = field(default_factory=list)
     seconds: float = 0.0
     report_features: dict[date, pl.DataFrame] = field(default_factory=dict)  # the league's rows at decision days
@@ -164,6 +167,11 @@ def _universe_at(prices: pl.DataFrame, league: str, origin: date) -> list[str]:
     known = prices.filter(pl.col("date") <= origin)
     universe = currency_universe(known, calendar_as_of(known, origin), league)
     return universe.filter(pl.col("eligible"))["currency"].to_list()
+
+
+def _pooled_count(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currencies: list[str]) -> int:
+    """The pooled rows the global models would train on (``in_pool``), labelled or not."""
+    return pooled_rows(features, training_leagues(calendar, league), league, currencies)["in_pool"].sum()
 
 
 def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currencies: list[str],
@@ -262,13 +270,22 @@ def run_backtest(
     run = BacktestRun(league, pl.DataFrame(schema=BACKTEST_SCHEMA), currencies=list(currencies))
     models: dict[tuple[str, int], ForecastModel] = {}
     refit_date: date | None = None
+    fitted_rows = 0  # pooled rows at the last fit of the global models
     validations: dict[int, GlobalValidation] = dict(tuning or {})
     with tempfile.TemporaryDirectory(prefix="poe-backtest-") as tmp:
         for i, origin in enumerate(origins):
             features, calendar = builder.at(origin)
-            if i % refit_every == 0:
+            tuned_now = tuning is None and len(run.refits) % retune_every == 0
+            due, change = True, 0.0
+            if i % refit_every == 0 and models and not tuned_now:  # as the weekly retrain: refit_due decides
+                due, change = refit_due(fitted_rows, _pooled_count(features, calendar, league, currencies))
+            if i % refit_every == 0 and not due:
+                say(f"[{i + 1}/{len(origins)}] {origin}: kept {len(models)} models (the pooled rows changed "
+                    f"{change:+.1%} since their fit)")
+                run.kept_refits.append(origin)
+            elif i % refit_every == 0:
+                fitted_rows = _pooled_count(features, calendar, league, currencies)
                 t = time.perf_counter()
-                tuned_now = tuning is None and len(run.refits) % retune_every == 0
                 if tuned_now:
                     validations.clear()  # a full re-tune
                 models, skipped = _refit(features, calendar, league, currencies, horizons, profile,

@@ -19,8 +19,9 @@ were pooled LightGBMs), and on the development leagues it beat per-currency mode
   validation; one whose past leagues and profile are the same but whose rows differ (a currency joined the
   forecast, the features changed) keeps its tuned parameters and forecasts the folds again without a search
   (``reuse_of``). Only a new past league or another profile tunes again: once a league, not every week.
-- **Kept as it is.** A retrain that would keep the whole validation on exactly the rows of the champion's fit (the
-  same ``data_hash``: run again with no new day) fits nothing; the champion stays as it is.
+- **Kept as it is.** A retrain that would keep the whole validation fits nothing when its pooled rows are those of
+  the champion's fit (the same ``data_hash``: run again with no new day) or changed by less than
+  ``REFIT_MIN_GROWTH`` (``refit_due``); the champion stays as it is.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 
 POOL_SIZE = 100  # the most liquid currencies of each past league that the global model learns from
 MIN_GLOBAL_ROWS = 1000
+# A refit that keeps the validation and would change the labelled pooled rows by less than this share keeps the
+# fitted models: a week of one league is ~1 % of the past leagues' rows, and on the four-league walk-forward with
+# the league-phase drift, no refit within a league scored as weekly ones (README, "Refitted when the rows grew").
+REFIT_MIN_GROWTH = 0.05
 OOF_FILE = "oof.parquet"
 OOF_SCHEMA = {"league": pl.Utf8, "currency": pl.Utf8, "date": pl.Date, "actual_logret": pl.Float64,
               "pred_logret": pl.Float64, "fold": pl.Utf8, "holdout": pl.Boolean, "in_pool": pl.Boolean}
@@ -121,6 +126,7 @@ class GlobalValidation:
     inputs: dict = field(default_factory=dict)  # tuning_inputs: what this validation is a function of
     reused: str = ""  # "" tuned here; else what was kept of an earlier validation, and why
     fitted_hash: str = ""  # ModelData.data_hash of the rows its final models were fitted on ("": unknown)
+    fitted_rows: int = 0  # the labelled pooled rows its final models were fitted on (0: unknown)
 
     @classmethod
     def read(cls, directory: Path) -> GlobalValidation:
@@ -129,7 +135,18 @@ class GlobalValidation:
         meta = json.loads((Path(directory) / "ensemble.json").read_text())
         return cls(meta["params"], meta["rounds"], meta["weights"], meta["metrics"], meta["folds"],
                    pl.read_parquet(Path(directory) / OOF_FILE), meta.get("tuning", {}), meta.get("inputs", {}),
-                   fitted_hash=meta.get("data_window", {}).get("data_hash", ""))
+                   fitted_hash=meta.get("data_window", {}).get("data_hash", ""),
+                   fitted_rows=int(meta.get("data_window", {}).get("rows", 0)))
+
+
+def refit_due(fitted_rows: int, rows_now: int) -> tuple[bool, float]:
+    """(whether final models fitted on ``fitted_rows`` labelled pooled rows are worth fitting again on
+    ``rows_now``, the relative change): when the rows changed by ``REFIT_MIN_GROWTH`` or more either way, or when
+    the fitted count is unknown."""
+    if fitted_rows <= 0:
+        return True, float("inf")
+    change = rows_now / fitted_rows - 1
+    return abs(change) >= REFIT_MIN_GROWTH, change
 
 
 _LIBRARIES = ("lightgbm", "xgboost", "sklearn", "optuna", "numpy")  # modules: xgboost ships as xgboost-cpu too

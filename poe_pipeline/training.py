@@ -32,6 +32,7 @@ import polars as pl
 from poe_pipeline.currency_model import CurrencyResult, train_currency
 from poe_pipeline.global_model import (
     OOF_FILE,
+    REFIT_MIN_GROWTH,
     GlobalResult,
     GlobalValidation,
     KindValidation,
@@ -39,6 +40,7 @@ from poe_pipeline.global_model import (
     finish_global,
     global_data,
     pooled_rows,
+    refit_due,
     reuse_of,
     rows_window,
     skip_reason,
@@ -136,13 +138,14 @@ def _combine_job(spec: GlobalSpec, parts: dict[str, KindValidation]) -> tuple[st
     return "combined", combine_validation(data, in_pool, spec.current_league, spec.profile, parts, spec.seed)
 
 
-def _fingerprint_job(spec: GlobalSpec) -> tuple[str, tuple[str, dict, str]]:
-    """A worker's job: (why the horizon cannot be trained, or ""; its ``tuning_inputs``; the hash of its rows)."""
+def _fingerprint_job(spec: GlobalSpec) -> tuple[str, tuple[str, dict, str, int]]:
+    """A worker's job: (why the horizon cannot be trained, or ""; its ``tuning_inputs``; the hash of its rows; its
+    labelled pooled rows)."""
     data, in_pool = _global_data(spec)
     if reason := skip_reason(in_pool, spec.horizon):
-        return "fingerprint", (reason, {}, "")
+        return "fingerprint", (reason, {}, "", 0)
     return "fingerprint", ("", tuning_inputs(data, in_pool, spec.current_league, spec.profile, spec.seed),
-                           data.data_hash())
+                           data.data_hash(), int(in_pool.sum()))
 
 
 def _release_freed_memory() -> None:
@@ -287,8 +290,8 @@ def _reusable(tracker: ModelTracker, specs: list[GlobalSpec], pool: Executor, pr
               ) -> tuple[dict[int, GlobalValidation], dict[int, GlobalValidation], dict[int, tuple[str, str]]]:
     """(horizon -> champion validation kept whole, horizon -> champion whose tuned parameters are kept,
     horizon -> (champion version kept as it is, why)): tuning on the same past leagues gives the same answer, so a
-    weekly retrain does not repeat it; and a champion fitted on exactly the same rows is not fitted again. The rows
-    are fingerprinted on ``pool``, each horizon as one job."""
+    weekly retrain does not repeat it; and a champion fitted on the same rows, or on rows that changed too little
+    (``refit_due``), is not fitted again. The rows are fingerprinted on ``pool``, each horizon as one job."""
     champions: dict[int, tuple[str, GlobalValidation | None]] = {}
     for spec in specs:
         try:
@@ -305,14 +308,18 @@ def _reusable(tracker: ModelTracker, specs: list[GlobalSpec], pool: Executor, pr
     kept: dict[int, tuple[str, str]] = {}
     for h, (version, champion) in champions.items():
         name = global_model_name(h)
-        inputs, rows_hash = {}, ""
+        inputs, rows_hash, rows_now = {}, "", 0
         if h in fingerprints:
-            reason, inputs, rows_hash = fingerprints[h].result()[1]
+            reason, inputs, rows_hash, rows_now = fingerprints[h].result()[1]
             if reason:
                 continue  # the horizon's job says why
         keep, why = reuse_of(champion, inputs)
         if keep == "validation" and champion.fitted_hash == rows_hash:
             kept[h] = (version, f"champion v{version} kept as it is: it was fitted on exactly these rows")
+            progress(f"global {h}d: {kept[h][1]}")
+        elif keep == "validation" and not (due := refit_due(champion.fitted_rows, rows_now))[0]:
+            kept[h] = (version, f"champion v{version} kept as it is: its tuning inputs are unchanged and its pooled "
+                                f"rows changed {due[1]:+.1%} since its fit (a refit needs {REFIT_MIN_GROWTH:.0%})")
             progress(f"global {h}d: {kept[h][1]}")
         elif keep == "validation":
             champion.reused = f"validation of {name} v{version} kept: {why}"

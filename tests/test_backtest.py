@@ -88,8 +88,19 @@ def test_refits_between_re_tunes_keep_the_tuning(monkeypatch):
     monkeypatch.setattr(training, "refit_globals", spy)
     prices = real_prices()
     origins = backtest_origins(prices, "Sanctum")[:5]
+    # a day adds far fewer than 5 % new pooled rows: the refits after the tuning keep the fitted models (a kept
+    # refit is not a refit: re-tunes count the fitted ones)
     run = run_backtest(prices, "Sanctum", origins, ["Divine Orb"], refit_every=1, horizons=(1,), retune_every=2)
-    assert run.refits == origins
+    assert calls == [False]
+    assert run.refits == origins[:1] and run.kept_refits == origins[1:]
+    assert run.predictions.height == 5 and run.predictions["refit_date"].to_list() == [origins[0]] * 5
+
+    calls.clear()  # with any change enough, they refit the final models on the new rows
+    import poe_pipeline.global_model as global_model
+
+    monkeypatch.setattr(global_model, "REFIT_MIN_GROWTH", 0.0)
+    run = run_backtest(prices, "Sanctum", origins, ["Divine Orb"], refit_every=1, horizons=(1,), retune_every=2)
+    assert run.refits == origins and not run.kept_refits
     assert calls == [False, True, False, True, False]  # re-tune, refit, re-tune, ...
     assert run.predictions.height == 5
     with pytest.raises(ValueError, match="--retune-every 0: must be at least 1"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -443,11 +444,13 @@ def test_what_a_retrain_keeps_of_its_champion(global_3d, real):
     assert reuse_of(dataclasses.replace(champion, inputs={}), same)[0] == ""
 
 
-def test_a_weekly_retrain_keeps_the_champions_tuning_and_says_so(real, lake):
+def test_a_weekly_retrain_keeps_the_champions_tuning_and_says_so(real, lake, monkeypatch):
     """Through ``train_globals``, as the weekly schedule runs it: the first retrain tunes; the next, where a
     currency joined the forecast, keeps the champion's parameters; the one after, with nothing changed at all, keeps
-    the champion as it is; with other rows of the current league, it keeps the whole validation and refits the final
-    models. Each model is registered and promoted on the same folds and rows."""
+    the champion as it is, and so does one whose current league changed by a week (too few rows to refit); with
+    rows enough, it keeps the whole validation and refits the final models. Each model is registered and promoted
+    on the same folds and rows."""
+    import poe_pipeline.global_model as global_model
     from poe_pipeline.training import train_globals
 
     features, order, _ = real
@@ -484,9 +487,14 @@ def test_a_weekly_retrain_keeps_the_champions_tuning_and_says_so(real, lake):
     assert len(lake.parquet_files(lake.model_metrics)) == 2  # a kept champion is not a training: no file, no row
     assert pl.read_parquet(lake.parquet_files(lake.model_metrics)).height == 2
 
-    # the current league a week shorter (a week longer works alike): the same past leagues, other rows to fit
+    # the current league a week shorter (a week longer works alike): the same past leagues, a few other rows
     week_earlier = features.filter((pl.col("league") != "Sanctum")
                                    | (pl.col("date") <= features["date"].max() - pl.duration(days=7)))
+    too_few = train([*FORECAST, "Annulment Shard"], week_earlier)
+    assert (too_few.kept, too_few.registration, too_few.result.trained) == ("2", None, False)
+    assert re.fullmatch(r"champion v2 kept as it is: its tuning inputs are unchanged and its pooled rows changed "
+                        r"-\d\.\d% since its fit \(a refit needs 5%\)", too_few.result.reason), too_few.result.reason
+    monkeypatch.setattr(global_model, "REFIT_MIN_GROWTH", 0.0)  # as if a few weeks of the league had come in
     kept_all = retrain([*FORECAST, "Annulment Shard"], week_earlier)
     assert any("keeps the tuning, weights and out-of-fold forecasts of champion v2" in s for s in said)
     assert kept_all.data_window["tuning"].startswith("validation of poe-global-3d v2 kept")

@@ -146,9 +146,9 @@ def train(context, lake: LakeResource, run_scope: RunScopeResource, horizons: li
     op_tags=TRAINING_QUEUE,
     description="One ensemble of LightGBM, XGBoost and RandomForest per horizon, pooled over the liquid currencies "
     "of every league; tuned with Optuna on league folds and scored on a holdout league that tuning never saw "
-    "(tuned once a league: a retrain with the same past leagues keeps the champion's tuning, and on exactly the rows "
-    "of its fit keeps the champion as it is; config retune: true tunes anyway); logged to MLflow and registered as "
-    "poe-global-<h>d (`champion` moves only to a model that is no worse).",
+    "(tuned once a league: a retrain with the same past leagues keeps the champion's tuning, and keeps the champion "
+    "as it is while its pooled rows changed under 5 %; config retune: true tunes anyway); logged to MLflow and "
+    "registered as poe-global-<h>d (`champion` moves only to a model that is no worse).",
 )
 def global_models(
     context: dg.AssetExecutionContext, config: GlobalModelsConfig, lake: LakeResource, run_scope: RunScopeResource
