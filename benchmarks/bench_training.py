@@ -34,7 +34,8 @@ league, its training leagues and its eligible currencies (``currency_universe``)
   every fold, the holdout, the final fits; the default parameters stand in for tuned ones), then every eligible
   currency x 1/3/7d partitions. ``retrain_prod_weekly`` then runs the same retrain again on the same rows: each
   horizon keeps its champion as it is (it was fitted on exactly these rows; ``reused_<h>d`` says so), so the
-  figure is the partitions' and the checks'. A week of new current-league rows would fit the final models again.
+  figure is the partitions' and the checks'. A week of new current-league rows keeps it too (under
+  ``global_model.REFIT_MIN_GROWTH`` of the pooled rows); rows that changed by 5 % would fit the final models again.
   Both go through ``train_globals`` and ``train_currencies`` with MLflow, as the weekly schedule does;
   ``reused_*`` records what each horizon kept. Once whatever ``--repeats`` says.
 - ``global_prod_7d`` (``POE_BENCH_PROD=7d`` instead): one ``train_global`` for 7d in the ``prod`` profile on
