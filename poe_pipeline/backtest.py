@@ -428,7 +428,8 @@ class BacktestOutput:
         lines = [
             f"Backtest of {r.league}: {p['origin_date'].n_unique()} origins "
             f"({p['origin_date'].min()} to {p['origin_date'].max()}), {len(r.currencies)} currencies, "
-            f"{len(r.refits)} refits, {r.seconds:.0f}s",
+            f"{len(r.refits)} refits ({len(r.kept_refits)} more kept the models: too few new rows), "
+            f"{r.seconds:.0f}s",
             f"Currencies: {', '.join(r.currencies)}",
             "",
             "Forecasts (log-price errors; skill > 0 beats 'no change'; coverage should match nominal):",
@@ -473,6 +474,7 @@ def write_backtest(lake: Lake, run: BacktestRun, prices: pl.DataFrame) -> Backte
         write_parquet_atomic(weekly, directory / "strategy.parquet")
     summary = {
         "league": run.league, "currencies": run.currencies, "refits": [str(d) for d in run.refits],
+        "kept_refits": [str(d) for d in run.kept_refits],
         "origins": run.predictions["origin_date"].n_unique(), "seconds": run.seconds,
         "scores": scores.to_dicts(), "strategy": strategy,
         "skipped": [{"refit": str(d), "currency": s.currency, "horizon": s.horizon, "reason": s.reason}

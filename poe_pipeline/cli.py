@@ -261,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     backtest.add_argument("--league", required=True, help="the league to replay")
     backtest.add_argument("--refit-every", type=int, default=7, help="retrain every N days (default: 7)")
     backtest.add_argument("--retune-every", type=int, default=1,
-                          help="re-tune the global models every N refits; the refits between only refit the final "
-                               "models (default: 1, every refit re-tunes)")
+                          help="re-tune the global models every N refits; the refits between refit only the final "
+                               "models, and only once the pooled rows changed by 5 %% since their fit, as the weekly "
+                               "retrain does (default: 1, every refit re-tunes)")
     backtest.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE)
     backtest.add_argument("--currencies", help="limit to these currencies (default: the league's universe)")
     backtest.add_argument("--max-origins", type=int, help="replay at most this many days (the first ones)")

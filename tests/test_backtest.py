@@ -150,6 +150,8 @@ def test_backtest_command_writes_scores_and_strategy(tmp_path):
     assert (p["current_price"].is_between(100, 400)).all()  # Divine Orb, early Sanctum, in chaos
 
     summary = json.loads((out / "summary.json").read_text())
+    assert (len(summary["refits"]), summary["kept_refits"]) == (2, [])  # every refit re-tunes by default
+    assert "2 refits (0 more kept the models: too few new rows)" in text
     scores = pl.DataFrame(summary["scores"])
     assert scores["horizon_days"].to_list() == [1, 3, 7]
     assert (scores["n"] == 8).all() and scores["coverage"].is_between(0, 1).all()
