@@ -19,9 +19,9 @@ relative to the backtest's ``current_price`` (the feature store's forward-filled
     refitted on schedule, features rebuilt as of each origin, intervals as live. The first refit of each league
     tunes with Optuna on its league folds; the refits after it keep that tuning (the league folds cannot change
     within a league) and refit the final models on the new data when the pooled rows changed by 5 % since their
-    fit, as the weekly retrain does (``global_model.refit_due``; a week of one league is about 1 %, so a league's
-    global models are fitted once and each scheduled refit says "kept"), unless ``POE_BENCH_RETUNE_EVERY``
-    (refits) asks for more re-tunes. mlforecast never tunes.
+    fit, as the weekly retrain does (``global_model.refit_due``; a week of one league's 30 currencies is about
+    0.15 %, so a league's global models are fitted once and each scheduled refit says "kept"), unless
+    ``POE_BENCH_RETUNE_EVERY`` (refits) asks for more re-tunes. mlforecast never tunes.
   - ``persistence``: log-return 0.
   - ``drift``: league-phase drift (the project's ``seasonal_drift_{h}d`` feature), the median h-day log-return
     of that currency in earlier non-event leagues at league days within +-3 of the origin's league day; fewer

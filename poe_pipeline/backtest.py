@@ -169,17 +169,12 @@ def _universe_at(prices: pl.DataFrame, league: str, origin: date) -> list[str]:
     return universe.filter(pl.col("eligible"))["currency"].to_list()
 
 
-def _pooled_count(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currencies: list[str]) -> int:
-    """The pooled rows the global models would train on (``in_pool``), labelled or not."""
-    return pooled_rows(features, training_leagues(calendar, league), league, currencies)["in_pool"].sum()
-
-
-def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currencies: list[str],
+def _refit(features: pl.DataFrame, rows: pl.DataFrame, calendar: pl.DataFrame, league: str, currencies: list[str],
            horizons: list[int], profile: Profile, workdir: Path, seed: int, version: str,
            validations: dict[int, GlobalValidation] | None = None, workers: int = 1,
            ) -> tuple[dict[tuple[str, int], ForecastModel], list[Skip]]:
     """Train the global model of each horizon on ``workers`` processes and specialise it to every currency, on the
-    features known at the origin; load the models in memory and delete the artifacts.
+    features known at the origin and their ``pooled_rows``; load the models in memory and delete the artifacts.
 
     ``validations``: None re-tunes every global model; a dict is used warm (a horizon found there keeps its tuning,
     weights and out-of-fold forecasts) and receives the validation of every global model trained now.
@@ -187,7 +182,6 @@ def _refit(features: pl.DataFrame, calendar: pl.DataFrame, league: str, currenci
     from poe_pipeline.training import refit_globals
 
     order = training_leagues(calendar, league)
-    rows = pooled_rows(features, order, league, currencies)
     # a (horizon, kind) job each, as the weekly retrain: two cores stay busy while three horizons tune
     results = refit_globals(rows, FEATURE_COLUMNS, horizons, order, league, profile, workdir,
                             warm=validations or {}, workers=workers, seed=seed)
@@ -275,29 +269,32 @@ def run_backtest(
     with tempfile.TemporaryDirectory(prefix="poe-backtest-") as tmp:
         for i, origin in enumerate(origins):
             features, calendar = builder.at(origin)
-            tuned_now = tuning is None and len(run.refits) % retune_every == 0
-            due, change = True, 0.0
-            if i % refit_every == 0 and models and not tuned_now:  # as the weekly retrain: refit_due decides
-                due, change = refit_due(fitted_rows, _pooled_count(features, calendar, league, currencies))
-            if i % refit_every == 0 and not due:
-                say(f"[{i + 1}/{len(origins)}] {origin}: kept {len(models)} models (the pooled rows changed "
-                    f"{change:+.1%} since their fit)")
-                run.kept_refits.append(origin)
-            elif i % refit_every == 0:
-                fitted_rows = _pooled_count(features, calendar, league, currencies)
-                t = time.perf_counter()
-                if tuned_now:
-                    validations.clear()  # a full re-tune
-                models, skipped = _refit(features, calendar, league, currencies, horizons, profile,
-                                         Path(tmp) / origin.isoformat(), seed, f"backtest-{origin}",
-                                         validations if retune_every > 1 or tuning else None,  # kept if reused
-                                         workers=workers)
-                refit_date = origin
-                run.refits.append(origin)
-                run.skipped += [(origin, s) for s in skipped]
-                verb = "re-tuned" if tuned_now else "refitted"
-                say(f"[{i + 1}/{len(origins)}] {origin}: {verb} {len(models)} models "
-                    f"({len(skipped)} skipped) in {time.perf_counter() - t:.1f}s")
+            if i % refit_every == 0:
+                tuned_now = tuning is None and len(run.refits) % retune_every == 0
+                pooled = pooled_rows(features, training_leagues(calendar, league), league, currencies)
+                n_pooled = int(pooled["in_pool"].sum())  # labelled or not
+                # as the weekly retrain: refit_due decides whether a refit that keeps the tuning fits
+                due, change = refit_due(fitted_rows, n_pooled) if models and not tuned_now else (True, 0.0)
+                if not due:
+                    say(f"[{i + 1}/{len(origins)}] {origin}: kept {len(models)} models (the pooled rows changed "
+                        f"{change:+.1%} since their fit)")
+                    run.kept_refits.append(origin)
+                else:
+                    fitted_rows = n_pooled
+                    t = time.perf_counter()
+                    if tuned_now:
+                        validations.clear()  # a full re-tune
+                    models, skipped = _refit(features, pooled, calendar, league, currencies, horizons, profile,
+                                             Path(tmp) / origin.isoformat(), seed, f"backtest-{origin}",
+                                             validations if retune_every > 1 or tuning else None,  # kept if reused
+                                             workers=workers)
+                    refit_date = origin
+                    run.refits.append(origin)
+                    run.skipped += [(origin, s) for s in skipped]
+                    verb = "re-tuned" if tuned_now else "refitted"
+                    say(f"[{i + 1}/{len(origins)}] {origin}: {verb} {len(models)} models "
+                        f"({len(skipped)} skipped) in {time.perf_counter() - t:.1f}s")
+                del pooled  # the forecasts need only the origin's rows
             rows = features.filter((pl.col("league") == league) & (pl.col("date") == origin)
                                    & pl.col("currency").is_in(currencies))
             # as live: the replay's own forecasts that have come true by this origin adjust the next ones
