@@ -33,16 +33,20 @@ For every currency and horizon, from the origin (the league's latest day of feat
   rose to 92 % in another, and the same models beat "no change" by 7 % at 7 days in two leagues and lost 4 % at 3
   days in two others. So at each horizon, this league's forecasts that have already come true (stored predictions
   whose ``origin + horizon`` price is known at the origin; ``n`` of them) adjust the next ones, each shrunk towards
-  "no adjustment" with the weight ``w = n / (n + LEAGUE_PRIOR_ROWS)`` (the prior: four days of 30 currencies):
+  "no adjustment" with the weight ``w = n / (n + prior)``:
 
   - ``point_shrink``: the multiplier ``b`` in [0, 1] of the models' forecast (``model_logret``) that minimised the
-    absolute error of the resolved ones (a weighted median), used as ``1 + w x (b - 1)``. A league where the
-    models keep missing moves its forecasts towards "no change"; the models are never amplified.
+    absolute error of the resolved ones (a weighted median), used as ``1 + w x (b - 1)``, with the prior
+    ``LEAGUE_PRIOR_ROWS`` (four days of 30 currencies). A league where the models keep missing moves its forecasts
+    towards "no change"; the models are never amplified.
   - ``interval_scale``: ``r_i = |actual - point| / half_i`` in log-return, ``half_i`` the half-width before that
     forecast's own scale; ``q`` is the split-conformal ``level`` quantile of ``r``, used as ``q ^ w``. Only the
     forecasts whose target day falls in the latest ``LEAGUE_SCALE_DAYS`` days of targets count here (``n`` is
     theirs in ``w``): a league's volatility turns within weeks, and a scale pooled over all its days carried the
-    calm first weeks into rougher ones (on two development leagues, days 21-34 then covered 68-74 %).
+    calm first weeks into rougher ones (on two development leagues, days 21-34 then covered 68-74 %). Its prior,
+    ``LEAGUE_SCALE_PRIOR_ROWS``, is two days of 30 currencies: halving the former four days gave narrower intervals
+    and fewer league-phase cells outside 75-85 % on four development leagues and on four other leagues alike
+    (docs/performance-log.md).
 - **Confidence in [0, 1].** ``sqrt(quality x width)`` times penalty factors, where quality averages
   ``clip(0.5 + skill)`` and ``clip(0.5 + R2)`` of validation (0.25 when unvalidated), width is
   ``1 / (1 + half_width / WIDTH_SCALE)``, and the factors are: sample size ``1 - penalty`` (n < 5: 0.7, < 10: 0.5,
@@ -91,7 +95,8 @@ VOL_FLOOR = 0.005  # 0.5 % a day: flat, quantised series (a price stuck at 1.0) 
 VOL_FLOOR_REL = 0.25  # and never below a quarter of the currency's typical volatility
 FALLBACK_DAILY_VOL = 0.07  # median realized_vol_14 of the poe.ninja dumps: a currency without any history
 WIDTH_SCALE = 0.10  # a +-10 % interval halves the width factor of the confidence
-LEAGUE_PRIOR_ROWS = 120  # resolved forecasts of the league that weigh as much as the past leagues' calibration
+LEAGUE_PRIOR_ROWS = 120  # resolved forecasts of the league that weigh as much as the models' own point forecast
+LEAGUE_SCALE_PRIOR_ROWS = 60  # and as much as the past leagues' calibration of the intervals
 LEAGUE_SCALE_DAYS = 7  # the interval scale learns from the forecasts that came true in the latest week only
 RECENCY_DAYS = 7.0
 SAMPLE_PENALTIES = ((5, 0.7), (10, 0.5), (30, 0.3), (100, 0.1))
@@ -352,8 +357,8 @@ def least_absolute_shrink(model: np.ndarray, actual: np.ndarray) -> float:
     return float(min(max(median, 0.0), 1.0))
 
 
-def league_adjustments(resolved: pl.DataFrame, level: float = INTERVAL_LEVEL,
-                       prior_rows: int = LEAGUE_PRIOR_ROWS) -> dict[int, LeagueAdjustment]:
+def league_adjustments(resolved: pl.DataFrame, level: float = INTERVAL_LEVEL, prior_rows: int = LEAGUE_PRIOR_ROWS,
+                       scale_prior_rows: int = LEAGUE_SCALE_PRIOR_ROWS) -> dict[int, LeagueAdjustment]:
     """The league's ``LeagueAdjustment`` per horizon from its resolved forecasts (``resolved_forecasts``). A stored
     prediction written before these columns existed had neither shrink nor scale."""
     if resolved.height == 0:
@@ -375,7 +380,7 @@ def league_adjustments(resolved: pl.DataFrame, level: float = INTERVAL_LEVEL,
         best = least_absolute_shrink(part["model"].to_numpy(), part["actual_logret"].to_numpy())
         recent = part.filter(pl.col("target_date") > part["target_date"].max() - timedelta(days=LEAGUE_SCALE_DAYS))
         q = conformal_quantile(recent["r"].to_numpy(), level)
-        recent_weight = recent.height / (recent.height + prior_rows)
+        recent_weight = recent.height / (recent.height + scale_prior_rows)
         scale = math.exp(recent_weight * math.log(q)) if q > 0 else 1.0
         out[int(h)] = LeagueAdjustment(1 + weight * (best - 1), scale, n, best, q, recent.height)
     return out

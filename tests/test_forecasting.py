@@ -19,6 +19,7 @@ from poe_pipeline.forecasting import (
     CONFORMAL,
     CONTRACT_COLUMNS,
     LEAGUE_PRIOR_ROWS,
+    LEAGUE_SCALE_PRIOR_ROWS,
     PREDICTION_ERRORS_SQL,
     PREDICTIONS_SCHEMA,
     VOLATILITY,
@@ -155,7 +156,7 @@ def test_intervals_contain_the_forecast_and_widen_with_the_horizon(world):
 def test_the_leagues_own_forecasts_that_came_true_scale_its_intervals():
     # 200 one-day forecasts whose errors were all twice their half-width, half of them already scaled by 2
     n = 200
-    weight = n / (n + LEAGUE_PRIOR_ROWS)
+    weight = n / (n + LEAGUE_SCALE_PRIOR_ROWS)
     resolved = pl.DataFrame({
         "horizon_days": [1] * n, "predicted_logret": [0.01] * n, "actual_logret": [0.01 + 0.2] * n,
         "upper_logret": [0.01 + 0.1] * 100 + [0.01 + 0.2] * 100, "interval_scale": [1.0] * 100 + [2.0] * 100,
@@ -184,7 +185,7 @@ def test_the_interval_scale_follows_the_latest_week_of_forecasts_come_true():
     adjustment = league_adjustments(resolved)[1]
     assert adjustment.resolved == 600 and adjustment.recent == 7 * 30  # targets of Jan 14-20
     assert adjustment.quantile == pytest.approx(3.0)  # 90 rough of 210; over all 20 days it would be 0.5 (510 calm)
-    assert adjustment.interval_scale == pytest.approx(3.0 ** (210 / (210 + LEAGUE_PRIOR_ROWS)))
+    assert adjustment.interval_scale == pytest.approx(3.0 ** (210 / (210 + LEAGUE_SCALE_PRIOR_ROWS)))
 
 
 def test_a_league_where_the_models_keep_missing_moves_its_forecasts_towards_no_change():
@@ -245,7 +246,7 @@ def test_a_league_whose_forecasts_missed_gets_wider_intervals(moved_lake, world)
     assert set(widened.league_adjustments) == {1, 3, 7}
     for h, adjustment in widened.league_adjustments.items():
         assert adjustment.resolved >= 30 and adjustment.recent >= 14 and adjustment.quantile > 5, (h, adjustment)
-        weight = adjustment.recent / (adjustment.recent + LEAGUE_PRIOR_ROWS)  # the latest week's, two currencies
+        weight = adjustment.recent / (adjustment.recent + LEAGUE_SCALE_PRIOR_ROWS)  # the latest week, two currencies
         assert adjustment.interval_scale == pytest.approx(adjustment.quantile ** weight) and weight > 0.1
     p = widened.predictions
     assert p["predicted_logret"].to_numpy() == pytest.approx((p["point_shrink"] * p["model_logret"]).to_numpy())
