@@ -44,9 +44,8 @@ For every currency and horizon, from the origin (the league's latest day of feat
     forecasts whose target day falls in the latest ``LEAGUE_SCALE_DAYS`` days of targets count here (``n`` is
     theirs in ``w``): a league's volatility turns within weeks, and a scale pooled over all its days carried the
     calm first weeks into rougher ones (on two development leagues, days 21-34 then covered 68-74 %). Its prior,
-    ``LEAGUE_SCALE_PRIOR_ROWS``, is two days of 30 currencies: halving the former four days gave narrower intervals
-    and fewer league-phase cells outside 75-85 % on four development leagues and on four other leagues alike
-    (docs/performance-log.md).
+    ``LEAGUE_SCALE_PRIOR_ROWS``, is four days of 30 currencies too: halving it scored better at 1 and 3 days and
+    worse at 7 on eight leagues (docs/performance-log.md, "The interval scale's prior, halved").
 - **Confidence in [0, 1].** ``sqrt(quality x width)`` times penalty factors, where quality averages
   ``clip(0.5 + skill)`` and ``clip(0.5 + R2)`` of validation (0.25 when unvalidated), width is
   ``1 / (1 + half_width / WIDTH_SCALE)``, and the factors are: sample size ``1 - penalty`` (n < 5: 0.7, < 10: 0.5,
@@ -96,7 +95,7 @@ VOL_FLOOR_REL = 0.25  # and never below a quarter of the currency's typical vola
 FALLBACK_DAILY_VOL = 0.07  # median realized_vol_14 of the poe.ninja dumps: a currency without any history
 WIDTH_SCALE = 0.10  # a +-10 % interval halves the width factor of the confidence
 LEAGUE_PRIOR_ROWS = 120  # resolved forecasts of the league that weigh as much as the models' own point forecast
-LEAGUE_SCALE_PRIOR_ROWS = 60  # and as much as the past leagues' calibration of the intervals
+LEAGUE_SCALE_PRIOR_ROWS = 120  # and as much as the past leagues' calibration of the intervals
 LEAGUE_SCALE_DAYS = 7  # the interval scale learns from the forecasts that came true in the latest week only
 RECENCY_DAYS = 7.0
 SAMPLE_PENALTIES = ((5, 0.7), (10, 0.5), (30, 0.3), (100, 0.1))

@@ -1,8 +1,10 @@
 """The accuracy bench scores kept replays together only when they were made with the run's own settings."""
 
 import json
-from datetime import date
+import math
+from datetime import date, timedelta
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -107,3 +109,63 @@ def test_compare_replays_scores_each_on_the_rows_they_share(tmp_path, monkeypatc
     assert perfect["skill"] == pytest.approx(1.0) and persistence["skill"] == pytest.approx(0.0)
     assert perfect["coverage"] == persistence["coverage"] == 1.0 and out["replays"]["exact"]["code"] == ["exact"]
     assert compare_replays.main([str(tmp_path / "missing.parquet")]) == 2
+
+
+def test_readjusted_replays_equal_replays_made_with_those_priors(tmp_path):
+    from benchmarks import readjust_replays
+    from conftest import SAMPLE
+    from poe_pipeline.forecasting import league_adjustments
+    from poe_pipeline.prices import daily_from_dump_rows, merge_daily_prices
+    from poe_pipeline.sources.poe_ninja import read_dump
+
+    prices = merge_daily_prices(daily_from_dump_rows(read_dump(SAMPLE / "Sanctum.currency.csv.gz")))
+    prices = prices.filter(pl.col("currency").is_in(["Divine Orb", "Orb of Alteration"])).sort("date")
+    days = sorted(prices["date"].unique().to_list())[10:50]
+    price = {(r["currency"], r["date"]): r["price_chaos"] for r in prices.iter_rows(named=True)}
+    rng = np.random.default_rng(5)
+    models = {(c, d, h): rng.normal(0, 0.03) for c in ("Divine Orb", "Orb of Alteration") for d in days for h in (1, 3)}
+
+    def made_with(priors) -> pl.DataFrame:
+        """A replay written forward, as the backtest does: each origin adjusted by the forecasts come true."""
+        rows: list[dict] = []
+        for day in days:
+            done = [r for r in rows if r["target_date"] <= day and r["actual_logret"] is not None]
+            resolved = pl.DataFrame(done) if done else pl.DataFrame()
+            adjust = league_adjustments(resolved, 0.8, *priors) if done else {}
+            for (c, d, h), model in models.items():
+                if d != day or (c, day) not in price:
+                    continue
+                a = adjust.get(h)
+                point = model * (a.point_shrink if a else 1.0)
+                half = 0.02 * h * (a.interval_scale if a else 1.0)
+                target = day + timedelta(days=h)
+                actual = price.get((c, target))
+                rows.append({"currency": c, "origin_date": day, "horizon_days": h, "target_date": target,
+                             "current_price": price[(c, day)], "predicted_logret": point, "model_logret": model,
+                             "upper_logret": point + half, "interval_scale": a.interval_scale if a else 1.0,
+                             "actual_logret": math.log(actual / price[(c, day)]) if actual else None,
+                             "actual_price": actual})
+        frame = pl.DataFrame(rows)
+        p0 = pl.col("current_price")
+        return frame.select(pl.lit("Sanctum").alias("league"), "currency", "origin_date",
+                            pl.col("horizon_days").cast(pl.Int32), "current_price",
+                            (p0 * pl.col("predicted_logret").exp()).alias("predicted_price"),
+                            (p0 * (2 * pl.col("predicted_logret") - pl.col("upper_logret")).exp()).alias("pred_lower"),
+                            (p0 * pl.col("upper_logret").exp()).alias("pred_upper"), "actual_price")
+
+    wide, narrow = made_with((120, 120)), made_with((30, 10))
+    keys = ["currency", "origin_date", "horizon_days"]
+    assert not np.allclose(wide.sort(keys)["pred_upper"], narrow.sort(keys)["pred_upper"])  # the priors matter here
+    path = tmp_path / "kept" / "accuracy-sanctum-x.parquet"
+    path.parent.mkdir()
+    wide.write_parquet(path)
+    path.with_suffix(".json").write_text(json.dumps({"config": {"level": 0.8}, "wall_s": 1.0, "refits": 1}))
+    assert readjust_replays.main(["--made-with", "120,120", "--prior", "30,10", "--out", str(tmp_path / "out"),
+                                  str(path)]) == 0
+    again = pl.read_parquet(tmp_path / "out" / path.name).sort(keys)
+    for column in ("predicted_price", "pred_lower", "pred_upper"):
+        assert again[column].to_numpy() == pytest.approx(narrow.sort(keys)[column].to_numpy(), rel=1e-9)
+    meta = json.loads((tmp_path / "out" / path.with_suffix(".json").name).read_text())
+    assert meta["readjusted"]["prior"] == [30, 10]
+    with pytest.raises(SystemExit):
+        readjust_replays.main(["--made-with", "120", "--prior", "30,10", "--out", str(tmp_path), str(path)])
