@@ -3,12 +3,14 @@
 The point shrink and the interval scale learn from the replay's own forecasts that came true, so they can be
 replayed without fitting a model: origin by origin, the adjustment each stored forecast got is recomputed with the
 priors it was made with (``--made-with SHRINK,SCALE``), which recovers the models' forecast and the half-width before
-the scale; the adjustment under ``--prior SHRINK,SCALE`` is then applied to those instead. Each kept replay
+the scale; the adjustment under ``--prior SHRINK,SCALE`` is then applied to those instead (``none`` for SHRINK: the
+point is not shrunk, as in the code since 2026-12-03; replays written before were made with ``120,120``). Each kept
+replay
 (``benchmarks/results/cache/accuracy-*.parquet`` with its ``.json``) is written again into ``--out`` under the same
 name, for ``benchmarks.compare_replays`` to score beside the original. Approximate in one way: a half-width that a
 shorter horizon's widened (a longer horizon is never narrower) keeps that floor as it was.
 
-``.venv/bin/python -m benchmarks.readjust_replays --made-with 120,120 --prior 120,60 --out /tmp/readjusted
+``.venv/bin/python -m benchmarks.readjust_replays --made-with 120,120 --prior none,120 --out /tmp/readjusted
 benchmarks/results/cache/accuracy-sanctum-*.parquet``
 """
 
@@ -25,13 +27,20 @@ import polars as pl
 from poe_pipeline.forecasting import league_adjustments
 from poe_pipeline.prices import target_day
 
+Priors = tuple[int | None, int]  # (the point shrink's, None: no shrink; the interval scale's)
 
-def _priors(text: str) -> tuple[int, int]:
+
+def _priors(text: str) -> Priors:
     shrink, _, scale = text.partition(",")
     try:
-        return int(shrink), int(scale)
+        return (None if shrink.strip().lower() == "none" else int(shrink)), int(scale)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give two whole numbers, SHRINK,SCALE (e.g. 120,60)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give SHRINK,SCALE as whole numbers of rows, SHRINK may be none (e.g. none,120)") from None
+
+
+def _adjustments(resolved: pl.DataFrame, level: float, priors: Priors) -> dict:
+    return league_adjustments(resolved, level, prior_rows=priors[1], shrink_prior_rows=priors[0])
 
 
 def _resolved(frame: pl.DataFrame, point: np.ndarray, model: np.ndarray, half: np.ndarray, scale: np.ndarray,
@@ -45,7 +54,7 @@ def _resolved(frame: pl.DataFrame, point: np.ndarray, model: np.ndarray, half: n
     })
 
 
-def readjust(frame: pl.DataFrame, level: float, made_with: tuple[int, int], prior: tuple[int, int]) -> pl.DataFrame:
+def readjust(frame: pl.DataFrame, level: float, made_with: Priors, prior: Priors) -> pl.DataFrame:
     """``frame`` (one league's kept replay) with its forecasts and intervals as ``prior`` would have adjusted them."""
     frame = frame.sort("origin_date", "horizon_days", "currency").with_columns(
         target_day().alias("target_date"),
@@ -61,8 +70,8 @@ def readjust(frame: pl.DataFrame, level: float, made_with: tuple[int, int], prio
     for day in np.unique(origin):
         rows = origin == day
         due = known & (target <= day)
-        made = league_adjustments(_resolved(frame, point, model, half, made_scale, due), level, *made_with)
-        new = league_adjustments(_resolved(frame, new_point, model, new_half, new_scale, due), level, *prior)
+        made = _adjustments(_resolved(frame, point, model, half, made_scale, due), level, made_with)
+        new = _adjustments(_resolved(frame, new_point, model, new_half, new_scale, due), level, prior)
         for h in np.unique(horizon[rows]):
             at = rows & (horizon == h)
             m, a = made.get(int(h)), new.get(int(h))

@@ -12,7 +12,7 @@
   every currency (``currency_model.train_currency``), without MLflow (artifacts in a temporary folder, loaded and
   then deleted); between refits the latest models predict from
   each day's fresh features. Intervals and confidence are computed exactly as live (``forecasting``), the league's
-  own shrink and interval scale included: they learn from the replay's forecasts come true by each origin. With
+  own interval scale included: it learns from the replay's forecasts come true by each origin. With
   ``retune_every`` N > 1 only every N-th refit re-tunes and re-validates; the refits between keep that tuning
   (hyperparameters, weights, out-of-fold forecasts) and refit the final models on the new data, as the weekly
   retrain does: only when the pooled rows changed by ``global_model.REFIT_MIN_GROWTH`` since the last fit (a refit
@@ -435,10 +435,9 @@ class BacktestOutput:
         ]
         if p.height:
             last = p.filter(pl.col("origin_date") == p["origin_date"].max()).group_by("horizon_days").agg(
-                pl.col("point_shrink").first(), pl.col("interval_scale").first()).sort("horizon_days")
+                pl.col("interval_scale").first()).sort("horizon_days")
             lines += [f"What the replay's forecasts that came true taught by {p['origin_date'].max()} (as live):",
-                      *[f"  {h}d: forecast x{shrink:.2f}, interval x{scale:.2f}" for h, shrink, scale in last.rows()],
-                      ""]
+                      *[f"  {h}d: interval x{scale:.2f}" for h, scale in last.rows()], ""]
         if self.strategy:
             s = self.strategy
             lines += [

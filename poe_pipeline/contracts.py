@@ -95,8 +95,8 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "skill": "the model's out-of-sample skill against 'no change' (fraction)",
         "global_model_version": "the global model version the forecast went through",
         "model_logret": "the models' forecast log-return, before the league's point_shrink",
-        "point_shrink": "predicted_logret / model_logret: learnt from this league's forecasts that came true "
-                        "(1 = none; towards 0 = towards 'no change')",
+        "point_shrink": "predicted_logret / model_logret (1 = none; towards 0 = towards 'no change'): 1 since "
+                        "2026-12-03, when the shrink learnt from the league's forecasts stopped earning its place",
         "interval_scale": "the half-width's scale learnt from this league's forecasts that came true in the "
                           "latest week (1 = as calibrated on past leagues)",
     },

@@ -3,7 +3,7 @@
 For every currency and horizon, from the origin (the league's latest day of features):
 
 - **Point forecast.** The global model's predicted log-return for the currency, times its partition's scale
-  (``currency_model``), times the league's ``point_shrink`` (below); ``predicted_price = current_price x exp(m)``.
+  (``currency_model``); ``predicted_price = current_price x exp(m)``.
   A partition forecasts through the global version it was built on. A currency without a partition champion gets
   the global champion's forecast at the pooled scale, with its confidence halved (``GLOBAL_ONLY_CONFIDENCE``). Each
   global model forecasts all its currencies at once.
@@ -33,19 +33,22 @@ For every currency and horizon, from the origin (the league's latest day of feat
   rose to 92 % in another, and the same models beat "no change" by 7 % at 7 days in two leagues and lost 4 % at 3
   days in two others. So at each horizon, this league's forecasts that have already come true (stored predictions
   whose ``origin + horizon`` price is known at the origin; ``n`` of them) adjust the next ones, each shrunk towards
-  "no adjustment" with the weight ``w = n / (n + prior)``:
+  "no adjustment" with the weight ``w = n / (n + LEAGUE_PRIOR_ROWS)`` (the prior: four days of 30 currencies):
 
-  - ``point_shrink``: the multiplier ``b`` in [0, 1] of the models' forecast (``model_logret``) that minimised the
-    absolute error of the resolved ones (a weighted median), used as ``1 + w x (b - 1)``, with the prior
-    ``LEAGUE_PRIOR_ROWS`` (four days of 30 currencies). A league where the models keep missing moves its forecasts
-    towards "no change"; the models are never amplified.
+  - ``point_shrink`` (measured, not applied: always 1): the multiplier ``b`` in [0, 1] of the models' forecast
+    (``model_logret``) that minimised the absolute error of the resolved ones (a weighted median), used as
+    ``1 + w x (b - 1)`` when ``LEAGUE_SHRINK_PRIOR_ROWS`` is set (the prior of ``w`` then). It moved a league where
+    the models kept missing towards "no change", but once the global models were in it no longer earned its place:
+    without it, skill changed by +0.36/-0.15/+0.07 points at 1/3/7 days on four development leagues and
+    +0.06/+0.07/+0.10 on four others (docs/performance-log.md, "The league's point shrink, measured again"). The
+    diagnostic ``best_shrink`` (``b``) is still computed and shown.
   - ``interval_scale``: ``r_i = |actual - point| / half_i`` in log-return, ``half_i`` the half-width before that
     forecast's own scale; ``q`` is the split-conformal ``level`` quantile of ``r``, used as ``q ^ w``. Only the
     forecasts whose target day falls in the latest ``LEAGUE_SCALE_DAYS`` days of targets count here (``n`` is
     theirs in ``w``): a league's volatility turns within weeks, and a scale pooled over all its days carried the
-    calm first weeks into rougher ones (on two development leagues, days 21-34 then covered 68-74 %). Its prior,
-    ``LEAGUE_SCALE_PRIOR_ROWS``, is four days of 30 currencies too: halving it scored better at 1 and 3 days and
-    worse at 7 on eight leagues (docs/performance-log.md, "The interval scale's prior, halved").
+    calm first weeks into rougher ones (on two development leagues, days 21-34 then covered 68-74 %). Halving its
+    prior scored better at 1 and 3 days and worse at 7 on eight leagues (docs/performance-log.md, "The league's
+    point shrink, measured again").
 - **Confidence in [0, 1].** ``sqrt(quality x width)`` times penalty factors, where quality averages
   ``clip(0.5 + skill)`` and ``clip(0.5 + R2)`` of validation (0.25 when unvalidated), width is
   ``1 / (1 + half_width / WIDTH_SCALE)``, and the factors are: sample size ``1 - penalty`` (n < 5: 0.7, < 10: 0.5,
@@ -94,8 +97,8 @@ VOL_FLOOR = 0.005  # 0.5 % a day: flat, quantised series (a price stuck at 1.0) 
 VOL_FLOOR_REL = 0.25  # and never below a quarter of the currency's typical volatility
 FALLBACK_DAILY_VOL = 0.07  # median realized_vol_14 of the poe.ninja dumps: a currency without any history
 WIDTH_SCALE = 0.10  # a +-10 % interval halves the width factor of the confidence
-LEAGUE_PRIOR_ROWS = 120  # resolved forecasts of the league that weigh as much as the models' own point forecast
-LEAGUE_SCALE_PRIOR_ROWS = 120  # and as much as the past leagues' calibration of the intervals
+LEAGUE_PRIOR_ROWS = 120  # resolved forecasts of the league that weigh as much as the past leagues' calibration
+LEAGUE_SHRINK_PRIOR_ROWS: int | None = None  # None: the point is never shrunk (measured; see the module docstring)
 LEAGUE_SCALE_DAYS = 7  # the interval scale learns from the forecasts that came true in the latest week only
 RECENCY_DAYS = 7.0
 SAMPLE_PENALTIES = ((5, 0.7), (10, 0.5), (30, 0.3), (100, 0.1))
@@ -322,7 +325,8 @@ def prediction_interval(
 @dataclass(frozen=True)
 class LeagueAdjustment:
     """What one horizon's forecasts of this league that have come true (``resolved`` of them) teach the next ones:
-    the shrink of the point towards "no change" and the scale of the interval (see the module docstring)."""
+    the scale of the interval, and the shrink of the point towards "no change" when it is applied (see the module
+    docstring)."""
 
     point_shrink: float = 1.0
     interval_scale: float = 1.0
@@ -357,8 +361,9 @@ def least_absolute_shrink(model: np.ndarray, actual: np.ndarray) -> float:
 
 
 def league_adjustments(resolved: pl.DataFrame, level: float = INTERVAL_LEVEL, prior_rows: int = LEAGUE_PRIOR_ROWS,
-                       scale_prior_rows: int = LEAGUE_SCALE_PRIOR_ROWS) -> dict[int, LeagueAdjustment]:
-    """The league's ``LeagueAdjustment`` per horizon from its resolved forecasts (``resolved_forecasts``). A stored
+                       shrink_prior_rows: int | None = LEAGUE_SHRINK_PRIOR_ROWS) -> dict[int, LeagueAdjustment]:
+    """The league's ``LeagueAdjustment`` per horizon from its resolved forecasts (``resolved_forecasts``): the
+    interval scale with the prior ``prior_rows``, the point shrink only with a ``shrink_prior_rows``. A stored
     prediction written before these columns existed had neither shrink nor scale."""
     if resolved.height == 0:
         return {}
@@ -375,11 +380,11 @@ def league_adjustments(resolved: pl.DataFrame, level: float = INTERVAL_LEVEL, pr
     out: dict[int, LeagueAdjustment] = {}
     for (h,), part in rows.partition_by("horizon_days", as_dict=True).items():
         n = part.height
-        weight = n / (n + prior_rows)
+        weight = 0.0 if shrink_prior_rows is None else n / (n + shrink_prior_rows)
         best = least_absolute_shrink(part["model"].to_numpy(), part["actual_logret"].to_numpy())
         recent = part.filter(pl.col("target_date") > part["target_date"].max() - timedelta(days=LEAGUE_SCALE_DAYS))
         q = conformal_quantile(recent["r"].to_numpy(), level)
-        recent_weight = recent.height / (recent.height + scale_prior_rows)
+        recent_weight = recent.height / (recent.height + prior_rows)
         scale = math.exp(recent_weight * math.log(q)) if q > 0 else 1.0
         out[int(h)] = LeagueAdjustment(1 + weight * (best - 1), scale, n, best, q, recent.height)
     return out

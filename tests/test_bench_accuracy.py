@@ -131,7 +131,7 @@ def test_readjusted_replays_equal_replays_made_with_those_priors(tmp_path):
         for day in days:
             done = [r for r in rows if r["target_date"] <= day and r["actual_logret"] is not None]
             resolved = pl.DataFrame(done) if done else pl.DataFrame()
-            adjust = league_adjustments(resolved, 0.8, *priors) if done else {}
+            adjust = league_adjustments(resolved, 0.8, priors[1], priors[0]) if done else {}
             for (c, d, h), model in models.items():
                 if d != day or (c, day) not in price:
                     continue
@@ -153,19 +153,19 @@ def test_readjusted_replays_equal_replays_made_with_those_priors(tmp_path):
                             (p0 * (2 * pl.col("predicted_logret") - pl.col("upper_logret")).exp()).alias("pred_lower"),
                             (p0 * pl.col("upper_logret").exp()).alias("pred_upper"), "actual_price")
 
-    wide, narrow = made_with((120, 120)), made_with((30, 10))
+    wide, narrow = made_with((120, 120)), made_with((None, 10))  # (the point shrink's prior, the scale's)
     keys = ["currency", "origin_date", "horizon_days"]
     assert not np.allclose(wide.sort(keys)["pred_upper"], narrow.sort(keys)["pred_upper"])  # the priors matter here
     path = tmp_path / "kept" / "accuracy-sanctum-x.parquet"
     path.parent.mkdir()
     wide.write_parquet(path)
     path.with_suffix(".json").write_text(json.dumps({"config": {"level": 0.8}, "wall_s": 1.0, "refits": 1}))
-    assert readjust_replays.main(["--made-with", "120,120", "--prior", "30,10", "--out", str(tmp_path / "out"),
+    assert readjust_replays.main(["--made-with", "120,120", "--prior", "none,10", "--out", str(tmp_path / "out"),
                                   str(path)]) == 0
     again = pl.read_parquet(tmp_path / "out" / path.name).sort(keys)
     for column in ("predicted_price", "pred_lower", "pred_upper"):
         assert again[column].to_numpy() == pytest.approx(narrow.sort(keys)[column].to_numpy(), rel=1e-9)
     meta = json.loads((tmp_path / "out" / path.with_suffix(".json").name).read_text())
-    assert meta["readjusted"]["prior"] == [30, 10]
+    assert meta["readjusted"]["prior"] == [None, 10]
     with pytest.raises(SystemExit):
-        readjust_replays.main(["--made-with", "120", "--prior", "30,10", "--out", str(tmp_path), str(path)])
+        readjust_replays.main(["--made-with", "120", "--prior", "none,10", "--out", str(tmp_path), str(path)])

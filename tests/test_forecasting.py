@@ -19,7 +19,6 @@ from poe_pipeline.forecasting import (
     CONFORMAL,
     CONTRACT_COLUMNS,
     LEAGUE_PRIOR_ROWS,
-    LEAGUE_SCALE_PRIOR_ROWS,
     PREDICTION_ERRORS_SQL,
     PREDICTIONS_SCHEMA,
     VOLATILITY,
@@ -156,7 +155,7 @@ def test_intervals_contain_the_forecast_and_widen_with_the_horizon(world):
 def test_the_leagues_own_forecasts_that_came_true_scale_its_intervals():
     # 200 one-day forecasts whose errors were all twice their half-width, half of them already scaled by 2
     n = 200
-    weight = n / (n + LEAGUE_SCALE_PRIOR_ROWS)
+    weight = n / (n + LEAGUE_PRIOR_ROWS)
     resolved = pl.DataFrame({
         "horizon_days": [1] * n, "predicted_logret": [0.01] * n, "actual_logret": [0.01 + 0.2] * n,
         "upper_logret": [0.01 + 0.1] * 100 + [0.01 + 0.2] * 100, "interval_scale": [1.0] * 100 + [2.0] * 100,
@@ -185,7 +184,7 @@ def test_the_interval_scale_follows_the_latest_week_of_forecasts_come_true():
     adjustment = league_adjustments(resolved)[1]
     assert adjustment.resolved == 600 and adjustment.recent == 7 * 30  # targets of Jan 14-20
     assert adjustment.quantile == pytest.approx(3.0)  # 90 rough of 210; over all 20 days it would be 0.5 (510 calm)
-    assert adjustment.interval_scale == pytest.approx(3.0 ** (210 / (210 + LEAGUE_SCALE_PRIOR_ROWS)))
+    assert adjustment.interval_scale == pytest.approx(3.0 ** (210 / (210 + LEAGUE_PRIOR_ROWS)))
 
 
 def test_a_league_where_the_models_keep_missing_moves_its_forecasts_towards_no_change():
@@ -205,9 +204,12 @@ def test_a_league_where_the_models_keep_missing_moves_its_forecasts_towards_no_c
     resolved = pl.DataFrame({"horizon_days": [3] * n, "predicted_logret": [0.05] * n, "model_logret": [0.1] * n,
                              "actual_logret": [0.0] * n, "upper_logret": [0.15] * n,
                              "target_date": [date(2023, 1, 10)] * n})
-    adjustment = league_adjustments(resolved)[3]
+    adjustment = league_adjustments(resolved, shrink_prior_rows=LEAGUE_PRIOR_ROWS)[3]
     assert adjustment.best_shrink == 0.0
     assert adjustment.point_shrink == pytest.approx(1 - n / (n + LEAGUE_PRIOR_ROWS))
+    # by default the shrink is measured, not applied (it no longer earned its place on eight leagues)
+    measured = league_adjustments(resolved)[3]
+    assert measured.best_shrink == 0.0 and measured.point_shrink == 1.0
 
 
 def test_only_forecasts_whose_day_has_come_and_was_observed_are_resolved():
@@ -246,10 +248,10 @@ def test_a_league_whose_forecasts_missed_gets_wider_intervals(moved_lake, world)
     assert set(widened.league_adjustments) == {1, 3, 7}
     for h, adjustment in widened.league_adjustments.items():
         assert adjustment.resolved >= 30 and adjustment.recent >= 14 and adjustment.quantile > 5, (h, adjustment)
-        weight = adjustment.recent / (adjustment.recent + LEAGUE_SCALE_PRIOR_ROWS)  # the latest week, two currencies
+        weight = adjustment.recent / (adjustment.recent + LEAGUE_PRIOR_ROWS)  # the latest week, two currencies
         assert adjustment.interval_scale == pytest.approx(adjustment.quantile ** weight) and weight > 0.1
     p = widened.predictions
-    assert p["predicted_logret"].to_numpy() == pytest.approx((p["point_shrink"] * p["model_logret"]).to_numpy())
+    assert (p["point_shrink"] == 1.0).all() and (p["predicted_logret"] == p["model_logret"]).all()
     half = lambda p: (p["upper_logret"] - p["predicted_logret"]).to_numpy()  # noqa: E731
     one_day = pl.col("horizon_days") == 1
     assert half(widened.predictions.filter(one_day)) == pytest.approx(

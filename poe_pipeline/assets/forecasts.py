@@ -113,8 +113,8 @@ def predictions(
 def _league_text(adjustments: dict[int, forecasting.LeagueAdjustment]) -> str:
     if not adjustments:
         return "nothing yet: no forecast of this league has come true (the models and past leagues' calibration only)"
-    return "; ".join(f"{h}d from {a.resolved} forecasts come true: forecast x{a.point_shrink:.2f}, "
-                     f"interval x{a.interval_scale:.2f} (from the latest week's {a.recent})"
+    return "; ".join(f"{h}d from {a.resolved} forecasts come true: interval x{a.interval_scale:.2f} (from the latest "
+                     f"week's {a.recent}), forecast x{a.point_shrink:.2f} (best on them x{a.best_shrink:.2f})"
                      for h, a in sorted(adjustments.items()))
 
 
