@@ -5,9 +5,8 @@ replayed without fitting a model: origin by origin, the adjustment each stored f
 priors it was made with (``--made-with SHRINK,SCALE``), which recovers the models' forecast and the half-width before
 the scale; the adjustment under ``--prior SHRINK,SCALE`` is then applied to those instead (``none`` for SHRINK: the
 point is not shrunk, as in the code since 2026-12-03; replays written before were made with ``120,120``). Each kept
-replay
-(``benchmarks/results/cache/accuracy-*.parquet`` with its ``.json``) is written again into ``--out`` under the same
-name, for ``benchmarks.compare_replays`` to score beside the original. Approximate in one way: a half-width that a
+replay (``benchmarks/results/cache/accuracy-*.parquet`` with its ``.json``) is written again into ``--out`` under the
+same name, for ``benchmarks.compare_replays`` to score beside the original. Approximate in one way: a half-width that a
 shorter horizon's widened (a longer horizon is never narrower) keeps that floor as it was.
 
 ``.venv/bin/python -m benchmarks.readjust_replays --made-with 120,120 --prior none,120 --out /tmp/readjusted
@@ -43,14 +42,15 @@ def _adjustments(resolved: pl.DataFrame, level: float, priors: Priors) -> dict:
     return league_adjustments(resolved, level, prior_rows=priors[1], shrink_prior_rows=priors[0])
 
 
-def _resolved(frame: pl.DataFrame, point: np.ndarray, model: np.ndarray, half: np.ndarray, scale: np.ndarray,
-              due: np.ndarray) -> pl.DataFrame:
-    """The rows of ``due`` as ``league_adjustments`` reads resolved forecasts."""
+def _resolved(fixed: dict[str, np.ndarray], point: np.ndarray, model: np.ndarray, half: np.ndarray,
+              scale: np.ndarray, due: np.ndarray) -> pl.DataFrame:
+    """The rows of ``due`` as ``league_adjustments`` reads resolved forecasts; ``fixed``: the columns that no
+    adjustment changes (horizon, target day, actual log-return)."""
     idx = np.flatnonzero(due)
     return pl.DataFrame({
-        "horizon_days": frame["horizon_days"].to_numpy()[idx], "target_date": frame["target_date"].to_numpy()[idx],
+        **{name: column[idx] for name, column in fixed.items()},
         "predicted_logret": point[idx], "model_logret": model[idx], "upper_logret": point[idx] + half[idx],
-        "interval_scale": scale[idx], "actual_logret": frame["actual_logret"].to_numpy()[idx],
+        "interval_scale": scale[idx],
     })
 
 
@@ -64,14 +64,15 @@ def readjust(frame: pl.DataFrame, level: float, made_with: Priors, prior: Priors
     n = frame.height
     origin, horizon = frame["origin_date"].to_numpy(), frame["horizon_days"].to_numpy()
     target, known = frame["target_date"].to_numpy(), frame["actual_logret"].is_finite().fill_null(False).to_numpy()
+    fixed = {"horizon_days": horizon, "target_date": target, "actual_logret": frame["actual_logret"].to_numpy()}
     point, half = frame["point"].to_numpy(), frame["half"].to_numpy()
     model, base = np.full(n, np.nan), np.full(n, np.nan)
     made_scale, new_point, new_half, new_scale = (np.full(n, np.nan) for _ in range(4))
     for day in np.unique(origin):
         rows = origin == day
         due = known & (target <= day)
-        made = _adjustments(_resolved(frame, point, model, half, made_scale, due), level, made_with)
-        new = _adjustments(_resolved(frame, new_point, model, new_half, new_scale, due), level, prior)
+        made = _adjustments(_resolved(fixed, point, model, half, made_scale, due), level, made_with)
+        new = _adjustments(_resolved(fixed, new_point, model, new_half, new_scale, due), level, prior)
         for h in np.unique(horizon[rows]):
             at = rows & (horizon == h)
             m, a = made.get(int(h)), new.get(int(h))
