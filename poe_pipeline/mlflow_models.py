@@ -29,6 +29,7 @@ import polars.selectors as cs
 from poe_pipeline.tracking import ARTIFACT_KEY, native_dir  # noqa: F401
 
 OUTPUT_COLUMNS = ("predicted_logret", "predicted_price")
+PYFUNC_CODE = Path(__file__).parent / "pyfunc_code"
 
 
 def input_columns(feature_names: list[str]) -> list[str]:
@@ -82,7 +83,8 @@ class CurrencyPyfunc(mlflow.pyfunc.PythonModel):
 def save_pyfunc(directory: Path, model_dir: Path, kind: str, feature_names: list[str],
                 example: pl.DataFrame, example_logret: np.ndarray) -> Path:
     """Write the MLflow model of ``model_dir`` (native files) into ``directory``; returns it."""
-    python_model = GlobalPyfunc() if kind == "global" else CurrencyPyfunc()
+    # models from code: the file that builds the pyfunc is stored and run at load, not a pickled object
+    python_model = str(PYFUNC_CODE / ("global_ensemble.py" if kind == "global" else "currency_partition.py"))
     example = example.select(input_columns(feature_names)).head(5)
     # integer columns are described as doubles, as MLflow advises for columns that may be missing (pandas holds a
     # missing integer as a float NaN); it still takes ints there, and no longer warns at every logged model
@@ -98,7 +100,7 @@ def save_pyfunc(directory: Path, model_dir: Path, kind: str, feature_names: list
     return directory
 
 
-def _save(directory: Path, python_model, staged: Path, inputs, outputs, kind: str) -> None:
+def _save(directory: Path, python_model: str, staged: Path, inputs, outputs, kind: str) -> None:
     from mlflow.models import infer_signature
 
     mlflow.pyfunc.save_model(

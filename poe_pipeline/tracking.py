@@ -42,7 +42,8 @@ CHAMPION = "champion"
 MAX_SANE_MAE = 5.0  # a log-return MAE above this (a factor of e^5 = 148 off on average) is a poisoned input
 
 log = logging.getLogger(__name__)
-logging.getLogger("mlflow").setLevel(logging.WARNING)
+# MLflow sets its loggers' level from this when it is imported (a level set here before that is overwritten)
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
