@@ -20,7 +20,8 @@ skill at 3 and 7 days on the development leagues.
 
 The reported metrics are on the currency's own rows of the global model's holdout league: that league's forecasts
 come from a model whose tuning never saw it, and the scale used there is chosen on the other folds (cross-fitted), so
-no choice saw the rows it is scored on. A currency without holdout rows is scored on all its folds, cross-fitted.
+no choice saw the rows it is scored on. A currency without holdout rows is scored on the tuning folds, where the
+global model's tuning and weights were chosen: in sample for that choice, and ``metrics_scope`` says so.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from poe_pipeline.modeling import forecast_metrics
 SCALE_GRID = np.linspace(0.0, 1.5, 31)
 PRIOR_ROWS = 200  # the pooled scale counts as this many rows of the currency's own
 MIN_OWN_ROWS = 30  # fewer out-of-fold rows than this: the pooled scale alone
+HOLDOUT_SCOPE = "holdout league (nested)"
+TUNING_FOLDS_SCOPE = "tuning folds (in sample: the global model was tuned on them; the scale is cross-fitted)"
 RESIDUALS_FILE = "residuals.parquet"
 META_FILE = "currency_model.json"
 RESIDUAL_SCHEMA = {"league": pl.Utf8, "date": pl.Date, "actual_logret": pl.Float64, "residual": pl.Float64,
@@ -131,7 +134,9 @@ def train_currency(
     # scale used there was chosen on the other folds, so these metrics are out of sample for every choice (nested).
     holdout = own["holdout"].to_numpy() if own.height else np.array([], dtype=bool)
     scored = holdout if holdout.any() else np.ones(len(own_y), dtype=bool)
-    result.metrics_scope = "holdout league (nested)" if holdout.any() else "all folds (scale cross-fitted)"
+    # without holdout rows: the tuning folds, where tuning chose the global model (in sample for that choice)
+    result.metrics_scope = (HOLDOUT_SCOPE if holdout.any() else TUNING_FOLDS_SCOPE if own.height
+                            else "no rows of its own")
     y_s = own_y[scored]
     persistence = float(np.mean(np.abs(y_s))) if len(y_s) else float("nan")
     if len(own_y):

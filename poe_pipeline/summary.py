@@ -35,7 +35,8 @@ def summarize(lake: Lake, league: str, not_eligible: list[str] | None = None) ->
         """
         SELECT coalesce(currency, '(global model)') AS model, horizon_days AS h, round(ensemble_skill, 3) AS skill,
                round(ensemble_mae_logret, 4) AS mae, round(persistence_mae_logret, 4) AS persistence_mae,
-               model_version AS version, promoted
+               model_version AS version, promoted,
+               CASE WHEN metrics_scope LIKE 'tuning folds%' THEN 'in sample' ELSE 'holdout' END AS scored_on
         FROM model_metrics WHERE league = ? AND trained
         QUALIFY row_number() OVER (PARTITION BY currency, horizon_days ORDER BY trained_at DESC) = 1
         ORDER BY currency NULLS FIRST, h
@@ -52,7 +53,8 @@ def summarize(lake: Lake, league: str, not_eligible: list[str] | None = None) ->
         f"Last days of {league}:",
         markdown_table(last_week.with_columns(pl.col("date").cast(pl.Utf8))),
         "",
-        *([f"Models trained for {league} (out-of-sample skill on a holdout league; above 0 beats 'no change'):",
+        *([f"Models trained for {league} (skill on a holdout league that tuning never saw, unless scored_on says "
+            "'in sample'; above 0 beats 'no change'):",
            markdown_table(models.head(40)), ""] if models.height else []),
         *skipped,
         report_summary(lake, league),

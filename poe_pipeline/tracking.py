@@ -301,10 +301,14 @@ class ModelTracker:
         current = self.champion_version(name)
         if current is None:
             return True, "first version" if validated else "first version (no validation rows)"
-        if not validated:
-            return False, f"no validation rows; champion v{current.version} stays"
         old_mae = float(current.tags.get("validation_mae", "nan"))
         old_skill = float(current.tags.get("validation_skill", "nan"))
+        if not validated:
+            if math.isnan(old_mae) and math.isnan(old_skill):
+                # a currency new to the market has no rows of its own to compare on: without this, its partition
+                # would forecast through the global version of its first training all league
+                return True, f"no validation rows, like champion v{current.version}: the newer version replaces it"
+            return False, f"no validation rows; champion v{current.version} stays"
         if current.tags.get("fold_signature") == folds:
             if not mae <= old_mae:
                 return False, f"validation MAE {mae:.5f} is worse than champion v{current.version}'s {old_mae:.5f}"

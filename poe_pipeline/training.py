@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from poe_pipeline.currency_model import CurrencyResult, train_currency
+from poe_pipeline.currency_model import HOLDOUT_SCOPE, CurrencyResult, train_currency
 from poe_pipeline.global_model import (
     OOF_FILE,
     REFIT_MIN_GROWTH,
@@ -506,7 +506,7 @@ def write_model_metrics(lake: Lake, outcomes: list[TrainOutcome], globals_: list
             **{f"{k}_mae_logret": m.get(k, {}).get("mae_logret") for k in ("lightgbm", "xgboost", "random_forest")},
             **{f"weight_{k}": r.weights.get(k) for k in ("lightgbm", "xgboost", "random_forest")},
             "scale": None, "train_seconds": r.seconds, "kind": "global", "global_model_version": None,
-            "metrics_scope": "holdout league (nested)" if m else "", "global_mae_logret": None,
+            "metrics_scope": HOLDOUT_SCOPE if m else "", "global_mae_logret": None,
         })
     for o in outcomes:
         r, m = o.result, o.result.metrics

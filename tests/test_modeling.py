@@ -14,7 +14,15 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from conftest import SAMPLE
-from poe_pipeline.currency_model import MIN_OWN_ROWS, PRIOR_ROWS, best_scale, pooled_scale, train_currency
+from poe_pipeline.currency_model import (
+    HOLDOUT_SCOPE,
+    MIN_OWN_ROWS,
+    PRIOR_ROWS,
+    TUNING_FOLDS_SCOPE,
+    best_scale,
+    pooled_scale,
+    train_currency,
+)
 from poe_pipeline.features import FEATURE_COLUMNS, build_features
 from poe_pipeline.global_model import OOF_FILE, GlobalValidation, liquid_by_league, pooled_rows, train_global
 from poe_pipeline.leagues import league_calendar, training_leagues
@@ -29,6 +37,7 @@ from poe_pipeline.modeling import (
     model_inputs,
     validation_weights,
 )
+from poe_pipeline.names import slug
 from poe_pipeline.prices import daily_from_dump_rows, merge_daily_prices
 from poe_pipeline.settings import get_profile
 from poe_pipeline.sources.poe_ninja import read_dump
@@ -295,7 +304,7 @@ def test_a_partition_specialises_the_global_model_on_its_own_rows(global_3d, tmp
     oof = pl.read_parquet(f"{global_3d.artifact_dir}/{OOF_FILE}")
     divine = train_currency("Divine Orb", 3, oof, global_model_name(3), "7", tmp_path / "divine")
     assert divine.trained and divine.global_version == "7" and divine.own_rows >= MIN_OWN_ROWS
-    assert divine.metrics_scope == "holdout league (nested)"
+    assert divine.metrics_scope == HOLDOUT_SCOPE
     holdout_rows = oof.filter(pl.col("holdout") & (pl.col("currency") == "Divine Orb")).height
     assert divine.metrics["specialised"]["n"] == holdout_rows
     assert divine.metrics["persistence"]["mae_logret"] == pytest.approx(
@@ -303,7 +312,11 @@ def test_a_partition_specialises_the_global_model_on_its_own_rows(global_3d, tmp
     # Fracturing Orbs arrived in Sanctum: no out-of-fold row of their own, the pooled scale, and it says so
     new = train_currency("Fracturing Orb", 3, oof, global_model_name(3), "7", tmp_path / "fracturing")
     assert new.trained and new.own_rows == 0 and new.scale == new.pooled_scale
-    assert "at a lower confidence" in new.reason
+    assert "at a lower confidence" in new.reason and new.metrics_scope == "no rows of its own"
+    # rows of its own only in the folds the global model was tuned on: scored there, and named in sample
+    tuned_on = oof.filter(~(pl.col("holdout") & (pl.col("currency") == "Divine Orb")))
+    older = train_currency("Divine Orb", 3, tuned_on, global_model_name(3), "7", tmp_path / "older")
+    assert older.metrics_scope == TUNING_FOLDS_SCOPE and older.metrics["specialised"]["n"] > 0
 
 
 # --- MLflow --------------------------------------------------------------------------------------------------
@@ -333,6 +346,34 @@ def test_promotion_refused_for_a_worse_model_and_for_poisoned_metrics(global_3d,
     assert run.data.tags["kind"] == "global" and run.data.tags["promoted"] == "false"
     assert "holdout.ensemble.mae_logret" in run.data.metrics
     assert registered_model_name("Divine Orb", 1) == "poe-divine-orb-1d" and global_model_name(1) == "poe-global-1d"
+
+
+def test_a_new_currency_follows_each_new_global_model_but_a_validated_champion_stays(global_3d, real, lake,
+                                                                                     tmp_path):
+    """A currency new to the market has no rows of its own to compare versions on: each retrain's partition, built
+    on the newer global champion, replaces the last one. A champion that was validated stays until a newer version
+    is validated too."""
+    tracker = ModelTracker(lake)
+    oof = pl.read_parquet(f"{global_3d.artifact_dir}/{OOF_FILE}")
+
+    def partition(currency: str, global_version: str):
+        result = train_currency(currency, 3, oof, global_model_name(3), global_version,
+                                tmp_path / f"{slug(currency)}-{global_version}")
+        return result, tracker.log_currency(result, {}, example=_example(real))
+
+    assert tracker.log_global(global_3d, {}, example=_example(real)).version == "1"
+    new, first = partition("Fracturing Orb", "1")
+    assert new.own_rows == 0 and first.promoted and first.reason == "first version (no validation rows)"
+    assert tracker.log_global(global_3d, {}, example=_example(real)).promoted  # global v2
+    _, second = partition("Fracturing Orb", "2")
+    assert second.promoted and "no validation rows, like champion v1" in second.reason
+    run = tracker.client.get_run(tracker.champion_version(registered_model_name("Fracturing Orb", 3)).run_id)
+    assert run.data.tags["global_model_version"] == "2"
+    divine, validated = partition("Divine Orb", "2")
+    assert validated.promoted and divine.own_rows > 0
+    unvalidated = dataclasses.replace(divine, metrics={})
+    refused = tracker.log_currency(unvalidated, {}, example=_example(real))
+    assert not refused.promoted and refused.reason == "no validation rows; champion v1 stays"
 
 
 def test_a_broken_model_never_becomes_champion(global_3d, real, lake, tmp_path):
