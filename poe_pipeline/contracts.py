@@ -27,6 +27,8 @@ VIEW_DOCS: dict[str, str] = {
     "currency_universe": "Who gets a forecast in a league, and why not.",
     "model_metrics": "One row per training of a global model or a currency partition, with out-of-sample metrics.",
     "predictions": "Forecasts of every currency and horizon, with 80 % intervals, appended per origin day.",
+    "forecast_gaps": "The (currency, horizon) pairs without a forecast at an origin, with the reason: every pair of "
+    "the league's 30 most liquid currencies that has none, and every pair a run skipped; no row: nothing missing.",
     "prediction_errors": "Past predictions joined to the price that came true on origin_date + horizon_days.",
     "investment_report": "What to buy, hold or sell per horizon, with allocation and rebalancing triggers.",
     "advice_outcomes": "Every past piece of the report's advice (buy, hold or sell per currency and horizon), scored "
@@ -82,7 +84,8 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "ensemble_mae_logret": "mean absolute error of the log-return, out of sample (see metrics_scope)",
         "persistence_mae_logret": "the same for 'no change'",
         "ensemble_skill": "1 - ensemble_mae_logret / persistence_mae_logret; above 0 beats 'no change'",
-        "metrics_scope": "which rows the metrics are on: the holdout league that tuning never saw",
+        "metrics_scope": "which rows the metrics are on: 'holdout league (nested)', the league that tuning never saw; "
+                         "for a currency without rows there, 'tuning folds (in sample: …)'",
         "scale": "a partition's scale of the global forecast",
         "promoted": "this version became the champion", "promotion_reason": "why it was or was not promoted",
     },
@@ -99,6 +102,11 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
                         "2026-12-03, when the shrink learnt from the league's forecasts stopped earning its place",
         "interval_scale": "the half-width's scale learnt from this league's forecasts that came true in the "
                           "latest week (1 = as calibrated on past leagues)",
+    },
+    "forecast_gaps": {
+        "liquidity_rank": "the currency's rank by days with a High or Medium confidence price in the league (1 = "
+                          "most liquid; view currency_universe)",
+        "reason": "why the pair has no forecast",
     },
     "prediction_errors": {
         "realized_price": "the price on origin_date + horizon_days, in chaos",

@@ -78,6 +78,7 @@ import polars as pl
 from poe_pipeline.lake import Lake, hive_dir, write_parquet_atomic
 from poe_pipeline.prices import actual_prices, read_daily_prices, target_day
 from poe_pipeline.settings import HORIZONS_DAYS
+from poe_pipeline.universe import DEFAULT_RULES
 
 if TYPE_CHECKING:  # both are imported where used: this module stays light for the warehouse to import
     from poe_pipeline.modeling import Ensemble
@@ -632,10 +633,6 @@ class PredictionRun:
     path: Path | None = None
     league_adjustments: dict[int, LeagueAdjustment] = field(default_factory=dict)
 
-    def skipped_frame(self) -> pl.DataFrame:
-        return pl.DataFrame([s.__dict__ for s in self.skipped],
-                            schema={"currency": pl.Utf8, "horizon": pl.Int64, "reason": pl.Utf8})
-
 
 @dataclass
 class GlobalForecaster:
@@ -868,6 +865,70 @@ def write_predictions(lake: Lake, predictions: pl.DataFrame) -> list[Path]:
             part = pl.concat([kept, part])
         paths.append(write_parquet_atomic(part.sort("currency", "horizon_days"), path))
     return paths
+
+
+# --- the pairs without a forecast ---------------------------------------------------------------------------------
+
+FORECAST_GAPS_SCHEMA: dict[str, pl.DataType] = {
+    "league": pl.Utf8,
+    "origin_date": pl.Date,
+    "currency": pl.Utf8,
+    "horizon_days": pl.Int32,
+    "liquidity_rank": pl.UInt32,
+    "reason": pl.Utf8,
+}
+LEFT_OUT_OF_RUN = "left out of this run by its currency list (--currencies, or the run config's currencies)"
+
+
+def forecast_gaps(stored: pl.DataFrame, skipped: Iterable[Skip], universe: pl.DataFrame, chosen: Iterable[str],
+                  league: str, origin: date, horizons: Iterable[int] = HORIZONS_DAYS,
+                  top_liquid: int | None = None) -> pl.DataFrame:
+    """The (currency, horizon) pairs without a forecast at ``origin``, each with the reason
+    (``FORECAST_GAPS_SCHEMA``): every pair of the league's ``top_liquid`` most liquid currencies, which are promised a
+    forecast from league day 7, and every pair the run skipped.
+
+    ``stored``: the origin's stored predictions (a rerun keeps the rows of currencies it left out); ``universe``: the
+    league's ``currency_universe``; ``chosen``: the currencies the run was asked to forecast."""
+    top_liquid = DEFAULT_RULES.top_liquid if top_liquid is None else top_liquid
+    forecast = set(zip(stored["currency"].to_list(), stored["horizon_days"].to_list(), strict=True))
+    reasons = {(s.currency, int(s.horizon)): s.reason for s in skipped}
+    rows = {r["currency"]: r for r in universe.iter_rows(named=True)}
+    chosen = set(chosen)
+    top = {c for c, r in rows.items() if r["liquidity_rank"] is not None and r["liquidity_rank"] <= top_liquid}
+    out = []
+    for currency in top | {c for c, _ in reasons}:
+        row = rows.get(currency, {})
+        for h in horizons:
+            if (currency, h) in forecast:
+                continue
+            if (currency, h) in reasons:
+                reason = reasons[(currency, h)]
+            elif not row.get("eligible"):
+                reason = f"not eligible: {row.get('reason') or f'not seen in {league}'} (view currency_universe)"
+            elif currency not in chosen:
+                reason = LEFT_OUT_OF_RUN
+            else:
+                reason = "no forecast stored for this origin: see the predictions asset's log"
+            out.append({"league": league, "origin_date": origin, "currency": currency, "horizon_days": h,
+                        "liquidity_rank": row.get("liquidity_rank"), "reason": reason})
+    return (pl.DataFrame(out, schema=FORECAST_GAPS_SCHEMA)
+            .sort("liquidity_rank", "currency", "horizon_days", nulls_last=True))
+
+
+def forecast_gaps_path(lake: Lake, league: str, origin: date) -> Path:
+    return hive_dir(lake.forecast_gaps, league=league, origin_date=origin.isoformat()) / "part.parquet"
+
+
+def write_forecast_gaps(lake: Lake, gaps: pl.DataFrame, league: str, origin: date) -> Path:
+    """Replace the origin's gaps (an empty file says that nothing is missing)."""
+    return write_parquet_atomic(gaps.select(list(FORECAST_GAPS_SCHEMA)).cast(FORECAST_GAPS_SCHEMA),
+                                forecast_gaps_path(lake, league, origin))
+
+
+def read_forecast_gaps(lake: Lake, league: str, origin: date) -> pl.DataFrame | None:
+    """The stored gaps of one origin; None when none were recorded (an origin forecast before they were)."""
+    path = forecast_gaps_path(lake, league, origin)
+    return pl.read_parquet(path).cast(FORECAST_GAPS_SCHEMA) if path.exists() else None
 
 
 def read_predictions(lake: Lake, league: str | None = None, origin: date | None = None) -> pl.DataFrame:

@@ -208,6 +208,10 @@ class Lake:
         return self.root / "predictions"
 
     @property
+    def forecast_gaps(self) -> Path:
+        return self.root / "forecast_gaps"
+
+    @property
     def investment_report(self) -> Path:
         return self.root / "investment_report"
 

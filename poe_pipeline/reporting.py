@@ -48,10 +48,11 @@ import markupsafe
 import numpy as np
 import polars as pl
 
-from poe_pipeline.forecasting import FALLBACK_DAILY_VOL, VOL_FLOOR
+from poe_pipeline.forecasting import FALLBACK_DAILY_VOL, VOL_FLOOR, read_forecast_gaps
 from poe_pipeline.lake import Lake, hive_dir, write_bytes_atomic, write_parquet_atomic, write_text_atomic
 from poe_pipeline.names import slug
 from poe_pipeline.track_record import TrackRecord, hit_rate_text, hit_rates
+from poe_pipeline.universe import DEFAULT_RULES
 
 DEFAULT_BUDGET_CHAOS = 10_000.0  # about 40 Divine Orbs in 3.20: enough to buy one unit of the dear currencies
 TOP_K = 5
@@ -211,6 +212,7 @@ class InvestmentReport:
     divine_price_chaos: float | None = None  # chaos per Divine Orb; None: the report is in chaos only
     divine_price_date: date | None = None
     track_record: TrackRecord | None = None  # how past advice did; None: not looked up
+    gaps: pl.DataFrame | None = None  # the origin's pairs without a forecast (forecasting.forecast_gaps); None: unknown
 
     @property
     def horizons(self) -> list[int]:
@@ -389,11 +391,13 @@ def build_report(
     generated_at: datetime | None = None,
     max_weight: float = MAX_WEIGHT,
     track_record: TrackRecord | None = None,
+    gaps: pl.DataFrame | None = None,
 ) -> InvestmentReport:
     """Rank, pick and allocate from the predictions of one (league, origin); ``features`` are that league's rows.
 
     ``max_weight`` caps each pick's share of the budget. ``track_record``: how past advice did; each row's trust
-    then also says how often its currency's forecasts beat 'no change'.
+    then also says how often its currency's forecasts beat 'no change'. ``gaps``: the origin's pairs without a
+    forecast, with the reason (``forecasting.forecast_gaps``), listed in the report.
     """
     if predictions.height == 0:
         raise ValueError("No predictions to report on: materialize `predictions` first")
@@ -506,7 +510,7 @@ def build_report(
     table = pl.DataFrame([{k: r.get(k) for k in REPORT_SCHEMA} for r in out], schema=REPORT_SCHEMA)
     report = InvestmentReport(league, origin, budget_chaos, level, table, correlations, generated_at,
                               max_weight=max_weight, divine_price_chaos=divine, divine_price_date=divine_day,
-                              track_record=track_record)
+                              track_record=track_record, gaps=gaps)
     if divine is None:
         report.notes.append(f"No {DIVINE} price for {league} up to {origin}: amounts are in chaos only.")
     elif divine_day != origin:
@@ -749,6 +753,25 @@ def _past_advice(report: InvestmentReport) -> dict:
     return {"text": text, "table": track.summary()}
 
 
+GAPS_TITLE = "Not forecast"
+
+
+def _gaps(report: InvestmentReport) -> dict | None:
+    """The text and table of the section on the pairs without a forecast; None when they were not recorded."""
+    if report.gaps is None:
+        return None
+    if report.gaps.height == 0:
+        return {"text": "Every one of the league's most liquid currencies has a forecast at every horizon.",
+                "table": None}
+    view = (report.gaps.group_by("currency", "liquidity_rank", "reason", maintain_order=True)
+            .agg(pl.col("horizon_days").sort().cast(pl.Utf8).str.join(", ").alias("horizons (days)"))
+            .select(pl.col("liquidity_rank").alias("liquidity rank"), "currency", "horizons (days)", "reason"))
+    top = report.gaps.filter(pl.col("liquidity_rank") <= DEFAULT_RULES.top_liquid)["currency"].n_unique()
+    return {"text": f"{top} of the league's {DEFAULT_RULES.top_liquid} most liquid currencies lack a forecast at one "
+                    "horizon or more (with any other pair the run could not forecast); each pair and its reason is "
+                    "in the warehouse view forecast_gaps.", "table": view}
+
+
 def allocation_plan(report: InvestmentReport, horizon: int) -> str:
     """One line: what to buy at this horizon, in whole units, and the chaos kept ("" without picks)."""
     picks = report.picks(horizon)
@@ -846,7 +869,8 @@ def render_html(report: InvestmentReport, charts: dict[str, bytes]) -> str:
         charts=[(name, base64.b64encode(data).decode()) for name, data in charts.items() if name != PAST_ADVICE_CHART],
         past=_past_advice(report), past_chart=base64.b64encode(past).decode() if past else None,
         sections=[{"title": t, "table": table, "caption": c} for t, table, c in _sections(report)],
-        quality=_model_quality(report), method=method_text(report), table=_html_table,
+        quality=_model_quality(report), method=method_text(report), table=_html_table, gaps=_gaps(report),
+        gaps_title=GAPS_TITLE,
     )
 
 
@@ -874,6 +898,10 @@ def render_markdown(report: InvestmentReport, chart_files: dict[str, str]) -> st
         lines += [f"![{PAST_ADVICE_CHART}]({chart_files[PAST_ADVICE_CHART]})", ""]
     for title, table, caption in _sections(report):
         lines += [f"## {title}", "", caption, "", markdown_table(table), ""]
+    if (gaps := _gaps(report)) is not None:
+        lines += [f"## {GAPS_TITLE}", "", gaps["text"], ""]
+        if gaps["table"] is not None:
+            lines += [markdown_table(gaps["table"]), ""]
     lines += ["## Model quality", "", markdown_table(_model_quality(report)), "", "## How to read this", ""]
     lines += [f"- {t}" for t in method_text(report)] + [""]
     return "\n".join(lines)
@@ -976,6 +1004,10 @@ def report_summary(lake: Lake, league: str, top: int = 10) -> str:
     lines = [f"Investment report for {league}, prices of {report.origin_date}:", report.headline(), ""]
     lines += [f"{h}-day plan: {plan}" for h in report.horizons if (plan := allocation_plan(report, h))]
     lines += ["", f"Top {top} by risk-adjusted score (advice 'hold' means no edge beyond the noise):",
-              markdown_table(report.top(top)), "", f"Report: {stem}.html", f"         {stem}.md",
-              f"         {stem}.csv"]
+              markdown_table(report.top(top)), ""]
+    gaps = read_forecast_gaps(lake, league, report.origin_date)
+    if gaps is not None and gaps.height:
+        lines += [f"Not forecast: {gaps['currency'].n_unique()} currencies at one horizon or more, each with the "
+                  "reason (view forecast_gaps), e.g. " + f"{gaps['currency'][0]}: {gaps['reason'][0]}", ""]
+    lines += [f"Report: {stem}.html", f"         {stem}.md", f"         {stem}.csv"]
     return "\n".join(lines)

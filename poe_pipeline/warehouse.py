@@ -89,6 +89,7 @@ def lake_views(lake: Lake) -> list[ParquetView]:
         ParquetView("currency_universe", lake.currency_universe),
         ParquetView("model_metrics", lake.model_metrics),
         ParquetView("predictions", lake.predictions),
+        ParquetView("forecast_gaps", lake.forecast_gaps),
         ParquetView("investment_report", lake.investment_report),
         ParquetView("advice_outcomes", lake.advice_outcomes),
         ParquetView("plan_outcomes", lake.plan_outcomes),
@@ -98,7 +99,7 @@ def lake_views(lake: Lake) -> list[ParquetView]:
 def view_schema(name: str) -> dict[str, pl.DataType]:
     """The columns of a lake view as its writers produce them (the view of an empty lake has exactly these)."""
     from poe_pipeline.features import build_features
-    from poe_pipeline.forecasting import PREDICTIONS_SCHEMA
+    from poe_pipeline.forecasting import FORECAST_GAPS_SCHEMA, PREDICTIONS_SCHEMA
     from poe_pipeline.history import HISTORY_SCHEMA
     from poe_pipeline.leagues import league_calendar
     from poe_pipeline.prices import DAILY_PRICES_SCHEMA
@@ -120,6 +121,7 @@ def view_schema(name: str) -> dict[str, pl.DataType]:
         "currency_universe": {**UNIVERSE_SCHEMA, "league": pl.Utf8},
         "model_metrics": MODEL_METRICS_SCHEMA,
         "predictions": PREDICTIONS_SCHEMA,
+        "forecast_gaps": FORECAST_GAPS_SCHEMA,
         "investment_report": REPORT_SCHEMA,
         "advice_outcomes": ADVICE_OUTCOMES_SCHEMA,
         "plan_outcomes": PLAN_OUTCOMES_SCHEMA,

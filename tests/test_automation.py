@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import polars as pl
 import pytest
 import yaml
@@ -613,3 +614,8 @@ def test_a_run_that_forecasts_nothing_fails_and_says_why(lake_copy, history, ins
     text = str(failure.step_failure_data.error)
     assert "No forecast for Sanctum" in text and "no champion model poe-global-1d" in text
     assert not Lake(lake_copy).predictions.exists()
+    # the warehouse says why for each of the league's most liquid currencies
+    with duckdb.connect(str(Lake(lake_copy).warehouse), read_only=True) as con:
+        gaps = con.execute("SELECT count(DISTINCT currency), count(*), min(reason) FROM forecast_gaps "
+                           "WHERE liquidity_rank <= 30 AND horizon_days = 1").fetchone()
+    assert gaps == (30, 30, "no champion model poe-global-1d: train global_models first")

@@ -13,6 +13,7 @@ import duckdb
 import pytest
 
 from conftest import SAMPLE
+from poe_pipeline.forecasting import LEFT_OUT_OF_RUN
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -134,6 +135,15 @@ def test_run_imports_trains_registers_and_reports_on_the_lake_instance(tmp_path)
                             "AND reason LIKE 'Sanctum.currency.csv:%: Value is zero%'").fetchone()[0]
     assert [h for h, _ in forecasts] == [1, 3, 7] and all(100 < p < 300 for _, p in forecasts)
     assert zeros > 50
+    # --currencies left the league's other most liquid currencies out: the warehouse and the report say so
+    with duckdb.connect(str(lake / "warehouse.duckdb"), read_only=True) as con:
+        gaps = con.execute("SELECT currency, count(*), max(liquidity_rank), any_value(reason) FROM forecast_gaps "
+                           "WHERE league = 'Sanctum' GROUP BY 1").fetchall()
+    assert len(gaps) == 29 and all(n == 3 and rank <= 30 for _, n, rank, _ in gaps)  # 30, less Divine Orb
+    assert {reason for *_, reason in gaps} == {LEFT_OUT_OF_RUN}
+    assert "Orb of Alteration" in {c for c, *_ in gaps}  # cheap bulk currencies are among the promised ones
+    (report,) = (lake / "reports").rglob("investment_report_sanctum.md")
+    assert "## Not forecast" in report.read_text() and "Not forecast: 29 currencies" in result.stdout
 
     again = _cli("run", "--history", str(history), "--league", "Sanctum", "--lake", str(lake),
                  "--currencies", "divine orb", env=env)

@@ -18,18 +18,24 @@ from poe_pipeline.forecasting import (
     BOOTSTRAP,
     CONFORMAL,
     CONTRACT_COLUMNS,
+    FORECAST_GAPS_SCHEMA,
     LEAGUE_PRIOR_ROWS,
+    LEFT_OUT_OF_RUN,
     PREDICTION_ERRORS_SQL,
     PREDICTIONS_SCHEMA,
     VOLATILITY,
     Calibration,
+    Skip,
     confidence_score,
+    forecast_gaps,
     league_adjustments,
     least_absolute_shrink,
     predict_league,
     prediction_interval,
+    read_forecast_gaps,
     read_predictions,
     resolved_forecasts,
+    write_forecast_gaps,
     write_predictions,
 )
 from poe_pipeline.lake import Lake, write_parquet_atomic
@@ -697,3 +703,38 @@ def test_a_league_s_launch_week_calibrates_only_the_launch_week_s_intervals():
     day_10 = prediction_interval(0.0, calibration, 0.02, 1, 0.8, phase=interval_phase(10)).half_width
     # days 7-20 hold 42 calm residuals: their 80 % quantile, not one stretched by the launch week's
     assert day_10 < 0.04 < 0.3 < launch
+
+
+def test_every_pair_of_the_most_liquid_currencies_without_a_forecast_says_why(tmp_path):
+    """The league's 30 most liquid currencies are promised a forecast at every horizon from league day 7: each pair
+    that has none is listed with the first reason that applies; a skipped pair of any other currency too."""
+    universe = pl.DataFrame({
+        "currency": ["Divine Orb", "Orb of Alteration", "Chromatic Orb", "Regal Orb", "Vaal Orb", "Mirror Shard",
+                     "Orb of Fusing"],
+        "eligible": [True, True, True, False, True, True, True],
+        "reason": ["eligible: one of the 30 most liquid currencies of the league"] * 3
+        + ["3 days in Sanctum (needs 7)", "eligible", "eligible", "eligible"],
+        "liquidity_rank": [1, 2, 3, 4, 31, 40, 41],
+    }, schema_overrides={"liquidity_rank": pl.UInt32})
+    stored = pl.DataFrame({"currency": ["Divine Orb"] * 3 + ["Orb of Alteration"] * 2 + ["Vaal Orb"] * 2
+                           + ["Mirror Shard"] * 3, "horizon_days": [1, 3, 7, 1, 3, 3, 7, 1, 3, 7]},
+                          schema_overrides={"horizon_days": pl.Int32})
+    skipped = [Skip("Orb of Alteration", 7, "champion poe-orb-of-alteration-7d failed to load: truncated"),
+               Skip("Vaal Orb", 1, "no price for Vaal Orb in Sanctum on 2023-04-04 or the 14 days before")]
+    chosen = ["Divine Orb", "Orb of Alteration", "Vaal Orb", "Mirror Shard"]  # a run's --currencies
+    gaps = forecast_gaps(stored, skipped, universe, chosen, "Sanctum", date(2023, 4, 4), horizons=(1, 3, 7))
+    assert gaps.schema == FORECAST_GAPS_SCHEMA
+    by_pair = {(r["currency"], r["horizon_days"]): r["reason"] for r in gaps.iter_rows(named=True)}
+    assert by_pair == {
+        ("Orb of Alteration", 7): "champion poe-orb-of-alteration-7d failed to load: truncated",
+        **{("Chromatic Orb", h): LEFT_OUT_OF_RUN for h in (1, 3, 7)},
+        **{("Regal Orb", h): "not eligible: 3 days in Sanctum (needs 7) (view currency_universe)" for h in (1, 3, 7)},
+        ("Vaal Orb", 1): "no price for Vaal Orb in Sanctum on 2023-04-04 or the 14 days before",
+    }  # Divine Orb and Mirror Shard are forecast; Orb of Fusing is neither among the 30 nor chosen
+    assert gaps["liquidity_rank"].to_list() == [2, 3, 3, 3, 4, 4, 4, 31]  # the most liquid first
+    lake = Lake(tmp_path)
+    assert read_forecast_gaps(lake, "Sanctum", date(2023, 4, 4)) is None  # not recorded
+    write_forecast_gaps(lake, gaps, "Sanctum", date(2023, 4, 4))
+    assert_frame_equal(read_forecast_gaps(lake, "Sanctum", date(2023, 4, 4)), gaps)
+    nothing = forecast_gaps(stored.clear(), [], universe.head(1), ["Divine Orb"], "Sanctum", date(2023, 4, 4))
+    assert nothing["reason"].to_list() == ["no forecast stored for this origin: see the predictions asset's log"] * 3

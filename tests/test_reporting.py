@@ -18,7 +18,7 @@ from polars.testing import assert_frame_equal
 
 from conftest import SAMPLE
 from poe_pipeline.features import build_features
-from poe_pipeline.forecasting import PREDICTIONS_SCHEMA
+from poe_pipeline.forecasting import FORECAST_GAPS_SCHEMA, LEFT_OUT_OF_RUN, PREDICTIONS_SCHEMA, write_forecast_gaps
 from poe_pipeline.leagues import league_calendar
 from poe_pipeline.prices import daily_from_dump_rows, merge_daily_prices
 from poe_pipeline.reporting import (
@@ -405,3 +405,28 @@ def test_a_price_far_off_its_week_is_a_suspect_quote_and_no_buy():
         else:
             assert r["advice"] == "buy" and r["picked"]
     assert "Sacred Orb" not in report.headline()
+
+
+def test_the_report_lists_the_liquid_currencies_it_has_no_forecast_for_and_why(lake):
+    preds = predictions({"Divine Orb": 0.0})
+    gaps = pl.DataFrame({
+        "league": "Sanctum", "origin_date": ORIGIN, "currency": ["Orb of Alteration"] * 3 + ["Vaal Orb"],
+        "horizon_days": [1, 3, 7, 7], "liquidity_rank": [2, 2, 2, 9],
+        "reason": [LEFT_OUT_OF_RUN] * 3 + ["champion poe-vaal-orb-7d failed to load: truncated"],
+    }, schema=FORECAST_GAPS_SCHEMA)
+    write_forecast_gaps(lake, gaps, "Sanctum", ORIGIN)
+    files = write_report(lake, build_report(preds, sanctum(), gaps=gaps), sanctum())
+    md, page = files.markdown.read_text(), files.html.read_text()
+    section = md.split("## Not forecast")[1].split("## Model quality")[0]
+    assert "2 of the league's 30 most liquid currencies lack a forecast" in section
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("|")]
+    assert rows[0] == ["liquidity rank", "currency", "horizons (days)", "reason"]
+    assert rows[2:] == [["2", "Orb of Alteration", "1, 3, 7", LEFT_OUT_OF_RUN],
+                        ["9", "Vaal Orb", "7", "champion poe-vaal-orb-7d failed to load: truncated"]]
+    assert "<h2>Not forecast</h2>" in page and "Orb of Alteration" in page
+    assert "Not forecast: 2 currencies" in report_summary(lake, "Sanctum")  # the command line's lines too
+    complete = write_report(lake, build_report(preds, sanctum(), gaps=gaps.clear()), sanctum())
+    assert "has a forecast at every horizon" in complete.markdown.read_text()
+    unknown = write_report(lake, build_report(preds, sanctum()), sanctum())  # an origin from before the view
+    assert "Not forecast" not in unknown.markdown.read_text()

@@ -66,7 +66,7 @@ def test_analyst_reads_while_pipeline_updates(filled_lake):
         analyst.kill()
 
 
-ALL_VIEWS = ["advice_outcomes", "currency_universe", "daily_prices", "features", "historical_prices",
+ALL_VIEWS = ["advice_outcomes", "currency_universe", "daily_prices", "features", "forecast_gaps", "historical_prices",
              "investment_report", "model_metrics", "plan_outcomes", "prediction_errors", "predictions",
              "price_snapshots", "quarantine"]
 

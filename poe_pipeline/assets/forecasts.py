@@ -24,6 +24,7 @@ from poe_pipeline.prices import read_daily_prices
 from poe_pipeline.resources import LakeResource, MonitoringResource, RunScopeResource
 from poe_pipeline.settings import HORIZONS_DAYS, Settings
 from poe_pipeline.training import default_workers
+from poe_pipeline.universe import read_universe
 
 
 class PredictionsConfig(dg.Config):
@@ -64,7 +65,7 @@ def _eager_despite_missing(*ignored: str) -> dg.AutomationCondition:
     description=view_description("predictions", "1, 3 and 7-day forecasts of every currency in the universe from its "
                                  "partition's champion (or the global champion alone for a currency without one), with "
                                  "volatility-scaled conformal intervals and a confidence score, appended per origin "
-                                 "day. A currency without a forecast is listed with the reason."),
+                                 "day. A pair without a forecast is listed with the reason in the view forecast_gaps."),
 )
 def predictions(
     context: dg.AssetExecutionContext, config: PredictionsConfig, lake: LakeResource, run_scope: RunScopeResource,
@@ -75,18 +76,22 @@ def predictions(
     currencies, left_out = scope.chosen()
     run = forecasting.predict_league(store, scope.league, currencies, level=config.interval_level)
     _alert_broken_models(context, run, lake, monitoring)
+    paths = forecasting.write_predictions(store, run.predictions) if run.predictions.height else []
+    gaps = forecasting.forecast_gaps(forecasting.read_predictions(store, scope.league, run.origin_date), run.skipped,
+                                     read_universe(store, scope.league), currencies, scope.league, run.origin_date)
+    forecasting.write_forecast_gaps(store, gaps, scope.league, run.origin_date)
+    lake.publish_views(context.log)
+    without = gaps.select("currency", pl.col("horizon_days").alias("h"), "liquidity_rank", "reason")
     if run.predictions.height == 0:
         raise dg.Failure(
             description=f"No forecast for {scope.league} on {run.origin_date}: "
             + ("no currency is eligible (see currency_universe)" if not currencies else
                f"{len(run.skipped)} (currency, horizon) pairs could not be forecast, e.g. {run.skipped[0].reason}"),
-            metadata={"without_forecast": table(run.skipped_frame(), rows=50)})
-    paths = forecasting.write_predictions(store, run.predictions)
-    lake.publish_views(context.log)
+            metadata={"without_forecast": table(without, rows=90)})
     frame = run.predictions
-    if run.skipped:
-        context.log.warning(f"{len(run.skipped)} (currency, horizon) pair(s) without a forecast; the reasons are in "
-                            "this materialization's metadata (without_forecast)")
+    if gaps.height:
+        context.log.warning(f"{gaps.height} (currency, horizon) pair(s) without a forecast; the reasons are in the "
+                            "warehouse view forecast_gaps and this materialization's metadata (without_forecast)")
     global_only = frame.filter(pl.col("model_version").str.starts_with("global-"))["currency"].n_unique()
     context.log.info(f"predictions: {frame.height} rows for {scope.league} from {run.origin_date}; "
                      f"{global_only} currencies by the global model alone")
@@ -103,7 +108,7 @@ def predictions(
         "interval_level": rounded(config.interval_level, 3),
         "league_adjustments": _league_text(run.league_adjustments),
         "currencies_by_the_global_model_alone": global_only,
-        "without_forecast": table(run.skipped_frame(), rows=50) if run.skipped else "none",
+        "without_forecast": table(without, rows=90) if gaps.height else "none",
         "not_eligible": left_out,
         "predictions": table(preview, rows=60),
         "path": dg.MetadataValue.path(str(paths[0].parent)),
@@ -244,7 +249,8 @@ def investment_report(
     past = track_record.TrackRecord.build(*track_record.read_outcomes(store, league), league, origin)
     try:
         report = reporting.build_report(preds, features, budget_chaos=config.budget_chaos, top_k=config.top_k,
-                                        max_weight=config.max_weight, track_record=past)
+                                        max_weight=config.max_weight, track_record=past,
+                                        gaps=forecasting.read_forecast_gaps(store, league, origin))
     except ValueError as exc:
         raise dg.Failure(f"investment_report config: {exc}") from exc
     files = reporting.write_report(store, report, features)
