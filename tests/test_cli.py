@@ -144,8 +144,36 @@ def test_run_imports_trains_registers_and_reports_on_the_lake_instance(tmp_path)
     assert "Orb of Alteration" in {c for c, *_ in gaps}  # cheap bulk currencies are among the promised ones
     (report,) = (lake / "reports").rglob("investment_report_sanctum.md")
     assert "## Not forecast" in report.read_text() and "Not forecast: 29 currencies" in result.stdout
+    _a_new_global_champion_marks_the_partitions_built_on_the_old_one_stale(lake)
 
     again = _cli("run", "--history", str(history), "--league", "Sanctum", "--lake", str(lake),
                  "--currencies", "divine orb", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "imported" not in again.stderr.split("daily_prices")[0].replace("already_imported", "")
+
+
+def _a_new_global_champion_marks_the_partitions_built_on_the_old_one_stale(lake: Path) -> None:
+    """In the run's own Dagster instance: the partitions are fresh; a global model re-materialized with the same
+    champion (kept) changes nothing downstream; a new 3-day champion makes exactly the 3-day partition stale."""
+    import dagster as dg
+    from dagster._utils.test.data_versions import get_stale_status_resolver  # Dagster's own test helper
+
+    from poe_pipeline.assets.models import DATA_VERSION_TAG, currency_models, global_models
+    from poe_pipeline.definitions import defs
+
+    def status(h: int):
+        key = dg.MultiPartitionKey({"currency": "Divine Orb", "horizon": f"{h}d"})
+        resolver = get_stale_status_resolver(instance, defs.assets)
+        return (resolver.get_status(currency_models.key, key).value,
+                [c.reason for c in resolver.get_stale_causes(currency_models.key, key)])
+
+    def global_event(h: int, version: int) -> None:  # what the retrain op logs for a global model
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            global_models.key, partition=f"{h}d", tags={DATA_VERSION_TAG: f"poe-global-{h}d v{version}"}))
+
+    with dg.DagsterInstance.from_config(str(lake / ".dagster")) as instance:
+        assert [status(h) for h in (1, 3, 7)] == [("FRESH", [])] * 3
+        global_event(1, 1)  # a retrain that kept v1
+        global_event(3, 2)  # a retrain that promoted v2
+        assert status(1) == ("FRESH", []) and status(7) == ("FRESH", [])
+        assert status(3)[0] == "STALE" and "has a new dependency" in status(3)[1][0]

@@ -13,6 +13,11 @@ The asset and the job share one training path (``train``) and one run config (``
 cannot record per-partition results from a multi-partition run (a backfill with ``BackfillPolicy.single_run`` would
 materialize them all with one result), so the retrain stays a job whose op logs one ``AssetMaterialization`` per
 partition, each with its own metrics.
+
+Data versions: a ``global_models`` partition's is its champion (``poe-global-3d v4``), so a retrain that kept or did
+not promote a model changes nothing downstream; a ``currency_models`` partition's is its champion too, and it records
+the global version it was built on as its input. So Dagster marks a partition stale exactly when the global champion
+of its horizon moved after it was built.
 """
 
 import hashlib
@@ -29,7 +34,7 @@ from poe_pipeline.assets.features import currency_partitions
 from poe_pipeline.features import FEATURE_COLUMNS
 from poe_pipeline.resources import LakeResource, MonitoringResource, RunScopeResource
 from poe_pipeline.settings import Settings
-from poe_pipeline.tracking import global_model_name
+from poe_pipeline.tracking import ModelTracker, global_model_name, registered_model_name
 from poe_pipeline.training import (
     HORIZON_KEYS,
     GlobalOutcome,
@@ -66,6 +71,33 @@ def retrain_run_config(currencies: list[str], horizons: list[str] | None = None,
     if run_scope is not None:
         config["resources"] = {"run_scope": {"config": run_scope}}
     return config
+
+
+# Dagster's provenance tags (dagster/_core/definitions/data_version.py): what an asset's own materialization records,
+# written by the retrain op for the partitions it logs
+DATA_VERSION_TAG = "dagster/data_version"
+CODE_VERSION_TAG = "dagster/code_version"
+INPUT_DATA_VERSION_TAG = "dagster/input_data_version/global_models"
+INPUT_EVENT_POINTER_TAG = "dagster/input_event_pointer/global_models"
+
+
+def champion_data_version(tracker: ModelTracker, name: str) -> dg.DataVersion | None:
+    """A registered model's data version: its champion, e.g. ``poe-global-3d v4``; None without one."""
+    version = tracker.champion_version(name)
+    return dg.DataVersion(f"{name} v{version.version}") if version is not None else None
+
+
+def partition_provenance(context, tracker: ModelTracker, outcome: TrainOutcome) -> dict[str, str]:
+    """The tags of a partition's materialization logged by the retrain op: its champion as its data version, and as
+    its input the latest materialization of its horizon's global model (the champion it was built on)."""
+    h = outcome.request.horizon
+    version = champion_data_version(tracker, registered_model_name(outcome.request.currency, h))
+    record = context.instance.get_latest_data_version_record(global_models.key, False, f"{h}d")
+    if version is None or record is None:
+        return {}
+    built_on = f"{outcome.result.global_name} v{outcome.result.global_version}"
+    return {DATA_VERSION_TAG: version.value, CODE_VERSION_TAG: context.run_id, INPUT_DATA_VERSION_TAG: built_on,
+            INPUT_EVENT_POINTER_TAG: str(record.storage_id)}
 
 
 def _registration_metadata(reg, mlflow_url: str) -> dict:
@@ -154,7 +186,9 @@ def global_models(
     context: dg.AssetExecutionContext, config: GlobalModelsConfig, lake: LakeResource, run_scope: RunScopeResource
 ) -> dg.MaterializeResult:
     (outcome,), _ = train(context, lake, run_scope, [HORIZON_KEYS[context.partition_key]], [], True, config.retune)
-    return dg.MaterializeResult(metadata=global_metadata(outcome, Settings.from_env().mlflow_url))
+    return dg.MaterializeResult(metadata=global_metadata(outcome, Settings.from_env().mlflow_url),
+                                data_version=champion_data_version(ModelTracker(lake.lake),
+                                                                   global_model_name(outcome.horizon)))
 
 
 @dg.asset(
@@ -175,7 +209,10 @@ def currency_models(
     key = context.partition_key.keys_by_dimension
     request = TrainRequest(key["currency"], HORIZON_KEYS[key["horizon"]])
     _, (outcome,) = train(context, lake, run_scope, [request.horizon], [request], False)
-    return dg.MaterializeResult(metadata=partition_metadata(outcome, Settings.from_env().mlflow_url))
+    return dg.MaterializeResult(metadata=partition_metadata(outcome, Settings.from_env().mlflow_url),
+                                data_version=champion_data_version(ModelTracker(lake.lake),
+                                                                   registered_model_name(request.currency,
+                                                                                         request.horizon)))
 
 
 @dg.op(tags=TRAINING_QUEUE, out=dg.Out(dg.Nothing))
@@ -199,9 +236,12 @@ def retrain_partitions(
     globals_, partitions = train(context, lake, run_scope, horizons, requests, config.retrain_global,
                                  config.retune)
     mlflow_url = Settings.from_env().mlflow_url
+    tracker = ModelTracker(lake.lake)
     for outcome in globals_:
+        version = champion_data_version(tracker, global_model_name(outcome.horizon))
         context.log_event(dg.AssetMaterialization(asset_key=global_models.key, partition=f"{outcome.horizon}d",
-                                                  metadata=global_metadata(outcome, mlflow_url)))
+                                                  metadata=global_metadata(outcome, mlflow_url),
+                                                  tags={DATA_VERSION_TAG: version.value} if version else None))
     skipped = []
     for outcome in partitions:
         if not outcome.result.trained:
@@ -212,6 +252,7 @@ def retrain_partitions(
             partition=dg.MultiPartitionKey({"currency": outcome.request.currency,
                                             "horizon": f"{outcome.request.horizon}d"}),
             metadata=partition_metadata(outcome, mlflow_url),
+            tags=partition_provenance(context, tracker, outcome) or None,
         ))
     if skipped:
         context.log.warning(f"{len(skipped)} of {len(partitions)} partitions not trained (reasons in the step's "
