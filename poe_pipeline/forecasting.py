@@ -57,7 +57,9 @@ For every currency and horizon, from the origin (the league's latest day of feat
 
 Storage is append-only, one file per (league, origin date): ``predictions/league=<L>/origin_date=<D>/part.parquet``.
 Re-running an origin rewrites that one file atomically, keeping the rows of currencies that the rerun left out.
-A currency that cannot be forecast (no global champion, no price at the origin) gets no row; the run returns why.
+A currency that cannot be forecast (no global champion, no price at the origin) gets no row; the run returns why,
+and ``forecast_gaps`` lists, per origin, every pair of the league's most liquid currencies without a forecast with
+the reason (``forecast_gaps/league=<L>/origin_date=<D>/part.parquet``, the warehouse view ``forecast_gaps``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 | definition | what it does |
 | --- | --- |
-| ``predictions`` | every currency x horizon from the champions, appended per origin day; after new features or models |
+| ``predictions`` | every currency x horizon, appended per origin day; the pairs without one in ``forecast_gaps`` |
 | ``predictions_interval_contains_point`` | a blocking check: each interval contains its forecast, all finite |
 | ``advice_outcomes`` | how past advice turned out (and ``plan_outcomes``); replays recent days that have no report |
 | ``investment_report`` | what to buy, hold or sell: HTML, Markdown, CSV and a table, with its track record; alerts |
