@@ -85,7 +85,8 @@ COLUMN_DOCS: dict[str, dict[str, str]] = {
         "persistence_mae_logret": "the same for 'no change'",
         "ensemble_skill": "1 - ensemble_mae_logret / persistence_mae_logret; above 0 beats 'no change'",
         "metrics_scope": "which rows the metrics are on: 'holdout league (nested)', the league that tuning never saw; "
-                         "for a currency without rows there, 'tuning folds (in sample: …)'",
+                         "for a currency without rows there, 'tuning folds (in sample: …)'; 'no rows of its own' "
+                         "(no metrics)",
         "scale": "a partition's scale of the global forecast",
         "promoted": "this version became the champion", "promotion_reason": "why it was or was not promoted",
     },

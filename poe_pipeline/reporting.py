@@ -766,10 +766,14 @@ def _gaps(report: InvestmentReport) -> dict | None:
     view = (report.gaps.group_by("currency", "liquidity_rank", "reason", maintain_order=True)
             .agg(pl.col("horizon_days").sort().cast(pl.Utf8).str.join(", ").alias("horizons (days)"))
             .select(pl.col("liquidity_rank").alias("liquidity rank"), "currency", "horizons (days)", "reason"))
-    top = report.gaps.filter(pl.col("liquidity_rank") <= DEFAULT_RULES.top_liquid)["currency"].n_unique()
-    return {"text": f"{top} of the league's {DEFAULT_RULES.top_liquid} most liquid currencies lack a forecast at one "
-                    "horizon or more (with any other pair the run could not forecast); each pair and its reason is "
-                    "in the warehouse view forecast_gaps.", "table": view}
+    n, top = report.gaps.height, DEFAULT_RULES.top_liquid
+    liquid = report.gaps.filter(pl.col("liquidity_rank") <= top)["currency"].n_unique()
+    text = (f"{liquid} of the league's {top} most liquid currencies lack a forecast at one horizon or more"
+            if liquid else f"Each of the league's {top} most liquid currencies has a forecast at every horizon")
+    others = report.gaps.filter(pl.col("liquidity_rank").is_null() | (pl.col("liquidity_rank") > top)).height
+    if others:
+        text += f"; {others} other (currency, horizon) pair(s) could not be forecast"
+    return {"text": f"{text}. All {n} pairs and their reasons are in the warehouse view forecast_gaps.", "table": view}
 
 
 def allocation_plan(report: InvestmentReport, horizon: int) -> str:

@@ -36,7 +36,9 @@ def summarize(lake: Lake, league: str, not_eligible: list[str] | None = None) ->
         SELECT coalesce(currency, '(global model)') AS model, horizon_days AS h, round(ensemble_skill, 3) AS skill,
                round(ensemble_mae_logret, 4) AS mae, round(persistence_mae_logret, 4) AS persistence_mae,
                model_version AS version, promoted,
-               CASE WHEN metrics_scope LIKE 'tuning folds%' THEN 'in sample' ELSE 'holdout' END AS scored_on
+               CASE WHEN metrics_scope LIKE 'holdout league%' THEN 'holdout'
+                    WHEN metrics_scope LIKE 'tuning folds%' OR metrics_scope LIKE 'all folds%' THEN 'in sample'
+               END AS scored_on
         FROM model_metrics WHERE league = ? AND trained
         QUALIFY row_number() OVER (PARTITION BY currency, horizon_days ORDER BY trained_at DESC) = 1
         ORDER BY currency NULLS FIRST, h

@@ -42,8 +42,6 @@ CHAMPION = "champion"
 MAX_SANE_MAE = 5.0  # a log-return MAE above this (a factor of e^5 = 148 off on average) is a poisoned input
 
 log = logging.getLogger(__name__)
-# MLflow sets its loggers' level from this when it is imported (a level set here before that is overwritten)
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -309,6 +307,8 @@ class ModelTracker:
                 # would forecast through the global version of its first training all league
                 return True, f"no validation rows, like champion v{current.version}: the newer version replaces it"
             return False, f"no validation rows; champion v{current.version} stays"
+        if math.isnan(old_mae) and math.isnan(old_skill):
+            return True, f"champion v{current.version} had no validation rows"
         if current.tags.get("fold_signature") == folds:
             if not mae <= old_mae:
                 return False, f"validation MAE {mae:.5f} is worse than champion v{current.version}'s {old_mae:.5f}"

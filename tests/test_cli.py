@@ -154,12 +154,24 @@ def test_run_imports_trains_registers_and_reports_on_the_lake_instance(tmp_path)
 
 def _a_new_global_champion_marks_the_partitions_built_on_the_old_one_stale(lake: Path) -> None:
     """In the run's own Dagster instance: the partitions are fresh; a global model re-materialized with the same
-    champion (kept) changes nothing downstream; a new 3-day champion makes exactly the 3-day partition stale."""
+    champion (kept) changes nothing downstream; a new 3-day champion makes exactly the 3-day partition stale, and a
+    retrain of that partition whose new version was not promoted leaves it stale (its champion is still built on
+    the old global model)."""
     import dagster as dg
     from dagster._utils.test.data_versions import get_stale_status_resolver  # Dagster's own test helper
 
-    from poe_pipeline.assets.models import DATA_VERSION_TAG, currency_models, global_models
+    from poe_pipeline.assets.models import (
+        DATA_VERSION_TAG,
+        INPUT_DATA_VERSION_PREFIX,
+        INPUT_EVENT_POINTER_PREFIX,
+        currency_models,
+        global_models,
+        global_provenance,
+        partition_provenance,
+    )
     from poe_pipeline.definitions import defs
+    from poe_pipeline.lake import Lake
+    from poe_pipeline.tracking import ModelTracker
 
     def status(h: int):
         key = dg.MultiPartitionKey({"currency": "Divine Orb", "horizon": f"{h}d"})
@@ -167,13 +179,33 @@ def _a_new_global_champion_marks_the_partitions_built_on_the_old_one_stale(lake:
         return (resolver.get_status(currency_models.key, key).value,
                 [c.reason for c in resolver.get_stale_causes(currency_models.key, key)])
 
-    def global_event(h: int, version: int) -> None:  # what the retrain op logs for a global model
-        instance.report_runless_asset_event(dg.AssetMaterialization(
-            global_models.key, partition=f"{h}d", tags={DATA_VERSION_TAG: f"poe-global-{h}d v{version}"}))
+    def global_event(h: int, version: int) -> None:  # what the retrain op logs for a global model at version
+        tags = {**global_provenance(instance, "a-retrain", tracker, h), DATA_VERSION_TAG: f"poe-global-{h}d v{version}"}
+        instance.report_runless_asset_event(dg.AssetMaterialization(global_models.key, partition=f"{h}d", tags=tags))
 
+    def global_status(h: int):
+        resolver = get_stale_status_resolver(instance, defs.assets)
+        return (resolver.get_status(global_models.key, f"{h}d").value,
+                [c.reason for c in resolver.get_stale_causes(global_models.key, f"{h}d")])
+
+    def partition_event(tags: dict[str, str]) -> None:
+        key = dg.MultiPartitionKey({"currency": "Divine Orb", "horizon": "3d"})
+        instance.report_runless_asset_event(dg.AssetMaterialization(currency_models.key, partition=key, tags=tags))
+
+    tracker = ModelTracker(Lake(lake))
     with dg.DagsterInstance.from_config(str(lake / ".dagster")) as instance:
         assert [status(h) for h in (1, 3, 7)] == [("FRESH", [])] * 3
+        assert global_status(3) == ("FRESH", [])  # its inputs recorded: not stale against the features
         global_event(1, 1)  # a retrain that kept v1
         global_event(3, 2)  # a retrain that promoted v2
         assert status(1) == ("FRESH", []) and status(7) == ("FRESH", [])
-        assert status(3)[0] == "STALE" and "has a new dependency" in status(3)[1][0]
+        assert status(3) == ("STALE", ["has a new dependency data version"])
+        # the partition retrained, its new version not promoted: the champion is still built on global v1
+        kept = partition_provenance(instance, "a-retrain", tracker, "Divine Orb", 3)
+        assert kept[INPUT_DATA_VERSION_PREFIX + "global_models"] == "poe-global-3d v1"
+        partition_event(kept)
+        assert status(3) == ("STALE", ["has a new dependency data version"])
+        latest = instance.get_latest_data_version_record(global_models.key, False, "3d")
+        partition_event({**kept, INPUT_DATA_VERSION_PREFIX + "global_models": "poe-global-3d v2",  # promoted on v2
+                         INPUT_EVENT_POINTER_PREFIX + "global_models": str(latest.storage_id)})
+        assert status(3) == ("FRESH", [])

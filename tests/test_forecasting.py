@@ -720,7 +720,8 @@ def test_every_pair_of_the_most_liquid_currencies_without_a_forecast_says_why(tm
                            + ["Mirror Shard"] * 3, "horizon_days": [1, 3, 7, 1, 3, 3, 7, 1, 3, 7]},
                           schema_overrides={"horizon_days": pl.Int32})
     skipped = [Skip("Orb of Alteration", 7, "champion poe-orb-of-alteration-7d failed to load: truncated"),
-               Skip("Vaal Orb", 1, "no price for Vaal Orb in Sanctum on 2023-04-04 or the 14 days before")]
+               Skip("Vaal Orb", 1, "no price for Vaal Orb in Sanctum on 2023-04-04 or the 14 days before"),
+               Skip("Hinekora's Lock", 7, "no champion model poe-global-7d: train global_models first")]
     chosen = ["Divine Orb", "Orb of Alteration", "Vaal Orb", "Mirror Shard"]  # a run's --currencies
     gaps = forecast_gaps(stored, skipped, universe, chosen, "Sanctum", date(2023, 4, 4), horizons=(1, 3, 7))
     assert gaps.schema == FORECAST_GAPS_SCHEMA
@@ -730,8 +731,10 @@ def test_every_pair_of_the_most_liquid_currencies_without_a_forecast_says_why(tm
         **{("Chromatic Orb", h): LEFT_OUT_OF_RUN for h in (1, 3, 7)},
         **{("Regal Orb", h): "not eligible: 3 days in Sanctum (needs 7) (view currency_universe)" for h in (1, 3, 7)},
         ("Vaal Orb", 1): "no price for Vaal Orb in Sanctum on 2023-04-04 or the 14 days before",
+        ("Hinekora's Lock", 7): "no champion model poe-global-7d: train global_models first",
+        **{("Hinekora's Lock", h): "not eligible: not seen in Sanctum (view currency_universe)" for h in (1, 3)},
     }  # Divine Orb and Mirror Shard are forecast; Orb of Fusing is neither among the 30 nor chosen
-    assert gaps["liquidity_rank"].to_list() == [2, 3, 3, 3, 4, 4, 4, 31]  # the most liquid first
+    assert gaps["liquidity_rank"].to_list() == [2, 3, 3, 3, 4, 4, 4, 31, None, None, None]  # the most liquid first
     lake = Lake(tmp_path)
     assert read_forecast_gaps(lake, "Sanctum", date(2023, 4, 4)) is None  # not recorded
     write_forecast_gaps(lake, gaps, "Sanctum", date(2023, 4, 4))

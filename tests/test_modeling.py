@@ -374,6 +374,9 @@ def test_a_new_currency_follows_each_new_global_model_but_a_validated_champion_s
     unvalidated = dataclasses.replace(divine, metrics={})
     refused = tracker.log_currency(unvalidated, {}, example=_example(real))
     assert not refused.promoted and refused.reason == "no validation rows; champion v1 stays"
+    # once the new currency has rows of its own, its first validated version replaces the unvalidated champion
+    grown = tracker.log_currency(dataclasses.replace(divine, currency="Fracturing Orb"), {}, example=_example(real))
+    assert grown.promoted and grown.reason == "champion v2 had no validation rows"
 
 
 def test_a_broken_model_never_becomes_champion(global_3d, real, lake, tmp_path):

@@ -89,12 +89,12 @@ def predictions(
                f"{len(run.skipped)} (currency, horizon) pairs could not be forecast, e.g. {run.skipped[0].reason}"),
             metadata={"without_forecast": table(without, rows=90)})
     frame = run.predictions
-    left_out = gaps.filter(pl.col("reason") == forecasting.LEFT_OUT_OF_RUN).height
-    if left_out:  # asked for: the run's currency list
-        context.log.info(f"{left_out} (currency, horizon) pair(s) of the league's most liquid currencies left out by "
+    unasked = gaps.filter(pl.col("reason") == forecasting.LEFT_OUT_OF_RUN).height  # the run's currency list
+    if unasked:
+        context.log.info(f"{unasked} (currency, horizon) pair(s) of the league's most liquid currencies left out by "
                          "this run's currency list (view forecast_gaps)")
-    if gaps.height > left_out:
-        context.log.warning(f"{gaps.height - left_out} (currency, horizon) pair(s) without a forecast; the reasons "
+    if gaps.height > unasked:
+        context.log.warning(f"{gaps.height - unasked} (currency, horizon) pair(s) without a forecast; the reasons "
                             "are in the warehouse view forecast_gaps and this materialization's metadata "
                             "(without_forecast)")
     global_only = frame.filter(pl.col("model_version").str.starts_with("global-"))["currency"].n_unique()

@@ -76,9 +76,12 @@ def retrain_run_config(currencies: list[str], horizons: list[str] | None = None,
 # Dagster's provenance tags (dagster/_core/definitions/data_version.py): what an asset's own materialization records,
 # written by the retrain op for the partitions it logs
 DATA_VERSION_TAG = "dagster/data_version"
+USER_DATA_VERSION_TAG = "dagster/data_version_is_user_provided"
 CODE_VERSION_TAG = "dagster/code_version"
-INPUT_DATA_VERSION_TAG = "dagster/input_data_version/global_models"
-INPUT_EVENT_POINTER_TAG = "dagster/input_event_pointer/global_models"
+INPUT_DATA_VERSION_PREFIX = "dagster/input_data_version/"
+INPUT_EVENT_POINTER_PREFIX = "dagster/input_event_pointer/"
+GLOBAL_INPUTS = ("features", "currency_universe")  # global_models' deps
+GLOBAL_RECORDS_SEARCHED = 200  # materializations of one global partition looked through for a partition's input
 
 
 def champion_data_version(tracker: ModelTracker, name: str) -> dg.DataVersion | None:
@@ -87,17 +90,48 @@ def champion_data_version(tracker: ModelTracker, name: str) -> dg.DataVersion | 
     return dg.DataVersion(f"{name} v{version.version}") if version is not None else None
 
 
-def partition_provenance(context, tracker: ModelTracker, outcome: TrainOutcome) -> dict[str, str]:
-    """The tags of a partition's materialization logged by the retrain op: its champion as its data version, and as
-    its input the latest materialization of its horizon's global model (the champion it was built on)."""
-    h = outcome.request.horizon
-    version = champion_data_version(tracker, registered_model_name(outcome.request.currency, h))
-    record = context.instance.get_latest_data_version_record(global_models.key, False, f"{h}d")
-    if version is None or record is None:
+def provenance_tags(version: dg.DataVersion | None, run_id: str,
+                    inputs: dict[str, dg.EventLogRecord | None]) -> dict[str, str]:
+    """The tags with which an asset's own materialization records its data version and provenance: the run as its
+    code version (Dagster's default) and each input's materialization and data version. Without every input's
+    recorded data version only the data version is set, and Dagster compares timestamps for that event instead."""
+    if version is None:
         return {}
-    built_on = f"{outcome.result.global_name} v{outcome.result.global_version}"
-    return {DATA_VERSION_TAG: version.value, CODE_VERSION_TAG: context.run_id, INPUT_DATA_VERSION_TAG: built_on,
-            INPUT_EVENT_POINTER_TAG: str(record.storage_id)}
+    tags = {DATA_VERSION_TAG: version.value, USER_DATA_VERSION_TAG: "true"}
+    seen = {name: r.asset_materialization.tags.get(DATA_VERSION_TAG) if r and r.asset_materialization else None
+            for name, r in inputs.items()}
+    if not all(seen.values()):
+        return tags
+    tags[CODE_VERSION_TAG] = run_id
+    for name, record in inputs.items():
+        tags[INPUT_DATA_VERSION_PREFIX + name] = seen[name]
+        tags[INPUT_EVENT_POINTER_PREFIX + name] = str(record.storage_id)
+    return tags
+
+
+def global_provenance(instance: dg.DagsterInstance, run_id: str, tracker: ModelTracker, h: int) -> dict[str, str]:
+    """The tags of a global model's materialization logged by the retrain op: its champion as its data version, and
+    the latest features and universe as its inputs."""
+    inputs = {name: instance.get_latest_data_version_record(dg.AssetKey(name), False) for name in GLOBAL_INPUTS}
+    return provenance_tags(champion_data_version(tracker, global_model_name(h)), run_id, inputs)
+
+
+def partition_provenance(instance: dg.DagsterInstance, run_id: str, tracker: ModelTracker, currency: str,
+                         h: int) -> dict[str, str]:
+    """The tags of a partition's materialization logged by the retrain op: its champion as its data version, and as
+    its input the materialization of the global version that champion was built on. So a champion the retrain did
+    not replace, still built on an older global version, stays stale."""
+    name = registered_model_name(currency, h)
+    champion = tracker.champion_version(name)
+    if champion is None:
+        return {}
+    built_on = tracker.client.get_run(champion.run_id).data.tags.get("global_model_version")
+    wanted = f"{global_model_name(h)} v{built_on}"
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=global_models.key, asset_partitions=[f"{h}d"]), limit=GLOBAL_RECORDS_SEARCHED)
+    record = next((r for r in records.records
+                   if r.asset_materialization and r.asset_materialization.tags.get(DATA_VERSION_TAG) == wanted), None)
+    return provenance_tags(dg.DataVersion(f"{name} v{champion.version}"), run_id, {"global_models": record})
 
 
 def _registration_metadata(reg, mlflow_url: str) -> dict:
@@ -238,10 +272,9 @@ def retrain_partitions(
     mlflow_url = Settings.from_env().mlflow_url
     tracker = ModelTracker(lake.lake)
     for outcome in globals_:
-        version = champion_data_version(tracker, global_model_name(outcome.horizon))
+        tags = global_provenance(context.instance, context.run_id, tracker, outcome.horizon)
         context.log_event(dg.AssetMaterialization(asset_key=global_models.key, partition=f"{outcome.horizon}d",
-                                                  metadata=global_metadata(outcome, mlflow_url),
-                                                  tags={DATA_VERSION_TAG: version.value} if version else None))
+                                                  metadata=global_metadata(outcome, mlflow_url), tags=tags or None))
     skipped = []
     for outcome in partitions:
         if not outcome.result.trained:
@@ -252,7 +285,8 @@ def retrain_partitions(
             partition=dg.MultiPartitionKey({"currency": outcome.request.currency,
                                             "horizon": f"{outcome.request.horizon}d"}),
             metadata=partition_metadata(outcome, mlflow_url),
-            tags=partition_provenance(context, tracker, outcome) or None,
+            tags=partition_provenance(context.instance, context.run_id, tracker, outcome.request.currency,
+                                      outcome.request.horizon) or None,
         ))
     if skipped:
         context.log.warning(f"{len(skipped)} of {len(partitions)} partitions not trained (reasons in the step's "
