@@ -884,14 +884,13 @@ LEFT_OUT_OF_RUN = "left out of this run by its currency list (--currencies, or t
 
 def forecast_gaps(stored: pl.DataFrame, skipped: Iterable[Skip], universe: pl.DataFrame, chosen: Iterable[str],
                   league: str, origin: date, horizons: Iterable[int] = HORIZONS_DAYS,
-                  top_liquid: int | None = None) -> pl.DataFrame:
+                  top_liquid: int = DEFAULT_RULES.top_liquid) -> pl.DataFrame:
     """The (currency, horizon) pairs without a forecast at ``origin``, each with the reason
     (``FORECAST_GAPS_SCHEMA``): every pair of the league's ``top_liquid`` most liquid currencies, which are promised a
     forecast from league day 7, and every pair the run skipped.
 
     ``stored``: the origin's stored predictions (a rerun keeps the rows of currencies it left out); ``universe``: the
     league's ``currency_universe``; ``chosen``: the currencies the run was asked to forecast."""
-    top_liquid = DEFAULT_RULES.top_liquid if top_liquid is None else top_liquid
     forecast = set(zip(stored["currency"].to_list(), stored["horizon_days"].to_list(), strict=True))
     reasons = {(s.currency, int(s.horizon)): s.reason for s in skipped}
     rows = {r["currency"]: r for r in universe.iter_rows(named=True)}

@@ -301,14 +301,13 @@ class ModelTracker:
             return True, "first version" if validated else "first version (no validation rows)"
         old_mae = float(current.tags.get("validation_mae", "nan"))
         old_skill = float(current.tags.get("validation_skill", "nan"))
-        if not validated:
-            if math.isnan(old_mae) and math.isnan(old_skill):
-                # a currency new to the market has no rows of its own to compare on: without this, its partition
-                # would forecast through the global version of its first training all league
-                return True, f"no validation rows, like champion v{current.version}: the newer version replaces it"
-            return False, f"no validation rows; champion v{current.version} stays"
         if math.isnan(old_mae) and math.isnan(old_skill):
-            return True, f"champion v{current.version} had no validation rows"
+            # nothing to compare with: a currency new to the market would otherwise forecast through the global
+            # version of its first training all league
+            return True, (f"champion v{current.version} had no validation rows" if validated else
+                          f"no validation rows, like champion v{current.version}: the newer version replaces it")
+        if not validated:
+            return False, f"no validation rows; champion v{current.version} stays"
         if current.tags.get("fold_signature") == folds:
             if not mae <= old_mae:
                 return False, f"validation MAE {mae:.5f} is worse than champion v{current.version}'s {old_mae:.5f}"

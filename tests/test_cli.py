@@ -167,6 +167,7 @@ def _a_new_global_champion_marks_the_partitions_built_on_the_old_one_stale(lake:
         currency_models,
         global_models,
         global_provenance,
+        global_records,
         partition_provenance,
     )
     from poe_pipeline.definitions import defs
@@ -201,7 +202,7 @@ def _a_new_global_champion_marks_the_partitions_built_on_the_old_one_stale(lake:
         assert status(1) == ("FRESH", []) and status(7) == ("FRESH", [])
         assert status(3) == ("STALE", ["has a new dependency data version"])
         # the partition retrained, its new version not promoted: the champion is still built on global v1
-        kept = partition_provenance(instance, "a-retrain", tracker, "Divine Orb", 3)
+        kept = partition_provenance(global_records(instance, 3), "a-retrain", tracker, "Divine Orb", 3)
         assert kept[INPUT_DATA_VERSION_PREFIX + "global_models"] == "poe-global-3d v1"
         partition_event(kept)
         assert status(3) == ("STALE", ["has a new dependency data version"])

@@ -116,20 +116,26 @@ def global_provenance(instance: dg.DagsterInstance, run_id: str, tracker: ModelT
     return provenance_tags(champion_data_version(tracker, global_model_name(h)), run_id, inputs)
 
 
-def partition_provenance(instance: dg.DagsterInstance, run_id: str, tracker: ModelTracker, currency: str,
+def global_records(instance: dg.DagsterInstance, h: int) -> list[dg.EventLogRecord]:
+    """The latest materializations of the ``h``-day global model, newest first: fetched once per horizon, not once
+    per partition."""
+    return list(instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=global_models.key, asset_partitions=[f"{h}d"]),
+        limit=GLOBAL_RECORDS_SEARCHED).records)
+
+
+def partition_provenance(records: list[dg.EventLogRecord], run_id: str, tracker: ModelTracker, currency: str,
                          h: int) -> dict[str, str]:
     """The tags of a partition's materialization logged by the retrain op: its champion as its data version, and as
-    its input the materialization of the global version that champion was built on. So a champion the retrain did
-    not replace, still built on an older global version, stays stale."""
+    its input the materialization (among ``global_records``) of the global version that champion was built on. So a
+    champion the retrain did not replace, still built on an older global version, stays stale."""
     name = registered_model_name(currency, h)
     champion = tracker.champion_version(name)
     if champion is None:
         return {}
     built_on = tracker.client.get_run(champion.run_id).data.tags.get("global_model_version")
     wanted = f"{global_model_name(h)} v{built_on}"
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=global_models.key, asset_partitions=[f"{h}d"]), limit=GLOBAL_RECORDS_SEARCHED)
-    record = next((r for r in records.records
+    record = next((r for r in records
                    if r.asset_materialization and r.asset_materialization.tags.get(DATA_VERSION_TAG) == wanted), None)
     return provenance_tags(dg.DataVersion(f"{name} v{champion.version}"), run_id, {"global_models": record})
 
@@ -275,6 +281,7 @@ def retrain_partitions(
         tags = global_provenance(context.instance, context.run_id, tracker, outcome.horizon)
         context.log_event(dg.AssetMaterialization(asset_key=global_models.key, partition=f"{outcome.horizon}d",
                                                   metadata=global_metadata(outcome, mlflow_url), tags=tags or None))
+    records = {h: global_records(context.instance, h) for h in horizons}
     skipped = []
     for outcome in partitions:
         if not outcome.result.trained:
@@ -285,8 +292,8 @@ def retrain_partitions(
             partition=dg.MultiPartitionKey({"currency": outcome.request.currency,
                                             "horizon": f"{outcome.request.horizon}d"}),
             metadata=partition_metadata(outcome, mlflow_url),
-            tags=partition_provenance(context.instance, context.run_id, tracker, outcome.request.currency,
-                                      outcome.request.horizon) or None,
+            tags=partition_provenance(records[outcome.request.horizon], context.run_id, tracker,
+                                      outcome.request.currency, outcome.request.horizon) or None,
         ))
     if skipped:
         context.log.warning(f"{len(skipped)} of {len(partitions)} partitions not trained (reasons in the step's "
